@@ -1,0 +1,189 @@
+"""SupMAM-CLAP criterion (registered as ``supmam_clap``).
+
+    L_total = L_target + lambda_cls * L_cls                                   (eq. 3)
+
+L_target is, for ``model.target=clap`` (eq. 1),
+
+    mean over visible tokens of ||Y_v - T_v||^2 + mean over masked tokens of ||Y_m - T_m||^2
+
+(squared L2 norm per token, averaged over each set's token count), and for
+``model.target=pixel`` AudioMAE's reconstruction loss: the per-patch mean squared
+error on the masked patches only, against per-patch normalised targets when
+``norm_pix_loss`` is on.
+
+L_cls = CE(p / tau, y) (eq. 2), with y the label set normalised to sum to one (soft
+targets for multi-label clips).
+
+Every term is logged. Validation also logs the classification branch's top-1
+accuracy (the arg-max is one of the clip's labels) and its mAP (macro average
+precision over classes with a positive, from scikit-learn).
+"""
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from fairseq import metrics
+from fairseq.criterions import FairseqCriterion, register_criterion
+from fairseq.dataclass import FairseqDataclass
+from fairseq.logging.meters import Meter
+
+
+@dataclass
+class SupMamClapCriterionConfig(FairseqDataclass):
+    lambda_cls: float = field(
+        default=0.0, metadata={"help": "weight of the classification loss (SupMAM 0.01, SupMAM-CLAP 1e-4, MAM 0)"}
+    )
+    tau: float = field(default=1.0, metadata={"help": "temperature tau of CE(p / tau, y)"})
+    norm_pix_loss: bool = field(
+        default=True, metadata={"help": "target=pixel: normalise each target patch to zero mean, unit variance"}
+    )
+
+
+def clap_target_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 1: per-token squared L2 distance, averaged separately over visible and masked tokens.
+
+    pred, target: (B, N, C); mask: (B, N) bool, True = masked.
+    Returns (loss_visible, loss_masked); a set with no tokens contributes 0.
+    """
+    err = (pred.float() - target.float()).pow(2).sum(dim=-1)  # (B, N)
+    zero = err.new_zeros(())
+    vis = err[~mask]
+    msk = err[mask]
+    return (vis.mean() if vis.numel() else zero), (msk.mean() if msk.numel() else zero)
+
+
+def reconstruction_loss(pred: torch.Tensor, patches: torch.Tensor, mask: torch.Tensor, norm_pix: bool) -> torch.Tensor:
+    """AudioMAE's loss: per-patch MSE, averaged over the masked patches.
+
+    pred, patches: (B, N, P); mask: (B, N) bool, True = masked.
+    """
+    target = patches.float()
+    if norm_pix:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1.0e-6).sqrt()
+    per_patch = (pred.float() - target).pow(2).mean(dim=-1)
+    m = mask.float()
+    return (per_patch * m).sum() / m.sum().clamp(min=1.0)
+
+
+def soft_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, tau: float) -> torch.Tensor:
+    """Eq. 2: CE(logits / tau, y); labels (B, K) multi-hot, normalised per row to sum 1."""
+    weights = labels.float() / labels.float().sum(dim=-1, keepdim=True).clamp(min=1.0)
+    return -(weights * F.log_softmax(logits.float() / tau, dim=-1)).sum(dim=-1).mean()
+
+
+class AveragePrecisionMeter(Meter):
+    """Collects scores and labels over a validation pass; its value is the mAP in percent."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.scores: List[np.ndarray] = []
+        self.labels: List[np.ndarray] = []
+
+    def update(self, scores: np.ndarray, labels: np.ndarray):
+        self.scores.append(np.asarray(scores, dtype=np.float32))
+        self.labels.append(np.asarray(labels, dtype=np.float32))
+
+    @property
+    def smoothed_value(self) -> float:
+        from sklearn.metrics import average_precision_score
+
+        if not self.scores:
+            return float("nan")
+        scores, labels = np.concatenate(self.scores), np.concatenate(self.labels)
+        present = labels.sum(axis=0) > 0
+        if not present.any():
+            return float("nan")
+        return 100.0 * float(average_precision_score(labels[:, present], scores[:, present], average="macro"))
+
+
+@register_criterion("supmam_clap", dataclass=SupMamClapCriterionConfig)
+class SupMamClapCriterion(FairseqCriterion):
+    def __init__(self, cfg: SupMamClapCriterionConfig, task):
+        super().__init__(task)
+        self.lambda_cls = cfg.lambda_cls
+        self.tau = cfg.tau
+        self.norm_pix_loss = cfg.norm_pix_loss
+
+    def forward(self, model, sample, reduce=True):
+        """Returns (loss, sample_size=1, logging_output); the loss is a batch mean."""
+        net_output = model(**sample["net_input"])
+        mask = net_output["mask"]
+        log: Dict[str, float] = {}
+        if model.cfg.target == "clap":
+            if "target" not in sample:
+                raise ValueError("model.target=clap needs teacher targets: set task.target_store")
+            loss_vis, loss_mask = clap_target_loss(net_output["pred"], sample["target"], mask)
+            loss = loss_vis + loss_mask
+            log.update(loss_vis=loss_vis.item(), loss_mask=loss_mask.item())
+        else:
+            loss = reconstruction_loss(net_output["pred"], net_output["patches"], mask, self.norm_pix_loss)
+            log["loss_rec"] = loss.item()
+
+        logits = net_output["logits"]
+        if self.lambda_cls > 0:
+            if logits is None:
+                raise ValueError("criterion.lambda_cls > 0 needs model.classification_branch=true")
+            if "label" not in sample:
+                raise ValueError("criterion.lambda_cls > 0 needs class labels: set task.labels")
+            loss_cls = soft_cross_entropy(logits, sample["label"], self.tau)
+            loss = loss + self.lambda_cls * loss_cls
+            log["loss_cls"] = loss_cls.item()
+
+        if not torch.isfinite(loss):
+            ids = sample["id"].tolist()
+            raise FloatingPointError(f"non-finite loss {loss.item()} ({log}) on batch with sample ids {ids}")
+
+        log.update(
+            loss=loss.item(),
+            sample_size=1,
+            nsentences=sample["nsentences"],
+            ntokens=sample["nsentences"],  # clips: fairseq's wpb/wps then read as clips per batch / second
+            num_skipped=sample.get("num_skipped", 0),
+        )
+        if logits is not None and "label" in sample and not self.training:
+            labels = sample["label"]
+            top1 = logits.argmax(dim=-1)
+            log["ncorrect"] = labels.gather(1, top1[:, None]).gt(0).sum().item()
+            log["cls_scores"] = torch.sigmoid(logits.float()).cpu().numpy()
+            log["cls_labels"] = labels.cpu().numpy()
+        return loss, 1, log
+
+    @staticmethod
+    def reduce_metrics(logging_outputs) -> None:
+        def total(key):
+            return sum(log.get(key, 0) for log in logging_outputs)
+
+        sample_size = total("sample_size")
+        for key in ("loss", "loss_vis", "loss_mask", "loss_rec", "loss_cls"):
+            if any(key in log for log in logging_outputs):
+                metrics.log_scalar(key, total(key) / max(sample_size, 1), sample_size, round=4)
+        metrics.log_scalar("nsentences", total("nsentences"), round=0)
+        skipped = total("num_skipped")
+        if skipped:
+            metrics.log_scalar_sum("skipped_files", skipped)
+        if any("ncorrect" in log for log in logging_outputs):
+            metrics.log_scalar_sum("_ncorrect", total("ncorrect"))
+            metrics.log_scalar_sum("_nclassified", total("nsentences"))
+            metrics.log_derived(
+                "accuracy",
+                lambda meters: 100.0 * meters["_ncorrect"].sum / meters["_nclassified"].sum
+                if meters["_nclassified"].sum > 0
+                else float("nan"),
+            )
+            scores = [log["cls_scores"] for log in logging_outputs if "cls_scores" in log]
+            labels = [log["cls_labels"] for log in logging_outputs if "cls_labels" in log]
+            # A "_" key keeps the meter out of checkpoints (fairseq can only restore its own
+            # meter classes); the derived "mAP" is what gets logged.
+            metrics.log_custom(AveragePrecisionMeter, "_cls_ap", np.concatenate(scores), np.concatenate(labels))
+            metrics.log_derived("mAP", lambda meters: meters["_cls_ap"].smoothed_value)
+
+    def logging_outputs_can_be_summed(self) -> bool:
+        # Validation logs carry score arrays for mAP, which cannot be summed across workers.
+        return self.training

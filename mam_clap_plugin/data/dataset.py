@@ -1,0 +1,157 @@
+"""fairseq dataset of fixed-length log-mel fbanks with optional labels and teacher targets."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from fairseq.data import FairseqDataset
+
+from .audio import NORM_STATS, AudioError, load_audio, normalize_fbank, wav_to_fbank
+from .manifest import Manifest
+from .target_store import TargetStore
+
+logger = logging.getLogger("mam_clap_plugin.data")
+
+_DEFAULT_MEAN, _DEFAULT_STD = NORM_STATS["audioset"]
+
+
+class MamClapDataset(FairseqDataset):
+    """Clips of a manifest as normalised (target_length, 128) fbanks.
+
+    Every item has the same size (``target_length`` frames), so batching is by count.
+
+    Args:
+        manifest: the split's manifest.
+        target_length: fbank frames per clip (zero-pad / crop).
+        norm_mean, norm_std: fbank normalisation stats, ``(x - mean) / (2 * std)``.
+        labels: class ids per manifest entry (from ``read_labels``), or None.
+        num_classes: size of the multi-hot label vector; required with ``labels``.
+        target_store: teacher targets aligned with the manifest, or None.
+        time_patches, freq_patches: student patch grid the targets are aligned to.
+        skip_bad_files: on an unusable audio file, log a warning and drop the item
+            instead of raising.
+        shuffle: ``ordered_indices`` returns a random permutation (else manifest order).
+    """
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        target_length: int = 1024,
+        norm_mean: float = _DEFAULT_MEAN,
+        norm_std: float = _DEFAULT_STD,
+        labels: list[list[int]] | None = None,
+        num_classes: int = 0,
+        target_store: TargetStore | None = None,
+        time_patches: int = 64,
+        freq_patches: int = 8,
+        skip_bad_files: bool = False,
+        shuffle: bool = True,
+    ):
+        super().__init__()
+        if labels is not None:
+            if len(labels) != len(manifest):
+                raise ValueError(f"{manifest.path}: {len(labels)} label rows for {len(manifest)} entries")
+            if num_classes < 1:
+                raise ValueError(f"{manifest.path}: labels given but num_classes={num_classes}")
+        if target_store is not None:
+            target_store.check(len(manifest))
+        self.manifest = manifest
+        self.target_length = target_length
+        self.norm_mean = norm_mean
+        self.norm_std = norm_std
+        self.labels = labels
+        self.num_classes = num_classes
+        self.target_store = target_store
+        self.time_patches = time_patches
+        self.freq_patches = freq_patches
+        self.skip_bad_files = skip_bad_files
+        self.shuffle = shuffle
+        #: Items dropped by this process (DataLoader workers keep their own count; the
+        #: per-batch ``num_skipped`` from ``collater`` is the reliable total).
+        self.num_skipped = 0
+
+    def __len__(self) -> int:
+        return len(self.manifest)
+
+    def _multi_hot(self, index: int) -> torch.Tensor:
+        """(num_classes,) float multi-hot vector of entry ``index``."""
+        label = torch.zeros(self.num_classes)
+        label[self.labels[index]] = 1.0
+        return label
+
+    def _fbank(self, index: int) -> torch.Tensor:
+        """(target_length, 128) normalised fbank of entry ``index``; raises AudioError."""
+        wav = load_audio(self.manifest.full_path(index), max_frames=self.target_length,
+                         where=self.manifest.where(index))
+        fbank = wav_to_fbank(wav, self.target_length)
+        return normalize_fbank(fbank, self.norm_mean, self.norm_std)
+
+    def __getitem__(self, index) -> dict | None:
+        """Item dict (see collater), or None if the file is bad and skip_bad_files is set."""
+        index = int(index)
+        try:
+            source = self._fbank(index)
+        except AudioError as err:
+            if not self.skip_bad_files:
+                raise
+            self.num_skipped += 1
+            logger.warning("skipping bad audio file: %s", err)
+            return None
+        item = {"id": index, "source": source}
+        if self.labels is not None:
+            item["label"] = self._multi_hot(index)
+        if self.target_store is not None:
+            item["target"] = self.target_store.aligned(index, self.time_patches, self.freq_patches)
+        return item
+
+    def collater(self, samples: list[dict | None]) -> dict:
+        """Batch items; skipped (None) items are dropped.
+
+        Returns:
+            {} if nothing is left, else ``{"id": (B,) long, "nsentences": B, "ntokens": B,
+            "num_skipped": int, "net_input": {"source": (B, 1, target_length, 128)},
+            "label": (B, num_classes) float (with labels), "target": (B, T*F, dim) float
+            (with a target store)}``.
+        """
+        kept = [s for s in samples if s is not None]
+        if not kept:
+            return {}
+        batch = {
+            "id": torch.tensor([s["id"] for s in kept], dtype=torch.long),
+            "nsentences": len(kept),
+            "ntokens": len(kept),
+            "num_skipped": len(samples) - len(kept),
+            "net_input": {"source": torch.stack([s["source"] for s in kept]).unsqueeze(1)},
+        }
+        if self.labels is not None:
+            batch["label"] = torch.stack([s["label"] for s in kept])
+        if self.target_store is not None:
+            batch["target"] = torch.stack([s["target"] for s in kept])
+        return batch
+
+    def num_tokens(self, index: int) -> int:
+        return self.target_length
+
+    def num_tokens_vec(self, indices: np.ndarray) -> np.ndarray:
+        return np.full(len(indices), self.target_length, dtype=np.int64)
+
+    def size(self, index: int) -> int:
+        return self.target_length
+
+    @property
+    def sizes(self) -> np.ndarray:
+        """(len,) int64, every entry ``target_length``."""
+        return np.full(len(self), self.target_length, dtype=np.int64)
+
+    @property
+    def can_reuse_epoch_itr_across_epochs(self) -> bool:
+        """False when shuffling: fairseq then draws a fresh permutation every epoch under
+        ``numpy_seed(seed + epoch)``, which also makes a resumed run see the same batches."""
+        return not self.shuffle
+
+    def ordered_indices(self) -> np.ndarray:
+        """Random permutation (fairseq seeds numpy around this call) or manifest order."""
+        if self.shuffle:
+            return np.random.permutation(len(self))
+        return np.arange(len(self))

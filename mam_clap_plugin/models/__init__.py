@@ -1,0 +1,1 @@
+from . import supmam_clap  # noqa: F401

@@ -1,0 +1,104 @@
+"""Tests for mam_clap_plugin.data.dataset.MamClapDataset."""
+import logging
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+from mam_clap_plugin.data.audio import AudioError, load_audio, normalize_fbank, wav_to_fbank
+from mam_clap_plugin.data.dataset import MamClapDataset
+from mam_clap_plugin.data.manifest import read_manifest, write_manifest
+from mam_clap_plugin.data.target_store import (
+    TargetStoreError,
+    TargetStoreHeader,
+    create_target_store,
+    open_target_store,
+)
+
+NAMES = ["a.wav", "b.wav", "c.wav"]
+
+
+def make_manifest(tmp_path, missing=()):
+    """Three 0.5 s wavs (those in ``missing`` are listed but not written); returns the Manifest."""
+    for i, name in enumerate(NAMES):
+        if name not in missing:
+            data = np.random.default_rng(i).uniform(-0.5, 0.5, 8000).astype(np.float32)
+            soundfile.write(tmp_path / name, data, 16000)
+    write_manifest(str(tmp_path / "train.tsv"), str(tmp_path), NAMES, [8000] * 3)
+    return read_manifest(str(tmp_path / "train.tsv"))
+
+
+def make_store(path, num_clips=3):
+    header = TargetStoreHeader(teacher="t", grid_freq=2, grid_time=32, dim=4, sample_rate=48000,
+                               seconds=10.0, num_clips=num_clips)
+    with create_target_store(str(path), header) as writer:
+        for i in range(num_clips):
+            writer.write(i, np.full(header.clip_shape, float(i)))
+    return open_target_store(str(path))
+
+
+def test_collater_shapes_and_contents(tmp_path):
+    manifest = make_manifest(tmp_path)
+    dataset = MamClapDataset(manifest, norm_mean=-4.0, norm_std=4.0, labels=[[0], [1, 3], [4]],
+                             num_classes=5, target_store=make_store(tmp_path / "train.tgt"))
+    item = dataset[np.int64(1)]
+    assert item["id"] == 1 and isinstance(item["id"], int)
+    expected = normalize_fbank(wav_to_fbank(load_audio(str(tmp_path / "b.wav")), 1024), -4.0, 4.0)
+    torch.testing.assert_close(item["source"], expected)
+    assert item["label"].tolist() == [0, 1, 0, 1, 0]
+    batch = dataset.collater([dataset[i] for i in range(3)])
+    assert batch["id"].tolist() == [0, 1, 2] and batch["id"].dtype == torch.long
+    assert batch["nsentences"] == batch["ntokens"] == 3 and batch["num_skipped"] == 0
+    assert batch["net_input"]["source"].shape == (3, 1, 1024, 128)
+    assert batch["label"].shape == (3, 5) and batch["label"].dtype == torch.float32
+    assert batch["target"].shape == (3, 512, 4) and batch["target"].dtype == torch.float32
+    assert batch["target"][2].eq(2.0).all()
+
+
+def test_without_labels_or_targets(tmp_path):
+    dataset = MamClapDataset(make_manifest(tmp_path), target_length=256, shuffle=False)
+    batch = dataset.collater([dataset[0], dataset[2]])
+    assert set(batch) == {"id", "nsentences", "ntokens", "num_skipped", "net_input"}
+    assert batch["net_input"]["source"].shape == (2, 1, 256, 128)
+    assert len(dataset) == 3 and dataset.num_tokens(0) == dataset.size(1) == 256
+    assert dataset.sizes.tolist() == [256] * 3
+    assert dataset.ordered_indices().tolist() == [0, 1, 2]
+
+
+def test_shuffled_order_is_a_permutation(tmp_path):
+    dataset = MamClapDataset(make_manifest(tmp_path))
+    np.random.seed(0)
+    first = dataset.ordered_indices()
+    np.random.seed(0)
+    assert sorted(first.tolist()) == [0, 1, 2]
+    assert first.tolist() == dataset.ordered_indices().tolist()
+
+
+def test_skip_bad_files(tmp_path, caplog):
+    dataset = MamClapDataset(make_manifest(tmp_path, missing=("b.wav",)), skip_bad_files=True)
+    with caplog.at_level(logging.WARNING, logger="mam_clap_plugin.data"):
+        samples = [dataset[i] for i in range(3)]
+    assert samples[1] is None and dataset.num_skipped == 1
+    assert "b.wav" in caplog.text and "train.tsv:3" in caplog.text
+    batch = dataset.collater(samples)
+    assert batch["id"].tolist() == [0, 2] and batch["num_skipped"] == 1
+    assert batch["nsentences"] == 2 and batch["net_input"]["source"].shape[0] == 2
+    assert dataset.collater([None, None]) == {}
+
+
+def test_bad_file_raises_with_manifest_line(tmp_path):
+    dataset = MamClapDataset(make_manifest(tmp_path, missing=("c.wav",)))
+    with pytest.raises(AudioError) as err:
+        dataset[2]
+    assert f"{tmp_path / 'train.tsv'}:4" in str(err.value) and "c.wav" in str(err.value)
+
+
+def test_mismatched_inputs_are_rejected(tmp_path):
+    manifest = make_manifest(tmp_path)
+    with pytest.raises(TargetStoreError, match="store has 2 clips but the manifest has 3"):
+        MamClapDataset(manifest, target_store=make_store(tmp_path / "x.tgt", num_clips=2))
+    with pytest.raises(ValueError, match="2 label rows for 3 entries"):
+        MamClapDataset(manifest, labels=[[0], [1]], num_classes=2)
+    with pytest.raises(ValueError, match="num_classes=0"):
+        MamClapDataset(manifest, labels=[[0], [1], [0]])

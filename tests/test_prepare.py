@@ -1,0 +1,164 @@
+"""Run the examples/prepare CLIs (manifest, labels, norm_stats) on tiny generated folders."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import soundfile
+
+from mam_clap_plugin.data.manifest import read_class_list, read_labels, read_manifest, write_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+PREPARE = REPO / "examples" / "prepare"
+
+
+def run(script, *args, check=True):
+    """Run a prepare script; returns the CompletedProcess (text output)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(PREPARE / script), *map(str, args)],
+                          capture_output=True, text=True, env=env, timeout=120)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def write_wav(path, samples, rate=16000, seed=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = np.random.default_rng(seed).uniform(-0.5, 0.5, samples).astype(np.float32)
+    soundfile.write(path, data, rate)
+
+
+def write_tsv(path, root, names):
+    write_manifest(str(path), str(root), names, [1600] * len(names))
+
+
+def test_manifest_cli(tmp_path):
+    root = tmp_path / "audio"
+    write_wav(root / "b" / "y.wav", 1600)
+    write_wav(root / "a" / "x.flac", 3200)
+    write_wav(root / "c.WAV", 800)
+    write_wav(root / "skip.ogg", 800)
+    (root / "broken.wav").write_bytes(b"not audio at all" * 20)
+    (root / "notes.txt").write_text("ignored")
+    proc = run("manifest.py", root, "--dest", tmp_path / "m0", "--valid-percent", 0)
+    assert "skipped 1 unreadable or empty file" in proc.stderr and "broken.wav" in proc.stderr
+    train = read_manifest(str(tmp_path / "m0" / "train.tsv"))
+    assert train.root == os.path.realpath(root)
+    assert train.paths == ["a/x.flac", "b/y.wav", "c.WAV"] and train.sizes == [3200, 1600, 800]
+    assert not (tmp_path / "m0" / "valid.tsv").exists()
+
+    for dest in ("m1", "m2"):
+        run("manifest.py", root, "--dest", tmp_path / dest, "--valid-percent", 0.3, "--seed", 3,
+            "--train-name", "tr", "--valid-name", "dev")
+    tr = read_manifest(str(tmp_path / "m1" / "tr.tsv"))
+    dev = read_manifest(str(tmp_path / "m1" / "dev.tsv"))
+    assert len(tr) == 2 and len(dev) == 1
+    assert sorted(tr.paths + dev.paths) == ["a/x.flac", "b/y.wav", "c.WAV"]
+    assert tr.paths == sorted(tr.paths)
+    assert (tmp_path / "m1" / "dev.tsv").read_text() == (tmp_path / "m2" / "dev.tsv").read_text()
+
+
+def write_audioset_meta(tmp_path):
+    (tmp_path / "class_labels_indices.csv").write_text(
+        'index,mid,display_name\n0,/m/09x0r,"Speech"\n1,/m/05zppz,"Male speech, man speaking"\n'
+        '2,/m/0jbk,"Animal"\n')
+    (tmp_path / "seg.csv").write_text(
+        "# Segments csv created Sun Mar  5 10:54:31 2017\n"
+        "# num_ytids=3, num_segs=3, num_unique_labels=3, num_positive_labels=4\n"
+        "# YTID, start_seconds, end_seconds, positive_labels\n"
+        '--4gqARaEJE, 0.000, 10.000, "/m/09x0r,/m/0jbk"\n'
+        'abc, 30.000, 40.000, "/m/05zppz"\n')
+    (tmp_path / "seg2.csv").write_text('Yxyz, 0.000, 10.000, "/m/0jbk"\n')
+
+
+def test_labels_audioset(tmp_path):
+    write_audioset_meta(tmp_path)
+    names = ["Y--4gqARaEJE.wav", "sub/abc.wav", "Yxyz.wav"]  # Yxyz is itself the YTID
+    write_tsv(tmp_path / "train.tsv", tmp_path, names)
+    common = ["--class-index", tmp_path / "class_labels_indices.csv", "--out-dir", tmp_path / "out"]
+    run("labels.py", "audioset", tmp_path / "train.tsv", "--segments", tmp_path / "seg.csv",
+        tmp_path / "seg2.csv", *common)
+    classes = read_class_list(str(tmp_path / "out" / "classes.txt"))
+    assert classes == ["Speech", "Male speech, man speaking", "Animal"]
+    assert read_labels(str(tmp_path / "out" / "train.lbl"), 3, 3) == [[0, 2], [1], [2]]
+
+
+def test_labels_audioset_unlabelled(tmp_path):
+    write_audioset_meta(tmp_path)
+    write_tsv(tmp_path / "train.tsv", tmp_path, ["abc.wav", "nolabel.wav", "other.wav"])
+    common = ["--segments", tmp_path / "seg.csv", "--class-index", tmp_path / "class_labels_indices.csv"]
+    proc = run("labels.py", "audioset", tmp_path / "train.tsv", *common, "--out-dir", tmp_path / "out",
+               check=False)
+    assert proc.returncode != 0
+    assert f"{tmp_path / 'train.tsv'}:3: no label for nolabel.wav (2 of 3 entries unlabelled" in proc.stderr
+    assert not (tmp_path / "out" / "train.lbl").exists()
+    run("labels.py", "audioset", tmp_path / "train.tsv", *common, "--out-dir", tmp_path / "out",
+        "--drop-unlabelled")
+    assert read_manifest(str(tmp_path / "out" / "train.tsv")).paths == ["abc.wav"]
+    assert read_labels(str(tmp_path / "out" / "train.lbl"), 1, 3) == [[1]]
+    proc = run("labels.py", "audioset", tmp_path / "train.tsv", *common, "--out-dir", tmp_path,
+               "--drop-unlabelled", check=False)
+    assert proc.returncode != 0 and "overwrite the input manifest" in proc.stderr
+
+
+def test_labels_esc50(tmp_path):
+    (tmp_path / "esc50.csv").write_text(
+        "filename,fold,target,category,esc10,src_file,take\n"
+        "1-100032-A-0.wav,1,0,dog,True,100032,A\n"
+        "1-100038-A-14.wav,1,1,chirping_birds,False,100038,A\n"
+        "2-100648-A-0.wav,2,0,dog,True,100648,A\n")
+    write_tsv(tmp_path / "valid.tsv", tmp_path, ["audio/2-100648-A-0.wav", "audio/1-100038-A-14.wav"])
+    run("labels.py", "esc50", tmp_path / "valid.tsv", "--meta", tmp_path / "esc50.csv",
+        "--out-dir", tmp_path / "out")
+    assert read_class_list(str(tmp_path / "out" / "classes.txt")) == ["dog", "chirping_birds"]
+    assert read_labels(str(tmp_path / "out" / "valid.lbl"), 2, 2) == [[0], [1]]
+
+
+def test_labels_speech_commands(tmp_path):
+    names = ["yes/a.wav", "no/b.wav", "_background_noise_/noise.wav", "up/c.wav"]
+    write_tsv(tmp_path / "train.tsv", tmp_path, names)
+    proc = run("labels.py", "speech_commands", tmp_path / "train.tsv", "--out-dir", tmp_path / "o1",
+               check=False)
+    assert proc.returncode != 0 and "train.tsv:4: no label for _background_noise_/noise.wav" in proc.stderr
+    run("labels.py", "speech_commands", tmp_path / "train.tsv", "--out-dir", tmp_path / "o1",
+        "--drop-unlabelled")
+    assert read_class_list(str(tmp_path / "o1" / "classes.txt")) == ["no", "up", "yes"]
+    assert read_labels(str(tmp_path / "o1" / "train.lbl"), 3, 3) == [[2], [0], [1]]
+    run("labels.py", "speech_commands", tmp_path / "train.tsv", "--out-dir", tmp_path / "o2",
+        "--classes", "yes,no", "--drop-unlabelled")
+    assert read_manifest(str(tmp_path / "o2" / "train.tsv")).paths == ["yes/a.wav", "no/b.wav"]
+    assert read_labels(str(tmp_path / "o2" / "train.lbl"), 2, 2) == [[0], [1]]
+    proc = run("labels.py", "speech_commands", tmp_path / "train.tsv", "--out-dir", tmp_path / "o2",
+               "--drop-unlabelled", check=False)  # classes.txt there has only yes,no
+    assert proc.returncode != 0 and "already exists with different classes" in proc.stderr
+
+
+def test_norm_stats(tmp_path):
+    from mam_clap_plugin.data.audio import load_audio, wav_to_fbank
+
+    write_wav(tmp_path / "a.wav", 16000, seed=1)
+    write_wav(tmp_path / "b.wav", 8000, rate=8000, seed=2)
+    write_tsv(tmp_path / "train.tsv", tmp_path, ["a.wav", "b.wav"])
+    proc = run("norm_stats.py", tmp_path / "train.tsv", "--target-length", 128)
+    first, second = proc.stdout.strip().splitlines()[-2:]
+    stats = json.loads(second)
+    assert first.startswith("norm_mean=") and " norm_std=" in first
+    fbanks = [wav_to_fbank(load_audio(str(tmp_path / n)), 128).double() for n in ("a.wav", "b.wav")]
+    values = np.concatenate([f.numpy().ravel() for f in fbanks])
+    assert stats["num_clips"] == 2
+    assert abs(stats["norm_mean"] - values.mean()) < 1e-6
+    assert abs(stats["norm_std"] - values.std()) < 1e-6
+
+
+def test_norm_stats_subset():
+    """--max-clips picks a sorted, seeded subset (checked in-process: a torch import costs seconds)."""
+    spec = importlib.util.spec_from_file_location("norm_stats_cli", PREPARE / "norm_stats.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    subset = module.choose_clips(10, 4, seed=0)
+    assert len(subset) == 4 and len(set(subset.tolist())) == 4 and list(subset) == sorted(subset)
+    assert subset.tolist() == module.choose_clips(10, 4, seed=0).tolist()
+    assert module.choose_clips(3, 5, seed=0).tolist() == [0, 1, 2]
