@@ -103,6 +103,23 @@ class AveragePrecisionMeter(Meter):
         return 100.0 * float(average_precision_score(labels[:, present], scores[:, present], average="macro"))
 
 
+def log_average_precision(scores: np.ndarray, labels: np.ndarray) -> None:
+    """Feed a validation batch to the "mAP" meter of each aggregator that lives one pass.
+
+    fairseq's ``valid_step`` also logs into the persistent "valid" aggregator, which is
+    never reset and is saved in every checkpoint: an array-holding meter there would grow
+    with each validation and could not be restored (fairseq rebuilds only its own meter
+    classes), so it is skipped.
+    """
+    persistent = metrics._aggregators.get("valid")
+    for agg in metrics.get_active_aggregators():
+        if agg is persistent:
+            continue
+        if "mAP" not in agg:
+            agg.add_meter("mAP", AveragePrecisionMeter(), priority=50)
+        agg["mAP"].update(scores, labels)
+
+
 @register_criterion("supmam_clap", dataclass=SupMamClapCriterionConfig)
 class SupMamClapCriterion(FairseqCriterion):
     def __init__(self, cfg: SupMamClapCriterionConfig, task):
@@ -151,8 +168,9 @@ class SupMamClapCriterion(FairseqCriterion):
             labels = sample["label"]
             top1 = logits.argmax(dim=-1)
             log["ncorrect"] = labels.gather(1, top1[:, None]).gt(0).sum().item()
-            log["cls_scores"] = torch.sigmoid(logits.float()).cpu().numpy()
-            log["cls_labels"] = labels.cpu().numpy()
+            if not self.logging_outputs_can_be_summed():
+                log["cls_scores"] = torch.sigmoid(logits.float()).cpu().numpy()
+                log["cls_labels"] = labels.cpu().numpy()
         return loss, 1, log
 
     @staticmethod
@@ -168,6 +186,7 @@ class SupMamClapCriterion(FairseqCriterion):
         skipped = total("num_skipped")
         if skipped:
             metrics.log_scalar_sum("skipped_files", skipped)
+        scores = []
         if any("ncorrect" in log for log in logging_outputs):
             metrics.log_scalar_sum("_ncorrect", total("ncorrect"))
             metrics.log_scalar_sum("_nclassified", total("nsentences"))
@@ -179,11 +198,15 @@ class SupMamClapCriterion(FairseqCriterion):
             )
             scores = [log["cls_scores"] for log in logging_outputs if "cls_scores" in log]
             labels = [log["cls_labels"] for log in logging_outputs if "cls_labels" in log]
-            # A "_" key keeps the meter out of checkpoints (fairseq can only restore its own
-            # meter classes); the derived "mAP" is what gets logged.
-            metrics.log_custom(AveragePrecisionMeter, "_cls_ap", np.concatenate(scores), np.concatenate(labels))
-            metrics.log_derived("mAP", lambda meters: meters["_cls_ap"].smoothed_value)
+        if scores:
+            log_average_precision(np.concatenate(scores), np.concatenate(labels))
 
     def logging_outputs_can_be_summed(self) -> bool:
-        # Validation logs carry score arrays for mAP, which cannot be summed across workers.
-        return self.training
+        """True except in single-process validation, whose logs carry the score arrays for mAP.
+
+        Multi-process validation logs accuracy only: fairseq gathers logs that cannot be
+        summed with a CUDA-only, 16 KiB-limited ``all_gather_list``.
+        """
+        multi_process = torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1
+        return self.training or multi_process

@@ -24,7 +24,6 @@ import torch
 import torch.nn as nn
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models import BaseFairseqModel, register_model
-from omegaconf import open_dict
 
 from ..modules.decoder import WindowDecoder
 from ..modules.encoder import PATCH_SIZE, AudioEncoder
@@ -96,9 +95,7 @@ class SupMamClapModel(BaseFairseqModel):
     def __init__(self, cfg: SupMamClapConfig):
         super().__init__()
         self.cfg = cfg
-        self.encoder = AudioEncoder(
-            cfg.encoder_embed_dim, cfg.encoder_layers, cfg.encoder_attention_heads, cfg.mlp_ratio, cfg.max_frames
-        )
+        self.encoder = AudioEncoder.from_model_config(cfg)
         self.decoder = WindowDecoder(
             cfg.encoder_embed_dim,
             cfg.decoder_embed_dim,
@@ -127,12 +124,7 @@ class SupMamClapModel(BaseFairseqModel):
 
     @classmethod
     def build_model(cls, cfg: SupMamClapConfig, task=None):
-        """Fill target_dim / num_classes from the task, so the saved config is self-contained."""
-        with open_dict(cfg):
-            if cfg.target == "clap" and cfg.target_dim <= 0 and getattr(task, "target_dim", 0):
-                cfg.target_dim = task.target_dim
-            if cfg.classification_branch and cfg.num_classes <= 0 and getattr(task, "num_classes", 0):
-                cfg.num_classes = task.num_classes
+        """target_dim / num_classes come filled in by the task (see its build_model)."""
         return cls(cfg)
 
     def forward(self, source: torch.Tensor, mask_ratio: float | None = None):

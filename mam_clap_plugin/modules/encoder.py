@@ -105,6 +105,18 @@ class AudioEncoder(nn.Module):
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self._init_weights()
 
+    @classmethod
+    def from_model_config(cls, cfg) -> "AudioEncoder":
+        """Build from a ``supmam_clap`` model config (dataclass, DictConfig or plain dict)."""
+        get = cfg.get if hasattr(cfg, "get") else lambda k: getattr(cfg, k)
+        return cls(
+            embed_dim=get("encoder_embed_dim"),
+            depth=get("encoder_layers"),
+            num_heads=get("encoder_attention_heads"),
+            mlp_ratio=get("mlp_ratio"),
+            max_frames=get("max_frames"),
+        )
+
     def _init_weights(self) -> None:
         w = self.patch_embed.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))

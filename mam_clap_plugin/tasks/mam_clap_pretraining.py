@@ -16,7 +16,7 @@ from typing import Optional
 
 from fairseq.dataclass import FairseqDataclass
 from fairseq.tasks import FairseqTask, register_task
-from omegaconf import MISSING
+from omegaconf import MISSING, open_dict
 
 from ..data.audio import resolve_norm_stats
 from ..data.dataset import MamClapDataset
@@ -96,6 +96,18 @@ class MamClapPretrainingTask(FairseqTask):
                     f"differs from {names[0]} ({first.teacher!r} {first.grid_freq}x{first.grid_time}x{first.dim})"
                 )
         return first
+
+    def build_model(self, cfg, from_checkpoint: bool = False):
+        """Fill ``model.target_dim`` / ``model.num_classes`` from the data before building.
+
+        Written into the run's own config, so saved checkpoints rebuild without the data.
+        """
+        with open_dict(cfg):
+            if cfg.get("target") == "clap" and cfg.get("target_dim", 0) <= 0:
+                cfg.target_dim = self.target_dim
+            if cfg.get("classification_branch") and cfg.get("num_classes", 0) <= 0:
+                cfg.num_classes = self.num_classes
+        return super().build_model(cfg, from_checkpoint)
 
     def load_dataset(self, split: str, combine: bool = False, **kwargs):
         manifest = read_manifest(os.path.join(self.cfg.data, f"{split}.tsv"))

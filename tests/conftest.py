@@ -1,0 +1,53 @@
+"""Shared fixtures: a tiny generated labelled audio set with teacher-target stores."""
+import os
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from mam_clap_plugin.data.manifest import write_class_list, write_labels, write_manifest
+from mam_clap_plugin.data.target_store import TargetStoreHeader, create_target_store
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_DIR = os.path.join(REPO, "examples", "pretraining", "config")
+
+#: Teacher grid and width of the stand-in stores (a random "teacher").
+TEACHER_GRID = (2, 32)
+TEACHER_DIM = 24
+CLASSES = ["low", "mid", "high"]
+
+
+def write_tone_set(root: str, counts=(("train", 12), ("valid", 6)), seconds=0.6, seed=0) -> str:
+    """Three tone classes (220/440/880 Hz + noise) as 16 kHz wavs, with manifests, labels,
+    a class list and random teacher-target stores in ``root/targets``. Returns root."""
+    rng = np.random.default_rng(seed)
+    audio = os.path.join(root, "audio")
+    os.makedirs(audio, exist_ok=True)
+    os.makedirs(os.path.join(root, "targets"), exist_ok=True)
+    n = int(seconds * 16000)
+    t = np.arange(n) / 16000
+    for split, count in counts:
+        names, labels = [], []
+        for i in range(count):
+            c = i % len(CLASSES)
+            x = 0.3 * np.sin(2 * np.pi * 220 * 2**c * t + rng.uniform(0, 6)) + 0.05 * rng.standard_normal(n)
+            name = f"{split}_{i}.wav"
+            sf.write(os.path.join(audio, name), x.astype(np.float32), 16000)
+            names.append(name)
+            labels.append([c])
+        write_manifest(os.path.join(root, f"{split}.tsv"), audio, names, [n] * count)
+        write_labels(os.path.join(root, f"{split}.lbl"), labels)
+        header = TargetStoreHeader(
+            teacher="random-test-teacher", grid_freq=TEACHER_GRID[0], grid_time=TEACHER_GRID[1],
+            dim=TEACHER_DIM, sample_rate=48000, seconds=10.0, num_clips=count,
+        )
+        with create_target_store(os.path.join(root, "targets", f"{split}.tgt"), header) as writer:
+            for i in range(count):
+                writer.write(i, rng.standard_normal((*TEACHER_GRID, TEACHER_DIM)).astype(np.float32))
+    write_class_list(os.path.join(root, "classes.txt"), CLASSES)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tone_set(tmp_path_factory) -> str:
+    return write_tone_set(str(tmp_path_factory.mktemp("tones")))

@@ -1,0 +1,370 @@
+"""Tests for the supmam_clap criterion: the loss terms (eqs. 1-3) and the logged metrics."""
+import math
+
+import fairseq  # noqa: F401  (must be imported before the plugin's model/criterion modules)
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from fairseq import metrics
+from sklearn.metrics import average_precision_score
+
+from mam_clap_plugin.criterions.supmam_clap import (
+    SupMamClapCriterion,
+    SupMamClapCriterionConfig,
+    clap_target_loss,
+    reconstruction_loss,
+    soft_cross_entropy,
+)
+from mam_clap_plugin.models.supmam_clap import SupMamClapConfig, SupMamClapModel
+
+D = 32
+K = 5
+TARGET_DIM = 24
+FRAMES = 128  # 8 x 8 = 64 patches
+N = 64
+
+
+# ----------------------------------------------------------------------------- loss functions
+
+
+def test_clap_target_loss_by_hand():
+    pred = torch.tensor([[[1.0, 2.0], [0.0, 0.0], [3.0, -1.0], [0.5, 0.5]]])
+    target = torch.tensor([[[0.0, 0.0], [1.0, 1.0], [1.0, 1.0], [0.5, -0.5]]])
+    mask = torch.tensor([[False, True, True, False]])
+    # squared L2 norm per token: 1+4=5, 1+1=2, 4+4=8, 0+1=1
+    # visible tokens 0, 3 -> (5 + 1) / 2 = 3; masked tokens 1, 2 -> (2 + 8) / 2 = 5
+    loss_vis, loss_mask = clap_target_loss(pred, target, mask)
+    assert loss_vis.item() == pytest.approx(3.0)
+    assert loss_mask.item() == pytest.approx(5.0)
+
+
+def test_clap_target_loss_against_loop():
+    g = torch.Generator().manual_seed(0)
+    B, n, C = 3, 10, 6
+    pred, target = torch.randn(B, n, C, generator=g), torch.randn(B, n, C, generator=g)
+    mask = torch.rand(B, n, generator=g) < 0.3
+    mask[0, 0], mask[0, 1] = True, False  # both sets non-empty
+    vis, msk = [], []
+    for b in range(B):
+        for i in range(n):
+            d = sum((pred[b, i, c].item() - target[b, i, c].item()) ** 2 for c in range(C))
+            (msk if mask[b, i] else vis).append(d)
+    loss_vis, loss_mask = clap_target_loss(pred, target, mask)
+    assert loss_vis.item() == pytest.approx(sum(vis) / len(vis), rel=1e-5)
+    assert loss_mask.item() == pytest.approx(sum(msk) / len(msk), rel=1e-5)
+    # an empty set contributes 0, not NaN
+    lv, lm = clap_target_loss(pred, target, torch.ones(B, n, dtype=torch.bool))
+    assert lv.item() == 0.0 and math.isfinite(lm.item())
+    lv, lm = clap_target_loss(pred, target, torch.zeros(B, n, dtype=torch.bool))
+    assert lm.item() == 0.0 and math.isfinite(lv.item())
+
+
+def test_reconstruction_loss_by_hand():
+    patches = torch.tensor([[[1.0, 2.0, 3.0, 4.0], [5.0, 5.0, 5.0, 9.0], [0.0, 2.0, 0.0, 2.0]]])
+    pred = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]]])
+    mask = torch.tensor([[True, False, True]])
+    # norm_pix off: MSE of patch 0 = (1+4+9+16)/4 = 7.5, patch 2 = (1+1+1+1)/4 = 1 -> mean 4.25
+    assert reconstruction_loss(pred, patches, mask, norm_pix=False).item() == pytest.approx(4.25)
+    # norm_pix on: patch 0 -> mean 2.5, unbiased var 5/3; patch 2 -> mean 1, unbiased var 4/3
+    # MSE(0, normalised patch) = mean of squares of the normalised patch = (sum sq dev / var) / 4 = 3 / 4
+    # (sum of squared deviations over the unbiased variance is n - 1 = 3); patch 2: (1 - z)^2 with z = +-sqrt(3/4)
+    z0 = (torch.tensor([1.0, 2.0, 3.0, 4.0]) - 2.5) / math.sqrt(5 / 3 + 1e-6)
+    z2 = (torch.tensor([0.0, 2.0, 0.0, 2.0]) - 1.0) / math.sqrt(4 / 3 + 1e-6)
+    mse0 = (z0**2).mean().item()
+    mse2 = ((1 - z2) ** 2).mean().item()
+    assert mse0 == pytest.approx(0.75, rel=1e-5)
+    assert mse2 == pytest.approx(1 + 0.75, rel=1e-5)  # cross terms cancel: mean(z) = 0
+    assert reconstruction_loss(pred, patches, mask, norm_pix=True).item() == pytest.approx((mse0 + mse2) / 2, rel=1e-5)
+
+
+@pytest.mark.parametrize("norm_pix", [False, True])
+def test_reconstruction_loss_against_loop(norm_pix):
+    g = torch.Generator().manual_seed(1)
+    B, n, P = 2, 6, 16
+    pred, patches = torch.randn(B, n, P, generator=g), 3 * torch.randn(B, n, P, generator=g) + 1
+    mask = torch.tensor([[True, False, True, True, False, False], [False, False, False, False, True, False]])
+    errs = []
+    for b in range(B):
+        for i in range(n):
+            if not mask[b, i]:
+                continue
+            t = patches[b, i].double().numpy()
+            if norm_pix:
+                t = (t - t.mean()) / np.sqrt(t.var(ddof=1) + 1e-6)
+            errs.append(float(np.mean((pred[b, i].double().numpy() - t) ** 2)))
+    loss = reconstruction_loss(pred, patches, mask, norm_pix)
+    assert loss.item() == pytest.approx(np.mean(errs), rel=1e-5)
+
+    # only masked patches count: changing a visible patch's prediction leaves the loss alone
+    pred2 = pred.clone()
+    pred2[0, 1] += 100.0
+    pred2[1, 0] -= 50.0
+    assert reconstruction_loss(pred2, patches, mask, norm_pix).item() == pytest.approx(loss.item(), rel=1e-6)
+    pred3 = pred.clone()
+    pred3[1, 4] += 1.0
+    assert reconstruction_loss(pred3, patches, mask, norm_pix).item() != pytest.approx(loss.item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.5, 2.0])
+def test_soft_cross_entropy_single_label(tau):
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(4, K, generator=g)
+    y = torch.tensor([0, 3, 4, 1])
+    one_hot = F.one_hot(y, K).float()
+    expected = F.cross_entropy(logits / tau, y)
+    torch.testing.assert_close(soft_cross_entropy(logits, one_hot, tau), expected)
+    # tau scales the logits
+    torch.testing.assert_close(soft_cross_entropy(logits, one_hot, tau), soft_cross_entropy(logits / tau, one_hot, 1.0))
+
+
+def test_soft_cross_entropy_multi_label_by_hand():
+    logits = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
+    labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    lse = math.log(math.exp(1) + math.exp(2) + math.exp(3))
+    row0 = -(0.5 * (1 - lse) + 0.5 * (3 - lse))  # targets normalised to (1/2, 0, 1/2)
+    row1 = math.log(3)  # uniform logits, one label
+    assert soft_cross_entropy(logits, labels, 1.0).item() == pytest.approx((row0 + row1) / 2, rel=1e-6)
+    # with tau = 0.5 the logits double
+    lse2 = math.log(math.exp(2) + math.exp(4) + math.exp(6))
+    row0_t = -(0.5 * (2 - lse2) + 0.5 * (6 - lse2))
+    assert soft_cross_entropy(logits, labels, 0.5).item() == pytest.approx((row0_t + row1) / 2, rel=1e-6)
+    # label values are normalised per row: (2, 0, 2) is the same as (1, 0, 1)
+    assert soft_cross_entropy(logits, 2 * labels, 1.0).item() == pytest.approx((row0 + row1) / 2, rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- criterion
+
+
+def make_model(target="clap", branch=True, seed=0, mask_ratio=0.5):
+    torch.manual_seed(seed)
+    cfg = SupMamClapConfig(
+        encoder_embed_dim=D, encoder_layers=1, encoder_attention_heads=4, max_frames=FRAMES, mask_ratio=mask_ratio,
+        decoder_embed_dim=D, decoder_layers=1, decoder_attention_heads=4, target=target,
+        target_dim=TARGET_DIM if target == "clap" else 0, classification_branch=branch,
+        num_classes=K if branch else 0, cls_hidden_dim=16,
+    )
+    return SupMamClapModel(cfg)
+
+
+def make_criterion(lambda_cls=0.0, tau=1.0, **kw):
+    return SupMamClapCriterion(SupMamClapCriterionConfig(lambda_cls=lambda_cls, tau=tau, **kw), task=None)
+
+
+def make_sample(B=3, seed=0, target=True, label=True):
+    g = torch.Generator().manual_seed(seed)
+    sample = {
+        "id": torch.arange(10, 10 + B),
+        "nsentences": B,
+        "net_input": {"source": torch.randn(B, 1, FRAMES, 128, generator=g)},
+        "num_skipped": 0,
+    }
+    if label:
+        lab = torch.zeros(B, K)
+        for b in range(B):
+            lab[b, b % K] = 1.0
+        lab[0, (1 + 0) % K] = 1.0  # clip 0 is multi-label
+        sample["label"] = lab
+    if target:
+        sample["target"] = torch.randn(B, N, TARGET_DIM, generator=g)
+    return sample
+
+
+def run(crit, model, sample, seed=123):
+    torch.manual_seed(seed)
+    return crit(model, sample)
+
+
+@pytest.mark.parametrize("lambda_cls,tau", [(1e-4, 1.0), (0.5, 0.5)])
+def test_criterion_clap_total_loss(lambda_cls, tau):
+    model, crit, sample = make_model("clap"), make_criterion(lambda_cls, tau), make_sample()
+    loss, sample_size, log = run(crit, model, sample)
+    assert sample_size == 1 and log["sample_size"] == 1
+    assert {"loss", "loss_vis", "loss_mask", "loss_cls"} <= set(log) and "loss_rec" not in log
+    assert log["loss"] == pytest.approx(log["loss_vis"] + log["loss_mask"] + lambda_cls * log["loss_cls"], rel=1e-5)
+    assert loss.item() == pytest.approx(log["loss"], rel=1e-6)
+    assert log["nsentences"] == 3 and log["ntokens"] == 3 and log["num_skipped"] == 0
+    assert "ncorrect" not in log  # training mode
+
+    # the logged terms are eqs. 1 and 2 on the model's output (same mask via the same seed)
+    torch.manual_seed(123)
+    out = model(**sample["net_input"])
+    lv, lm = clap_target_loss(out["pred"], sample["target"], out["mask"])
+    assert log["loss_vis"] == pytest.approx(lv.item(), rel=1e-5)
+    assert log["loss_mask"] == pytest.approx(lm.item(), rel=1e-5)
+    assert log["loss_cls"] == pytest.approx(soft_cross_entropy(out["logits"], sample["label"], tau).item(), rel=1e-5)
+
+    loss.backward()
+    assert model.encoder.patch_embed.weight.grad.abs().sum() > 0
+    assert model.classifier.mlp[0].weight.grad.abs().sum() > 0
+
+
+def test_criterion_pixel_total_loss():
+    model, crit, sample = make_model("pixel"), make_criterion(0.01, norm_pix_loss=True), make_sample(target=False)
+    loss, _, log = run(crit, model, sample)
+    assert {"loss", "loss_rec", "loss_cls"} <= set(log)
+    assert "loss_vis" not in log and "loss_mask" not in log
+    assert log["loss"] == pytest.approx(log["loss_rec"] + 0.01 * log["loss_cls"], rel=1e-5)
+    torch.manual_seed(123)
+    out = model(**sample["net_input"])
+    expected = reconstruction_loss(out["pred"], out["patches"], out["mask"], norm_pix=True)
+    assert log["loss_rec"] == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_criterion_without_classification_term():
+    # lambda_cls = 0: the branch may exist but contributes nothing; no label needed
+    model, crit = make_model("clap", branch=True), make_criterion(0.0)
+    loss, _, log = run(crit, model, make_sample(label=False))
+    assert "loss_cls" not in log
+    assert log["loss"] == pytest.approx(log["loss_vis"] + log["loss_mask"], rel=1e-6)
+    # MAM without a branch
+    loss, _, log = run(make_criterion(0.0), make_model("pixel", branch=False), make_sample(target=False))
+    assert log["loss"] == pytest.approx(log["loss_rec"], rel=1e-6)
+
+
+def test_criterion_config_errors():
+    with pytest.raises(ValueError, match="classification_branch"):
+        run(make_criterion(0.01), make_model("pixel", branch=False), make_sample(target=False))
+    with pytest.raises(ValueError, match="target"):
+        run(make_criterion(0.0), make_model("clap"), make_sample(target=False))
+    with pytest.raises(ValueError, match="labels"):
+        run(make_criterion(0.01), make_model("clap"), make_sample(label=False))
+
+
+@pytest.mark.parametrize("target", ["pixel", "clap"])
+def test_criterion_nan_source_raises(target):
+    model, crit = make_model(target), make_criterion(1e-4)
+    sample = make_sample(target=target == "clap")
+    sample["net_input"]["source"][1] = float("nan")  # a whole clip of NaNs
+    with pytest.raises(FloatingPointError, match=r"non-finite loss.*\b11\b"):
+        run(crit, model, sample)
+
+
+def test_criterion_nan_in_one_pixel_patch_raises():
+    # pixel target: a single NaN value anywhere reaches the loss (visible -> encoder, masked -> target)
+    model, crit = make_model("pixel", branch=False), make_criterion(0.0)
+    sample = make_sample(target=False, label=False)
+    sample["net_input"]["source"][0, 0, 37, 90] = float("nan")
+    with pytest.raises(FloatingPointError):
+        run(crit, model, sample)
+
+
+def test_criterion_eval_logs_classification():
+    model = make_model("clap")
+    crit = make_criterion(1e-4)
+    sample = make_sample(B=4)
+    # a few training steps so BatchNorm has running statistics, then evaluate
+    for s in range(2):
+        run(crit, model, make_sample(B=4, seed=s + 10))
+    model.eval()
+    crit.eval()
+    with torch.no_grad():
+        torch.manual_seed(5)
+        logits = model(**sample["net_input"])["logits"]
+    top1 = logits.argmax(-1)
+    labels = torch.zeros(4, K)
+    labels[0, top1[0]] = 1.0  # hit
+    labels[1, (top1[1] + 1) % K] = 1.0  # miss
+    labels[2, top1[2]] = 1.0  # hit (multi-label)
+    labels[2, (top1[2] + 2) % K] = 1.0
+    labels[3, (top1[3] + 3) % K] = 1.0  # miss
+    sample["label"] = labels
+    with torch.no_grad():
+        torch.manual_seed(5)
+        _, _, log = crit(model, sample)
+    assert log["ncorrect"] == 2
+    assert isinstance(log["cls_scores"], np.ndarray) and log["cls_scores"].shape == (4, K)
+    np.testing.assert_allclose(log["cls_scores"], torch.sigmoid(logits).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(log["cls_labels"], labels.numpy())
+    assert crit.logging_outputs_can_be_summed() is False
+    crit.train()
+    assert crit.logging_outputs_can_be_summed() is True
+
+
+def _reduce(*batches):
+    """Run reduce_metrics once per validation batch in a fresh aggregator; return smoothed values."""
+    with metrics.aggregate(new_root=True) as agg:
+        for logs in batches:
+            SupMamClapCriterion.reduce_metrics(logs)
+    return agg.get_smoothed_values()
+
+
+def test_reduce_metrics_accuracy_and_map():
+    rng = np.random.default_rng(0)
+    scores1, scores2 = rng.random((3, 4)).astype(np.float32), rng.random((2, 4)).astype(np.float32)
+    labels1 = np.array([[1, 0, 0, 0], [0, 1, 0, 0], [1, 1, 0, 0]], dtype=np.float32)
+    labels2 = np.array([[0, 0, 0, 1], [0, 1, 0, 0]], dtype=np.float32)  # class 2 never positive
+    log1 = dict(loss=2.0, loss_vis=1.5, loss_mask=0.5, sample_size=1, nsentences=3, ntokens=3, num_skipped=0,
+                ncorrect=2, cls_scores=scores1, cls_labels=labels1)
+    log2 = dict(loss=4.0, loss_vis=3.0, loss_mask=1.0, sample_size=1, nsentences=2, ntokens=2, num_skipped=1,
+                ncorrect=1, cls_scores=scores2, cls_labels=labels2)
+
+    scores, labels = np.concatenate([scores1, scores2]), np.concatenate([labels1, labels2])
+    present = [0, 1, 3]
+    expected_map = 100 * average_precision_score(labels[:, present], scores[:, present], average="macro")
+    per_class = [average_precision_score(labels[:, c], scores[:, c]) for c in present]
+    assert expected_map == pytest.approx(100 * np.mean(per_class))
+
+    # one call, or one call per validation batch: the mAP meter and the accuracy sums accumulate
+    for batches in ([[log1, log2]], [[log1], [log2]]):
+        vals = _reduce(*batches)
+        assert vals["accuracy"] == pytest.approx(100 * 3 / 5)
+        assert vals["mAP"] == pytest.approx(expected_map, rel=1e-6)
+        assert vals["loss"] == pytest.approx(3.0)
+        assert vals["loss_vis"] == pytest.approx(2.25) and vals["loss_mask"] == pytest.approx(0.75)
+        assert vals["skipped_files"] == 1
+        assert not any(k.startswith("_") for k in vals)
+        assert "loss_rec" not in vals and "loss_cls" not in vals
+    assert _reduce([log1, log2])["nsentences"] == 5
+
+
+def test_reduce_metrics_training_logs_have_no_accuracy():
+    vals = _reduce([dict(loss=1.0, loss_rec=1.0, sample_size=1, nsentences=2, ntokens=2, num_skipped=0)])
+    assert vals["loss"] == pytest.approx(1.0) and vals["loss_rec"] == pytest.approx(1.0)
+    assert "accuracy" not in vals and "mAP" not in vals and "skipped_files" not in vals
+
+
+def test_reduce_metrics_from_criterion_eval_logs():
+    model, crit = make_model("pixel"), make_criterion(0.01)
+    run(crit, model, make_sample(B=4, target=False, seed=9))  # BatchNorm running stats
+    model.eval()
+    crit.eval()
+    logs = []
+    with torch.no_grad():
+        for s in range(2):
+            sample = make_sample(B=4, seed=s, target=False)
+            logs.append(run(crit, model, sample, seed=s)[2])
+    vals = _reduce(logs)
+    scores = np.concatenate([log["cls_scores"] for log in logs])
+    labels = np.concatenate([log["cls_labels"] for log in logs])
+    present = labels.sum(0) > 0
+    assert not present.all()  # a class without positives is left out of the mAP
+    expected = 100 * average_precision_score(labels[:, present], scores[:, present], average="macro")
+    assert vals["mAP"] == pytest.approx(expected, rel=1e-6)
+    assert vals["accuracy"] == pytest.approx(100 * sum(log["ncorrect"] for log in logs) / 8)
+    assert vals["loss"] == pytest.approx(np.mean([log["loss"] for log in logs]), abs=1e-4)
+
+
+def test_validation_meters_survive_a_checkpoint_round_trip():
+    """fairseq's Trainer.valid_step runs under the *named* aggregator "valid", whose meters are saved in
+    every checkpoint (extra_state["metrics"] = metrics.state_dict()) and restored on a mid-epoch resume
+    with metrics.load_state_dict, which rebuilds each meter as fairseq.logging.meters.<class name>().
+    The array-holding mAP meter must stay out of it (it also must not grow across passes)."""
+    name = "valid"
+    previous = metrics._aggregators.pop(name, None)
+    log = dict(loss=1.0, sample_size=1, nsentences=2, ntokens=2, num_skipped=0, ncorrect=1,
+               cls_scores=np.array([[0.9, 0.1], [0.2, 0.7]], dtype=np.float32),
+               cls_labels=np.array([[1, 0], [0, 1]], dtype=np.float32))
+    try:
+        with metrics.aggregate(new_root=True):  # what fairseq_cli.train.validate does
+            with metrics.aggregate(name):  # what @metrics.aggregate("valid") on valid_step does
+                SupMamClapCriterion.reduce_metrics([log])
+        saved = metrics.state_dict()[name]
+        metrics.load_state_dict({name: saved})  # resuming from the checkpoint
+        restored = metrics.get_smoothed_values(name)
+        assert restored["loss"] == pytest.approx(1.0)
+        assert "mAP" not in metrics.get_meters(name)
+    finally:
+        metrics._aggregators.pop(name, None)
+        if previous is not None:
+            metrics._aggregators[name] = previous

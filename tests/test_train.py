@@ -1,0 +1,153 @@
+"""Integration: the four paper configs train through `fairseq-hydra-train` (tiny size,
+generated data), resume reproduces an uninterrupted run, 2 CPU processes train, and bad
+input stops the run with an error that names the file."""
+import math
+import os
+import socket
+import subprocess
+
+import pytest
+
+from mam_clap_plugin.hydra_runs import hydra_train_executable, plugin_dir, run_hydra_train
+
+from .conftest import CONFIG_DIR
+
+VARIANTS = ["mam", "mam_clap", "supmam", "supmam_clap"]
+
+
+def overrides(data, variant, save_dir, *extra):
+    """Tiny, fast settings on top of a paper config."""
+    out = [
+        "+size=tiny",
+        f"task.data={data}",
+        "task.target_length=64",
+        "common.cpu=true",
+        "common.log_interval=1",
+        "dataset.batch_size=6",
+        "dataset.num_workers=0",
+        "optimization.update_freq=[1]",
+        "optimization.lr=[0.002]",
+        "lr_scheduler.warmup_updates=1",
+        "checkpoint.save_interval_updates=0",
+        f"checkpoint.save_dir={save_dir}",
+    ]
+    if "clap" in variant:
+        out.append(f"task.target_store={os.path.join(data, 'targets')}")
+    return out + list(extra)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_paper_config_trains(tone_set, tmp_path, variant):
+    run = run_hydra_train(
+        CONFIG_DIR, variant, overrides(tone_set, variant, tmp_path / "ckpt", "optimization.max_update=12"), tmp_path
+    )
+    losses = run.losses()
+    assert len(losses) == 12
+    assert all(math.isfinite(x) for x in losses)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
+    first = run.records["train_inner"][0]
+    if "clap" in variant:
+        assert "loss_vis" in first and "loss_mask" in first and "loss_rec" not in first
+    else:
+        assert "loss_rec" in first and "loss_vis" not in first
+    assert ("loss_cls" in first) == variant.startswith("supmam")
+    valid = run.records["valid"][-1]
+    if variant.startswith("supmam"):
+        assert 0 <= valid["valid_accuracy"] <= 100 and 0 <= valid["valid_mAP"] <= 100
+    assert os.path.isfile(tmp_path / "ckpt" / "checkpoint_last.pt")
+
+
+def test_resume_follows_uninterrupted_run(tone_set, tmp_path):
+    """Stop after epoch 1 (2 updates), resume to 8 updates: same losses as a straight run."""
+    common = ["optimization.max_update=8"]
+    straight = run_hydra_train(CONFIG_DIR, "supmam", overrides(tone_set, "supmam", tmp_path / "a", *common), tmp_path / "ra")
+    first = run_hydra_train(
+        CONFIG_DIR, "supmam", overrides(tone_set, "supmam", tmp_path / "b", *common, "optimization.max_epoch=1"),
+        tmp_path / "rb1",
+    )
+    resumed = run_hydra_train(CONFIG_DIR, "supmam", overrides(tone_set, "supmam", tmp_path / "b", *common), tmp_path / "rb2")
+    assert "loaded checkpoint" in resumed.text.lower()
+    n_first = len(first.losses())
+    assert 0 < n_first < 8
+    records = {int(r["num_updates"]): r for r in straight.records["train_inner"]}
+    for r in resumed.records["train_inner"]:
+        ref = records[int(r["num_updates"])]
+        for key in ("loss", "loss_rec", "loss_cls", "lr"):
+            assert r[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-4), (key, r, ref)
+    assert first.losses() + resumed.losses() == pytest.approx(straight.losses(), abs=1e-4)
+
+
+def test_two_process_cpu_run(tone_set, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ddp = [
+        "distributed_training.distributed_world_size=2",
+        "distributed_training.distributed_backend=gloo",
+        "distributed_training.ddp_backend=legacy_ddp",
+        f"distributed_training.distributed_init_method=tcp://127.0.0.1:{port}",
+        "distributed_training.distributed_no_spawn=true",
+        "optimization.max_update=4",
+        "dataset.batch_size=3",
+    ]
+    procs = []
+    for rank in (0, 1):
+        run_dir = tmp_path / f"rank{rank}"
+        run_dir.mkdir()
+        cmd = [hydra_train_executable(), "--config-dir", CONFIG_DIR, "--config-name", "supmam_clap",
+               *overrides(tone_set, "supmam_clap", tmp_path / "ckpt", *ddp),
+               f"distributed_training.distributed_rank={rank}", f"common.user_dir={plugin_dir()}",
+               f"hydra.run.dir={run_dir}"]
+        procs.append(subprocess.Popen(cmd, cwd=run_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+    assert "distributed init (rank 1)" in outs[1]
+    from mam_clap_plugin.hydra_runs import parse_json_log
+
+    records = parse_json_log(outs[0])["train_inner"]
+    assert len(records) == 4
+    # each update sees both ranks' batches: 2 x 3 clips
+    assert all(r["nsentences"] == 6 for r in records)
+    assert all(math.isfinite(r["loss"]) for r in records)
+    assert os.path.isfile(tmp_path / "ckpt" / "checkpoint_last.pt")
+
+
+def _copy_set(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+def test_missing_audio_stops_with_file_and_line(tone_set, tmp_path):
+    data = _copy_set(tone_set, tmp_path / "data")
+    os.remove(os.path.join(data, "audio", "train_3.wav"))
+    # the manifest root still points at the shared set: rewrite it to the copy
+    for split in ("train", "valid"):
+        path = os.path.join(data, f"{split}.tsv")
+        lines = open(path).read().splitlines()
+        lines[0] = os.path.join(data, "audio")
+        open(path, "w").write("\n".join(lines) + "\n")
+    run = run_hydra_train(CONFIG_DIR, "supmam", overrides(data, "supmam", tmp_path / "ckpt", "optimization.max_update=4"),
+                          tmp_path / "r1", check=False)
+    assert run.returncode != 0
+    assert "train_3.wav" in run.text and "train.tsv:5" in run.text
+
+    skipped = run_hydra_train(
+        CONFIG_DIR, "supmam",
+        overrides(data, "supmam", tmp_path / "ckpt2", "optimization.max_update=4", "task.skip_bad_files=true"),
+        tmp_path / "r2",
+    )
+    assert sum(r.get("skipped_files", 0) for r in skipped.records["train_inner"]) >= 1
+    assert len(skipped.losses()) == 4
+
+
+def test_label_file_of_wrong_length_is_refused(tone_set, tmp_path):
+    data = _copy_set(tone_set, tmp_path / "data")
+    path = os.path.join(data, "valid.lbl")
+    open(path, "w").write("".join(open(path).readlines()[:-1]))
+    run = run_hydra_train(CONFIG_DIR, "supmam", overrides(data, "supmam", tmp_path / "ckpt", "optimization.max_update=1"),
+                          tmp_path / "r", check=False)
+    assert run.returncode != 0
+    assert "valid.lbl" in run.text
