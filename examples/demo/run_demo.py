@@ -88,6 +88,9 @@ def pretrain(data_dir: str, run_dir: str, norm: tuple[float, float], args) -> di
         f"lr_scheduler.warmup_updates={max(1, args.max_update // 10)}",
         f"checkpoint.save_dir={ckpt_dir}",
         "checkpoint.save_interval_updates=0",
+        # an epoch is only 9 updates: validate and save every 10 epochs (and at the end)
+        "dataset.validate_interval=10",
+        "checkpoint.save_interval=10",
     ]
     start = time.time()
     run = run_hydra_train(CONFIG_DIR, "supmam", overrides, run_dir, echo=True)

@@ -34,7 +34,8 @@ class Attention(nn.Module):
         """x: (B, N, D); attn_mask: broadcastable to (B, heads, N, N), bool. Returns (B, N, D)."""
         B, N, D = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=attn_mask)
+        q, k, v = qkv.unbind(0)  # unbind (not indexing) keeps the backward free of zero-fills
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.proj(x.transpose(1, 2).reshape(B, N, D))
 
 

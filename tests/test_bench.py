@@ -1,0 +1,127 @@
+"""Smoke test of benchmarks/bench_pretrain.py: a tiny run, and the JSON it writes."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "bench_pretrain.py"
+VARIANTS = ("mam", "mam_clap", "supmam", "supmam_clap")
+
+VARIANT_FIELDS = (
+    "params_m",
+    "step_ms",
+    "fwd_loss_bwd_ms",
+    "optimizer_step_ms",
+    "clips_per_s",
+    "clips_per_s_per_core",
+    "gflop_per_step",
+    "achieved_gflops",
+    "pct_of_matmul",
+    "matmul_gflops",
+    "pct_of_best_matmul",
+    "cpu_utilisation_pct",
+    "peak_rss_mib_so_far",
+)
+
+
+def positive_finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "pretrain.json"
+    cmd = [
+        sys.executable, str(SCRIPT), "--size", "tiny", "--steps", "1", "--warmup", "1", "--batch-size", "2",
+        "--matmul-sizes", "256", "512", "--adjacent-sizes", "256", "512", "--matmul-reps", "3", "--pipeline-clips", "1", "--pipeline-passes", "2",
+        "--out", str(out),
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "pipeline clips/s per core" in proc.stdout  # the table was printed
+    return json.loads(out.read_text())
+
+
+def test_top_level_fields(report):
+    assert report["complete"] is True
+    assert report["config"]["size"] == "tiny" and report["config"]["batch_size"] == 2
+    assert report["config"]["input_shape"] == [2, 1, 1024, 128]
+    assert report["config"]["teacher_target_dim"] == 768 and "stand-in" in report["config"]["teacher_target_dim_note"]
+    assert report["config"]["num_classes"] == 527
+    for key in ("peak_rss_mib", "wall_s"):
+        assert positive_finite(report[key]), key
+    m = report["machine"]
+    assert m["torch"] and m["cpu_model"] and m["torch_threads"] >= 1
+    mm = report["matmul_reference"]
+    for key in ("gflops_by_size", "gflops_by_size_end"):
+        assert set(mm[key]) == {"256", "512"}
+        assert all(positive_finite(v) for v in mm[key].values())
+    candidates = list(mm["gflops_by_size"].values()) + list(mm["gflops_by_size_end"].values())
+    candidates += [g for v in report["variants"].values() for g in v["matmul_gflops_by_size"].values()]
+    assert mm["best_gflops"] == max(candidates) and mm["best_source"]
+
+
+def test_variant_fields(report):
+    assert set(report["variants"]) == set(VARIANTS)
+    for name, v in report["variants"].items():
+        for key in VARIANT_FIELDS:
+            assert positive_finite(v[key]), (name, key, v.get(key))
+        assert len(v["step_ms_all"]) == 1
+        assert isinstance(v["target_met"], bool) and isinstance(v["target_met_vs_best"], bool) and v["target_pct"] == 85.0
+        assert set(v["matmul_gflops_by_size"]) == {"256", "512"}
+        assert v["matmul_gflops"] == max(v["matmul_gflops_by_size"].values())
+        assert v["pct_of_matmul"] == pytest.approx(100 * v["achieved_gflops"] / v["matmul_gflops"])
+        assert v["pct_of_best_matmul"] == pytest.approx(100 * v["achieved_gflops"] / report["matmul_reference"]["best_gflops"])
+        assert v["pct_of_best_matmul"] <= v["pct_of_matmul"] + 1e-9
+        assert v["clips_per_s"] == pytest.approx(2 / (v["step_ms"] / 1e3))
+        top = v["profile"]["top_ops"]
+        assert 1 <= len(top) <= 8
+        assert all(positive_finite(o["share_pct"]) and positive_finite(o["self_cpu_ms_per_step"]) for o in top)
+        assert sum(v["profile"]["groups_share_pct"].values()) == pytest.approx(100.0)
+        for r in v["profile"]["kernel_rates"].values():
+            assert r["pct_of_matmul"] == pytest.approx(100 * r["gflops"] / v["matmul_gflops"])
+
+
+def test_variant_settings_come_from_the_yaml(report):
+    v = report["variants"]
+    # size/tiny.yaml on top of each variant file
+    assert all(x["settings"]["model"]["encoder_embed_dim"] == 64 for x in v.values())
+    assert v["mam"]["settings"]["target"] == "pixel" and v["mam"]["settings"]["mask_ratio"] == 0.8
+    assert v["supmam"]["settings"]["classification_branch"] and v["supmam"]["settings"]["lambda_cls"] == 0.01
+    assert v["mam_clap"]["settings"]["model"]["target_dim"] == 768
+    assert v["supmam_clap"]["settings"]["model"]["num_classes"] == 527
+    assert v["supmam_clap"]["settings"]["optimizer"]["lr"] == 2e-4
+
+
+def test_flops_include_attention(report):
+    """Encoder forward FLOPs = linear layers + patch conv + the CPU flash-attention kernel."""
+    v = report["variants"]["mam_clap"]
+    cfg = v["settings"]["model"]
+    d, layers, batch = cfg["encoder_embed_dim"], cfg["encoder_layers"], 2
+    n = v["visible_tokens"] + 1  # + cls
+    hidden = int(d * cfg.get("mlp_ratio", 4.0))
+    linear = 2 * batch * n * (d * 3 * d + d * d + 2 * d * hidden) * layers
+    attention = 4 * batch * n * n * d * layers
+    conv = 2 * batch * v["tokens"] * 256 * d
+    assert v["gflop_forward_by_module"]["encoder"] * 1e9 == pytest.approx(linear + attention + conv, rel=1e-3)
+    assert v["gflop_per_step"] > 2.5 * v["gflop_forward"]
+    rates = v["profile"]["kernel_rates"]
+    assert set(rates) == {"matmul (mm/addmm/bmm)", "attention kernel (sdpa)"}
+    assert all(positive_finite(r["gflops"]) and positive_finite(r["pct_of_matmul"]) for r in rates.values())
+
+
+def test_pipeline_fields(report):
+    p = report["pipeline"]
+    assert set(p["formats"]) == {"44k1_stereo", "48k_stereo", "16k_mono"}
+    for fmt, f in p["formats"].items():
+        assert positive_finite(f["clips_per_s_per_worker"]) and positive_finite(f["ms_per_clip"]), fmt
+    assert set(p["ratio_to_model_per_core"]) == set(VARIANTS)
+    assert all(positive_finite(r) for per in p["ratio_to_model_per_core"].values() for r in per.values())
+    assert positive_finite(p["min_ratio"]) and isinstance(p["target_met"], bool)
+    for key in ("all_variants_meet_matmul_target", "all_variants_meet_matmul_target_vs_best"):
+        assert isinstance(report["summary"][key], bool)
+    assert "against" in report["summary"]["matmul_target_verdict"]
