@@ -8,9 +8,10 @@ import subprocess
 
 import pytest
 
+from mam_clap_plugin.checkpoint import load_checkpoint, load_encoder, model_config
 from mam_clap_plugin.hydra_runs import hydra_train_executable, plugin_dir, run_hydra_train
 
-from .conftest import CONFIG_DIR
+from .conftest import CONFIG_DIR, TEACHER_DIM
 
 VARIANTS = ["mam", "mam_clap", "supmam", "supmam_clap"]
 
@@ -54,7 +55,12 @@ def test_paper_config_trains(tone_set, tmp_path, variant):
     valid = run.records["valid"][-1]
     if variant.startswith("supmam"):
         assert 0 <= valid["valid_accuracy"] <= 100 and 0 <= valid["valid_mAP"] <= 100
-    assert os.path.isfile(tmp_path / "ckpt" / "checkpoint_last.pt")
+    # the saved config is self-contained: the encoder reloads weights-only, without fairseq's trainer
+    encoder = load_encoder(str(tmp_path / "ckpt" / "checkpoint_last.pt"))
+    assert encoder.embed_dim == 64 and len(encoder.blocks) == 2
+    saved = model_config(load_checkpoint(str(tmp_path / "ckpt" / "checkpoint_last.pt")))
+    assert saved["num_classes"] == (3 if variant.startswith("supmam") else 0)
+    assert saved["target_dim"] == (TEACHER_DIM if "clap" in variant else 0)
 
 
 def test_resume_follows_uninterrupted_run(tone_set, tmp_path):
@@ -103,7 +109,8 @@ def test_two_process_cpu_run(tone_set, tmp_path):
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-3000:]
     assert "distributed init (rank 1)" in outs[1]
-    from mam_clap_plugin.hydra_runs import parse_json_log
+    from mam_clap_plugin.checkpoint import load_checkpoint, load_encoder, model_config
+from mam_clap_plugin.hydra_runs import parse_json_log
 
     records = parse_json_log(outs[0])["train_inner"]
     assert len(records) == 4
