@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from mam_clap_plugin.checkpoint import load_checkpoint, load_encoder, model_config
-from mam_clap_plugin.hydra_runs import hydra_train_executable, plugin_dir, run_hydra_train
+from mam_clap_plugin.hydra_runs import hydra_train_executable, parse_json_log, plugin_dir, run_hydra_train
 
 from .conftest import CONFIG_DIR, TEACHER_DIM
 
@@ -109,8 +109,6 @@ def test_two_process_cpu_run(tone_set, tmp_path):
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-3000:]
     assert "distributed init (rank 1)" in outs[1]
-    from mam_clap_plugin.checkpoint import load_checkpoint, load_encoder, model_config
-from mam_clap_plugin.hydra_runs import parse_json_log
 
     records = parse_json_log(outs[0])["train_inner"]
     assert len(records) == 4
