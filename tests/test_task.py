@@ -78,3 +78,14 @@ def test_bad_target_length_and_missing_dir(data, tmp_path):
         MamClapPretrainingTask(MamClapPretrainingConfig(data=str(data), target_length=100))
     with pytest.raises(FileNotFoundError, match="nowhere"):
         MamClapPretrainingTask(MamClapPretrainingConfig(data=str(tmp_path / "nowhere")))
+
+
+def test_no_prefetch_thread_without_workers(data):
+    """num_workers=0: the dataset's torch work stays in the main thread (a prefetch thread
+    inside torch at interpreter exit aborts the process)."""
+    t = task(data)
+    t.load_dataset("train")
+    itr = t.get_batch_iterator(t.datasets["train"], max_sentences=4, num_workers=0, data_buffer_size=10)
+    assert itr.buffer_size == 0
+    itr = t.get_batch_iterator(t.datasets["train"], max_sentences=4, num_workers=1, data_buffer_size=10)
+    assert itr.buffer_size == 10

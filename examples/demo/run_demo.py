@@ -43,7 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--out-dir", default="outputs/demo", help="where data, checkpoints and report.json go")
     p.add_argument("--seed", type=int, default=0, help="seed of the demo set and of training")
     p.add_argument("--clips-per-class", type=int, default=24, help="demo clips per class")
-    p.add_argument("--max-update", type=int, default=300, help="pretraining updates")
+    p.add_argument("--max-update", type=int, default=1000, help="pretraining updates")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the tiny model")
     return p.parse_args(argv)
