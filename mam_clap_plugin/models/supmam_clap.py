@@ -140,7 +140,7 @@ class SupMamClapModel(BaseFairseqModel):
         """
         ratio = self.cfg.mask_ratio if mask_ratio is None else mask_ratio
         grid = self.encoder.grid(source.shape[2])
-        z, masking = self.encoder(source, ratio if ratio > 0 else 0.0)
+        z, masking = self.encoder(source, ratio)
         if masking is None:  # ratio 0: every token visible, identity order
             n = grid[0] * grid[1]
             ids = torch.arange(n, device=source.device).expand(source.shape[0], -1)
