@@ -19,6 +19,7 @@ accuracy (the arg-max is one of the clip's labels) and its mAP (macro average
 precision over classes with a positive, from scikit-learn).
 """
 
+import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Tuple
 
@@ -132,16 +133,16 @@ class SupMamClapCriterion(FairseqCriterion):
         """Returns (loss, sample_size=1, logging_output); the loss is a batch mean."""
         net_output = model(**sample["net_input"])
         mask = net_output["mask"]
-        log: Dict[str, float] = {}
+        terms: Dict[str, torch.Tensor] = {}
         if model.cfg.target == "clap":
             if "target" not in sample:
                 raise ValueError("model.target=clap needs teacher targets: set task.target_store")
-            loss_vis, loss_mask = clap_target_loss(net_output["pred"], sample["target"], mask)
-            loss = loss_vis + loss_mask
-            log.update(loss_vis=loss_vis.item(), loss_mask=loss_mask.item())
+            terms["loss_vis"], terms["loss_mask"] = clap_target_loss(net_output["pred"], sample["target"], mask)
+            loss = terms["loss_vis"] + terms["loss_mask"]
         else:
-            loss = reconstruction_loss(net_output["pred"], net_output["patches"], mask, self.norm_pix_loss)
-            log["loss_rec"] = loss.item()
+            loss = terms["loss_rec"] = reconstruction_loss(
+                net_output["pred"], net_output["patches"], mask, self.norm_pix_loss
+            )
 
         logits = net_output["logits"]
         if self.lambda_cls > 0:
@@ -149,16 +150,17 @@ class SupMamClapCriterion(FairseqCriterion):
                 raise ValueError("criterion.lambda_cls > 0 needs model.classification_branch=true")
             if "label" not in sample:
                 raise ValueError("criterion.lambda_cls > 0 needs class labels: set task.labels")
-            loss_cls = soft_cross_entropy(logits, sample["label"], self.tau)
-            loss = loss + self.lambda_cls * loss_cls
-            log["loss_cls"] = loss_cls.item()
+            terms["loss_cls"] = soft_cross_entropy(logits, sample["label"], self.tau)
+            loss = loss + self.lambda_cls * terms["loss_cls"]
+        terms["loss"] = loss
 
-        if not torch.isfinite(loss):
+        # one device sync for every logged term
+        log: Dict[str, float] = dict(zip(terms, torch.stack([t.detach().float() for t in terms.values()]).tolist()))
+        if not math.isfinite(log["loss"]):
             ids = sample["id"].tolist()
-            raise FloatingPointError(f"non-finite loss {loss.item()} ({log}) on batch with sample ids {ids}")
+            raise FloatingPointError(f"non-finite loss ({log}) on batch with sample ids {ids}")
 
         log.update(
-            loss=loss.item(),
             sample_size=1,
             nsentences=sample["nsentences"],
             ntokens=sample["nsentences"],  # clips: fairseq's wpb/wps then read as clips per batch / second
