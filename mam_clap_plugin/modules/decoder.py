@@ -11,6 +11,7 @@ with an attention mask, as in Swin, so no token attends across the wrap.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -36,11 +37,15 @@ def window_merge(x: torch.Tensor, window: Tuple[int, int], batch: int, t: int, f
     return x.reshape(batch, t, f, D)
 
 
-def shifted_window_mask(t: int, f: int, window: Tuple[int, int], shift: Tuple[int, int]) -> torch.Tensor:
+@functools.lru_cache(maxsize=32)
+def shifted_window_mask(
+    t: int, f: int, window: Tuple[int, int], shift: Tuple[int, int], device: Optional[torch.device] = None
+) -> torch.Tensor:
     """Boolean attention mask for a grid rolled by ``-shift``.
 
-    Returns (num_windows, 1, wt * wf, wt * wf); True where two tokens of a window came
-    from the same region of the unrolled grid and may attend to each other.
+    Returns (num_windows, 1, wt * wf, wt * wf) on ``device``; True where two tokens of a
+    window came from the same region of the unrolled grid and may attend to each other.
+    Cached per grid, window, shift and device (built once, not every step; do not modify).
     """
     region = torch.zeros(1, t, f, 1)
     label = 0
@@ -49,7 +54,7 @@ def shifted_window_mask(t: int, f: int, window: Tuple[int, int], shift: Tuple[in
             region[:, ts[0] : ts[1], fs[0] : fs[1]] = label
             label += 1
     ids = window_partition(region, window).squeeze(-1)  # (nW, wt*wf)
-    return (ids.unsqueeze(1) == ids.unsqueeze(2)).unsqueeze(1)
+    return (ids.unsqueeze(1) == ids.unsqueeze(2)).unsqueeze(1).to(device)
 
 
 class WindowBlock(nn.Module):
@@ -72,7 +77,7 @@ class WindowBlock(nn.Module):
         windows = window_partition(x, self.window)
         mask = None
         if shifted:
-            mask = shifted_window_mask(t, f, self.window, self.shift).to(x.device)
+            mask = shifted_window_mask(t, f, self.window, self.shift, x.device)
             n_win = mask.shape[0]
             mask = mask.unsqueeze(0).expand(B, -1, -1, -1, -1).reshape(B * n_win, *mask.shape[1:])
         x = window_merge(self.block(windows, mask), self.window, B, t, f)
