@@ -17,6 +17,17 @@ TEACHER_DIM = 24
 CLASSES = ["low", "mid", "high"]
 
 
+def store_header(num_clips: int, teacher: str = "random-test-teacher", grid=TEACHER_GRID, dim: int = TEACHER_DIM,
+                 **fields) -> TargetStoreHeader:
+    """Header of a stand-in target store (LAION-CLAP-like geometry: 10 s at 48 kHz)."""
+    edges = [50.0, 2229.63, 14000.0] if grid[0] == 2 else np.linspace(50.0, 14000.0, grid[0] + 1).tolist()
+    values = dict(teacher=teacher, checkpoint_sha256="0" * 64, layer="final", projection=False,
+                  grid_freq=grid[0], grid_time=grid[1], dim=dim, sample_rate=48000, seconds=10.0,
+                  freq_edges_hz=edges, num_clips=num_clips)
+    values.update(fields)
+    return TargetStoreHeader(**values)
+
+
 def write_tone_set(root: str, counts=(("train", 12), ("valid", 6)), seconds=0.6, seed=0) -> str:
     """Three tone classes (220/440/880 Hz + noise) as 16 kHz wavs, with manifests, labels,
     a class list and random teacher-target stores in ``root/targets``. Returns root."""
@@ -37,10 +48,7 @@ def write_tone_set(root: str, counts=(("train", 12), ("valid", 6)), seconds=0.6,
             labels.append([c])
         write_manifest(os.path.join(root, f"{split}.tsv"), audio, names, [n] * count)
         write_labels(os.path.join(root, f"{split}.lbl"), labels)
-        header = TargetStoreHeader(
-            teacher="random-test-teacher", grid_freq=TEACHER_GRID[0], grid_time=TEACHER_GRID[1],
-            dim=TEACHER_DIM, sample_rate=48000, seconds=10.0, num_clips=count,
-        )
+        header = store_header(count)
         with create_target_store(os.path.join(root, "targets", f"{split}.tgt"), header) as writer:
             for i in range(count):
                 writer.write(i, rng.standard_normal((*TEACHER_GRID, TEACHER_DIM)).astype(np.float32))
@@ -51,3 +59,17 @@ def write_tone_set(root: str, counts=(("train", 12), ("valid", 6)), seconds=0.6,
 @pytest.fixture(scope="session")
 def tone_set(tmp_path_factory) -> str:
     return write_tone_set(str(tmp_path_factory.mktemp("tones")))
+
+
+#: A small LAION-layout CLAP teacher (real key names, HTS-AT geometry, narrow and shallow):
+#: final map 2 x 32 x 128.
+SMALL_TEACHER = dict(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1])
+
+
+@pytest.fixture(scope="session")
+def clap_checkpoint(tmp_path_factory) -> str:
+    """A randomly initialised small teacher saved in LAION-CLAP's checkpoint layout."""
+    from mam_clap_plugin.teacher import save_random_clap_checkpoint
+
+    path = tmp_path_factory.mktemp("clap") / "small-laion-clap.pt"
+    return save_random_clap_checkpoint(str(path), "laion", seed=0, **SMALL_TEACHER)

@@ -13,6 +13,7 @@ from mam_clap_plugin.criterions.supmam_clap import (
     SupMamClapCriterion,
     SupMamClapCriterionConfig,
     clap_target_loss,
+    normalize_tokens,
     reconstruction_loss,
     soft_cross_entropy,
 )
@@ -58,6 +59,25 @@ def test_clap_target_loss_against_loop():
     assert lv.item() == 0.0 and math.isfinite(lm.item())
     lv, lm = clap_target_loss(pred, target, torch.zeros(B, n, dtype=torch.bool))
     assert lm.item() == 0.0 and math.isfinite(lv.item())
+
+
+def test_clap_target_loss_leaves_out_padding():
+    pred = torch.tensor([[[1.0, 2.0], [0.0, 0.0], [3.0, -1.0], [0.5, 0.5]]])
+    target = torch.tensor([[[0.0, 0.0], [1.0, 1.0], [1.0, 1.0], [0.5, -0.5]]])
+    mask = torch.tensor([[False, True, True, False]])
+    keep = torch.tensor([[True, False, True, False]])  # tokens 1 and 3 are padding
+    # visible: token 0 only -> 5; masked: token 2 only -> 8
+    loss_vis, loss_mask = clap_target_loss(pred, target, mask, keep)
+    assert loss_vis.item() == pytest.approx(5.0) and loss_mask.item() == pytest.approx(8.0)
+    with pytest.raises(ValueError, match=r"target \(1, 4, 3\) differ"):
+        clap_target_loss(pred, torch.zeros(1, 4, 3), mask)
+
+
+def test_normalize_tokens():
+    x = torch.randn(2, 5, 16) * 3 + 7
+    y = normalize_tokens(x)
+    torch.testing.assert_close(y.mean(-1), torch.zeros(2, 5), atol=1e-5, rtol=0)
+    torch.testing.assert_close(y.var(-1, unbiased=False), torch.ones(2, 5), atol=1e-4, rtol=0)
 
 
 def test_reconstruction_loss_by_hand():
@@ -209,6 +229,21 @@ def test_criterion_pixel_total_loss():
     out = model(**sample["net_input"])
     expected = reconstruction_loss(out["pred"], out["patches"], out["mask"], norm_pix=True)
     assert log["loss_rec"] == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_criterion_target_mask_and_normalised_targets():
+    model, sample = make_model("clap"), make_sample()
+    keep = torch.zeros(3, N, dtype=torch.bool)
+    keep[:, :16] = True
+    sample["target_mask"] = keep
+    _, _, log = run(make_criterion(0.0, norm_clap_targets=True), model, sample)
+    torch.manual_seed(123)
+    out = model(**sample["net_input"])
+    lv, lm = clap_target_loss(out["pred"], normalize_tokens(sample["target"]), out["mask"], keep)
+    assert log["loss_vis"] == pytest.approx(lv.item(), rel=1e-5)
+    assert log["loss_mask"] == pytest.approx(lm.item(), rel=1e-5)
+    plain = clap_target_loss(out["pred"], sample["target"], out["mask"])
+    assert log["loss_vis"] != pytest.approx(plain[0].item(), rel=1e-3)
 
 
 def test_criterion_without_classification_term():

@@ -9,12 +9,9 @@ import torch
 from mam_clap_plugin.data.audio import AudioError, load_audio, normalize_fbank, wav_to_fbank
 from mam_clap_plugin.data.dataset import MamClapDataset
 from mam_clap_plugin.data.manifest import read_manifest, write_manifest
-from mam_clap_plugin.data.target_store import (
-    TargetStoreError,
-    TargetStoreHeader,
-    create_target_store,
-    open_target_store,
-)
+from mam_clap_plugin.data.target_store import TargetStoreError, create_target_store, open_target_store
+
+from .conftest import store_header
 
 NAMES = ["a.wav", "b.wav", "c.wav"]
 
@@ -30,8 +27,7 @@ def make_manifest(tmp_path, missing=()):
 
 
 def make_store(path, num_clips=3):
-    header = TargetStoreHeader(teacher="t", grid_freq=2, grid_time=32, dim=4, sample_rate=48000,
-                               seconds=10.0, num_clips=num_clips)
+    header = store_header(num_clips, dim=4)
     with create_target_store(str(path), header) as writer:
         for i in range(num_clips):
             writer.write(i, np.full(header.clip_shape, float(i)))
@@ -40,8 +36,9 @@ def make_store(path, num_clips=3):
 
 def test_collater_shapes_and_contents(tmp_path):
     manifest = make_manifest(tmp_path)
+    store = make_store(tmp_path / "train.tgt")
     dataset = MamClapDataset(manifest, norm_mean=-4.0, norm_std=4.0, labels=[[0], [1, 3], [4]],
-                             num_classes=5, target_store=make_store(tmp_path / "train.tgt"))
+                             num_classes=5, target_store=store, alignment=store.header.alignment(64, 8))
     item = dataset[np.int64(1)]
     assert item["id"] == 1 and isinstance(item["id"], int)
     expected = normalize_fbank(wav_to_fbank(load_audio(str(tmp_path / "b.wav")), 1024), -4.0, 4.0)
@@ -54,6 +51,52 @@ def test_collater_shapes_and_contents(tmp_path):
     assert batch["label"].shape == (3, 5) and batch["label"].dtype == torch.float32
     assert batch["target"].shape == (3, 512, 4) and batch["target"].dtype == torch.float32
     assert batch["target"][2].eq(2.0).all()
+    # 0.5 s = 48 fbank frames = 3 time patches of real audio; the other 61 are padding
+    mask = batch["target_mask"]
+    assert mask.shape == (3, 512) and mask.dtype == torch.bool
+    assert mask.view(3, 64, 8)[:, :3].all() and not mask.view(3, 64, 8)[:, 3:].any()
+
+
+def test_online_teacher_input(tmp_path):
+    manifest = make_manifest(tmp_path)
+    align = store_header(3).alignment(16, 8)
+    dataset = MamClapDataset(manifest, target_length=256, teacher_input=(48000, 480000), alignment=align)
+    item = dataset[0]
+    assert item["teacher_wav"].shape == (480000,)
+    wav48 = item["teacher_wav"]
+    assert wav48[:24000].abs().sum() > 0 and not wav48[24000 + 100:].any()  # 0.5 s of audio, then zeros
+    expected = normalize_fbank(wav_to_fbank(load_audio(str(tmp_path / "a.wav")), 256), dataset.norm_mean,
+                               dataset.norm_std)
+    torch.testing.assert_close(item["source"], expected)
+    batch = dataset.collater([dataset[0], dataset[1]])
+    assert batch["teacher_wav"].shape == (2, 480000) and "target" not in batch
+    assert batch["target_mask"].shape == (2, 128) and batch["target_mask"].sum() == 2 * 3 * 8
+    with pytest.raises(ValueError, match="not both"):
+        MamClapDataset(manifest, target_store=make_store(tmp_path / "y.tgt"), teacher_input=(48000, 10),
+                       alignment=align)
+    with pytest.raises(ValueError, match="alignment"):
+        MamClapDataset(manifest, teacher_input=(48000, 10))
+
+
+def test_clips_marked_bad_by_the_extractor(tmp_path):
+    manifest = make_manifest(tmp_path)
+    path = tmp_path / "bad.tgt"
+    with create_target_store(str(path), store_header(3, dim=4)) as writer:
+        writer.write(0, np.zeros((2, 32, 4)))
+        writer.mark_bad(1)
+    with pytest.raises(TargetStoreError, match="incomplete, 1 of 3 clips"):
+        MamClapDataset(manifest, target_store=open_target_store(str(path)), alignment=store_header(3).alignment(64, 8))
+    with create_target_store(str(path), store_header(3, dim=4)) as writer:
+        writer.write(0, np.zeros((2, 32, 4)))
+        writer.mark_bad(1)
+        writer.write(2, np.zeros((2, 32, 4)))
+    store = open_target_store(str(path))
+    strict = MamClapDataset(manifest, target_store=store, alignment=store.header.alignment(64, 8))
+    with pytest.raises(AudioError, match=r"train\.tsv:3.*marked unusable"):
+        strict[1]
+    lenient = MamClapDataset(manifest, target_store=store, alignment=store.header.alignment(64, 8),
+                             skip_bad_files=True)
+    assert lenient[1] is None and lenient[2] is not None
 
 
 def test_without_labels_or_targets(tmp_path):
@@ -97,7 +140,8 @@ def test_bad_file_raises_with_manifest_line(tmp_path):
 def test_mismatched_inputs_are_rejected(tmp_path):
     manifest = make_manifest(tmp_path)
     with pytest.raises(TargetStoreError, match="store has 2 clips but the manifest has 3"):
-        MamClapDataset(manifest, target_store=make_store(tmp_path / "x.tgt", num_clips=2))
+        MamClapDataset(manifest, target_store=make_store(tmp_path / "x.tgt", num_clips=2),
+                       alignment=store_header(2).alignment(64, 8))
     with pytest.raises(ValueError, match="2 label rows for 3 entries"):
         MamClapDataset(manifest, labels=[[0], [1]], num_classes=2)
     with pytest.raises(ValueError, match="num_classes=0"):

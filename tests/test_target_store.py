@@ -8,17 +8,20 @@ import pytest
 import torch
 
 from mam_clap_plugin.data.target_store import (
+    BAD_AUDIO,
+    PENDING,
+    WRITTEN,
     TargetStoreError,
-    TargetStoreHeader,
-    alignment_index,
     create_target_store,
     open_target_store,
+    open_target_store_for_writing,
 )
+
+from .conftest import store_header
 
 
 def make_header(num_clips=3, grid_freq=2, grid_time=32, dim=4, **extra):
-    return TargetStoreHeader(teacher="clap-test", grid_freq=grid_freq, grid_time=grid_time, dim=dim,
-                             sample_rate=48000, seconds=10.0, num_clips=num_clips, extra=extra)
+    return store_header(num_clips, teacher="clap-test", grid=(grid_freq, grid_time), dim=dim, extra=extra)
 
 
 def make_store(path, header, seed=0):
@@ -50,21 +53,59 @@ def test_byte_layout(tmp_path):
     raw = (tmp_path / "a.tgt").read_bytes()
     json_len = int.from_bytes(raw[8:12], "little")
     assert raw[:8] == b"MAMCLAPT"
-    assert json.loads(raw[12:12 + json_len])["grid_time"] == 32
+    fields = json.loads(raw[12:12 + json_len])
+    assert fields["grid_time"] == 32 and fields["version"] == 2 and fields["layer"] == "final"
     assert set(raw[12 + json_len:4096]) == {0}
-    assert len(raw) == 4096 + 2 * 2 * 32 * 4 * 2
-    array = np.frombuffer(raw[4096:], dtype="<f2").reshape(2, 2, 32, 4)
+    assert list(raw[4096:4098]) == [WRITTEN, WRITTEN] and set(raw[4098:8192]) == {0}
+    assert len(raw) == 8192 + 2 * 2 * 32 * 4 * 2
+    array = np.frombuffer(raw[8192:], dtype="<f2").reshape(2, 2, 32, 4)
     np.testing.assert_array_equal(array[1], clips[1].astype(np.float16))
 
 
-def test_unwritten_clips_are_zero(tmp_path):
-    writer = create_target_store(str(tmp_path / "a.tgt"), make_header(num_clips=2))
+def test_clip_states_and_completeness(tmp_path):
+    writer = create_target_store(str(tmp_path / "a.tgt"), make_header(num_clips=3))
     writer.write(1, np.ones((2, 32, 4)))
-    writer.close()
+    writer.flush()
     store = open_target_store(str(tmp_path / "a.tgt"))
-    assert not store[0].any() and (store[1] == 1).all()
+    assert store.states().tolist() == [PENDING, WRITTEN, PENDING]
+    with pytest.raises(TargetStoreError, match=r"a\.tgt: incomplete, 2 of 3 clips not extracted yet \(first: clip 0\)"):
+        store.check_complete()
+    writer.write(0, np.ones((2, 32, 4)))
+    writer.mark_bad(2)
+    writer.close()
+    assert store.states().tolist() == [WRITTEN, WRITTEN, BAD_AUDIO]
+    assert store.check_complete().tolist() == [2]
+    assert not store[2].any() and (store[1] == 1).all()
     with pytest.raises(TargetStoreError, match="after close"):
         writer.write(0, np.ones((2, 32, 4)))
+
+
+def test_resume_and_shared_writers(tmp_path):
+    path = str(tmp_path / "a.tgt")
+    first = open_target_store_for_writing(path, make_header(num_clips=4))
+    second = open_target_store_for_writing(path, make_header(num_clips=4))  # another shard, same file
+    first.write(0, np.full((2, 32, 4), 1.0))
+    second.write(3, np.full((2, 32, 4), 3.0))
+    first.close()
+    second.close()
+    resumed = open_target_store_for_writing(path, make_header(num_clips=4))
+    assert resumed.states.tolist() == [WRITTEN, PENDING, PENDING, WRITTEN]
+    resumed.close()
+    store = open_target_store(path)
+    assert (store[0] == 1).all() and (store[3] == 3).all()
+    assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
+
+
+def test_refuses_to_mix_teachers(tmp_path):
+    path = str(tmp_path / "a.tgt")
+    open_target_store_for_writing(path, make_header(num_clips=4)).close()
+    other = store_header(4, teacher="clap-test", grid=(2, 32), dim=4, checkpoint_sha256="f" * 64)
+    with pytest.raises(TargetStoreError, match=r"refusing to mix them \(checkpoint_sha256: '0+' vs 'f+'\)"):
+        open_target_store_for_writing(path, other)
+    with pytest.raises(TargetStoreError, match="layer"):
+        open_target_store_for_writing(path, store_header(4, teacher="clap-test", dim=4, layer="stage3"))
+    with pytest.raises(TargetStoreError, match="num_clips: 4 vs 5"):
+        open_target_store_for_writing(path, make_header(num_clips=5))
 
 
 def test_write_validates_shape_and_values(tmp_path):
@@ -94,8 +135,8 @@ def test_truncated_file_reports_sizes(tmp_path):
     path = tmp_path / "a.tgt"
     make_store(path, make_header())
     with open(path, "r+b") as f:
-        f.truncate(4096 + 1000)
-    message = r"file is 5096 bytes but the header .* needs 5632 bytes"
+        f.truncate(8192 + 1000)
+    message = r"file is 9192 bytes but the header .* needs 9728 bytes"
     with pytest.raises(TargetStoreError, match=message) as err:
         open_target_store(str(path))
     assert str(path) in str(err.value)
@@ -114,58 +155,44 @@ def test_bad_magic_missing_and_bad_header(tmp_path):
         open_target_store(str(tmp_path / "json.tgt"))
 
 
-def test_missing_header_field(tmp_path):
-    fields = {"teacher": "t", "grid_freq": 2, "grid_time": 32, "sample_rate": 48000,
-              "seconds": 10.0, "num_clips": 1, "version": 1}
+def write_raw_header(path, fields):
     payload = json.dumps(fields).encode()
-    (tmp_path / "a.tgt").write_bytes(b"MAMCLAPT" + len(payload).to_bytes(4, "little") + payload)
+    path.write_bytes(b"MAMCLAPT" + len(payload).to_bytes(4, "little") + payload)
+
+
+def test_missing_header_field_and_old_version(tmp_path):
+    fields = {"teacher": "t", "checkpoint_sha256": "0" * 64, "layer": "final", "projection": False, "grid_freq": 2,
+              "grid_time": 32, "sample_rate": 48000, "seconds": 10.0, "freq_edges_hz": [50, 2000, 14000],
+              "num_clips": 1, "version": 2}
+    write_raw_header(tmp_path / "a.tgt", fields)
     with pytest.raises(TargetStoreError, match=r"missing fields \['dim'\]"):
+        open_target_store(str(tmp_path / "a.tgt"))
+    write_raw_header(tmp_path / "a.tgt", {**fields, "dim": 4, "version": 1})
+    with pytest.raises(TargetStoreError, match="unsupported version 1.*re-extract"):
         open_target_store(str(tmp_path / "a.tgt"))
 
 
-def test_alignment_2x32_teacher_onto_64x8():
-    index = alignment_index(make_header(grid_freq=2, grid_time=32), 64, 8)
-    assert index.shape == (512,) and index.dtype == np.int64
-    grid = index.reshape(64, 8)  # [t, f]
-    # teacher cell = 10 s / 32 = 0.3125 s; student centre (t + 0.5) * 0.16 s
-    assert grid[0, 0] == 0            # 0.08 s -> cell 0
-    assert grid[1, 0] == 0            # 0.24 s -> cell 0
-    assert grid[2, 0] == 1            # 0.40 s -> cell 1
-    assert grid[10, 0] == 5           # 1.68 s -> cell 5
-    assert grid[62, 0] == 31          # 10.0 s -> past the end, clipped
-    assert grid[63, 0] == 31          # 10.16 s -> clipped
-    # frequency: f = 0..3 -> teacher row 0, f = 4..7 -> row 1 (offset 32)
-    assert list(grid[2]) == [1, 1, 1, 1, 33, 33, 33, 33]
-    assert grid[10, 5] == 32 + 5
-
-
-def test_alignment_4x64_teacher_onto_64x8():
-    grid = alignment_index(make_header(grid_freq=4, grid_time=64), 64, 8).reshape(64, 8)
-    tt = grid[:, 0]
-    # teacher cell = 0.15625 s, slightly shorter than a 0.16 s student patch
-    assert list(tt[:4]) == [0, 1, 2, 3]
-    assert tt[20] == 20 and tt[21] == 22   # 3.28 s -> 20.99, 3.44 s -> 22.02: cell 21 skipped
-    assert tt[31] == 32 and tt[62] == 63 and tt[63] == 63
-    ft = grid[0] // 64
-    assert list(ft) == [0, 0, 1, 1, 2, 2, 3, 3]
-    assert grid[31, 5] == 2 * 64 + 32
-
-
-def test_alignment_is_cached_and_read_only():
+@pytest.mark.parametrize("field,value,message", [
+    ("layer", "stage2", "'layer' must be one of"),
+    ("projection", 1, "'projection' must be true or false"),
+    ("freq_edges_hz", [50.0, 14000.0], "grid_freq \\+ 1 = 3"),
+    ("freq_edges_hz", [50.0, 14000.0, 2000.0], "ascending"),
+    ("checkpoint_sha256", "", "'checkpoint_sha256' must be a non-empty string"),
+])
+def test_invalid_header_fields(tmp_path, field, value, message):
     header = make_header()
-    first = alignment_index(header, 64, 8)
-    assert alignment_index(header, 64, 8) is first
-    assert alignment_index(header, 32, 8) is not first
-    with pytest.raises(ValueError):
-        first[0] = 1
+    setattr(header, field, value)
+    with pytest.raises(TargetStoreError, match=message):
+        create_target_store(str(tmp_path / "a.tgt"), header)
 
 
 def test_aligned_and_pickle(tmp_path):
     clips = make_store(tmp_path / "a.tgt", make_header())
     store = pickle.loads(pickle.dumps(open_target_store(str(tmp_path / "a.tgt"))))
-    aligned = store.aligned(2, 64, 8)
+    aligned = store.aligned(2, store.header.alignment(64, 8))
     assert aligned.dtype == torch.float32 and aligned.shape == (512, 4)
     expected = torch.from_numpy(clips[2].astype(np.float16).astype(np.float32))
-    torch.testing.assert_close(aligned[10 * 8 + 5], expected[1, 5])  # t=10, f=5 -> (ft=1, tt=5)
+    torch.testing.assert_close(aligned[10 * 8 + 5], expected[1, 5])  # t=10, f=5 -> (band 1, cell 5)
+    torch.testing.assert_close(aligned[10 * 8 + 4], expected[0, 5])  # f=4 (~2.2 kHz) -> band 0
     torch.testing.assert_close(aligned[0], expected[0, 0])
-    assert os.path.getsize(tmp_path / "a.tgt") == 4096 + 3 * 2 * 32 * 4 * 2
+    assert os.path.getsize(tmp_path / "a.tgt") == 8192 + 3 * 2 * 32 * 4 * 2

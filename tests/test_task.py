@@ -11,7 +11,7 @@ from mam_clap_plugin.data.manifest import ManifestError
 from mam_clap_plugin.data.target_store import TargetStoreError, TargetStoreHeader, create_target_store
 from mam_clap_plugin.tasks.mam_clap_pretraining import MamClapPretrainingConfig, MamClapPretrainingTask
 
-from .conftest import TEACHER_DIM, TEACHER_GRID
+from .conftest import TEACHER_DIM, TEACHER_GRID, store_header
 
 
 @pytest.fixture
@@ -50,8 +50,7 @@ def test_unknown_class_id(data):
 
 
 def test_target_store_with_wrong_clip_count(data):
-    header = TargetStoreHeader(teacher="random-test-teacher", grid_freq=TEACHER_GRID[0], grid_time=TEACHER_GRID[1],
-                               dim=TEACHER_DIM, sample_rate=48000, seconds=10.0, num_clips=5)
+    header = store_header(5)
     create_target_store(str(data / "targets" / "valid.tgt"), header).close()
     with pytest.raises(TargetStoreError, match=r"valid\.tgt.*5.*6|valid\.tgt.*6.*5"):
         task(data).load_dataset("valid")
@@ -65,11 +64,10 @@ def test_truncated_target_store(data):
 
 
 def test_stores_from_different_teachers(data):
-    header = TargetStoreHeader(teacher="another-teacher", grid_freq=TEACHER_GRID[0], grid_time=TEACHER_GRID[1],
-                               dim=TEACHER_DIM, sample_rate=48000, seconds=10.0, num_clips=6)
+    header = store_header(6, teacher="another-teacher")
     with create_target_store(str(data / "targets" / "valid.tgt"), header) as w:
         w.write(0, np.zeros((*TEACHER_GRID, TEACHER_DIM), np.float32))
-    with pytest.raises(TargetStoreError, match="another-teacher"):
+    with pytest.raises(TargetStoreError, match=r"another teacher.*'teacher'"):
         task(data)
 
 
@@ -89,3 +87,35 @@ def test_no_prefetch_thread_without_workers(data):
     assert itr.buffer_size == 0
     itr = t.get_batch_iterator(t.datasets["train"], max_sentences=4, num_workers=1, data_buffer_size=10)
     assert itr.buffer_size == 10
+
+
+def test_store_must_match_the_configured_teacher(data, tmp_path):
+    with pytest.raises(TargetStoreError, match=r"'final' map but task.teacher_layer=stage3"):
+        task(data, teacher_layer="stage3")
+    with pytest.raises(TargetStoreError, match="projection=False but task.teacher_projection=True"):
+        task(data, teacher_projection=True)
+    other = tmp_path / "other.pt"
+    other.write_bytes(b"another checkpoint")
+    with pytest.raises(TargetStoreError, match=rf"sha256 0000.*teacher_checkpoint={other} has sha256"):
+        task(data, teacher_checkpoint=str(other))
+
+
+def test_online_teacher_stays_outside_the_model(data, clap_checkpoint):
+    import torch
+
+    cfg = MamClapPretrainingConfig(data=str(data), labels="lbl", teacher_checkpoint=clap_checkpoint, target_length=64)
+    t = MamClapPretrainingTask.setup_task(cfg)
+    assert t.target_header is None and t.target_dim == 128
+    t.load_dataset("train")
+    ds = t.datasets["train"]
+    batch = ds.collater([ds[0], ds[1]])
+    assert batch["teacher_wav"].shape == (2, 480000) and "target" not in batch
+    t.teacher.train()  # stays frozen in eval mode
+    assert not t.teacher.training and not any(p.requires_grad for p in t.teacher.parameters())
+    batch = t.online_targets(batch)
+    assert "teacher_wav" not in batch and batch["target"].shape == (2, 4 * 8, 128)
+    with torch.no_grad():
+        maps = t.teacher(ds[0]["teacher_wav"][None])
+    # student token (t=1, f=6) takes teacher band 1, time cell 0 (0.24 s)
+    torch.testing.assert_close(batch["target"][0, 1 * 8 + 6], maps[0, 1, 0])
+    assert batch["target_mask"].all()  # 0.6 s = 58 frames: real audio in all 4 time patches

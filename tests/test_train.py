@@ -5,6 +5,7 @@ import math
 import os
 import socket
 import subprocess
+import sys
 
 import pytest
 
@@ -156,3 +157,37 @@ def test_label_file_of_wrong_length_is_refused(tone_set, tmp_path):
                           tmp_path / "r", check=False)
     assert run.returncode != 0
     assert "valid.lbl" in run.text
+
+
+@pytest.fixture(scope="module")
+def extracted_targets(tone_set, clap_checkpoint, tmp_path_factory):
+    """Stores extracted from the small CLAP teacher with the real extraction script."""
+    out = tmp_path_factory.mktemp("extracted")
+    script = os.path.join(os.path.dirname(CONFIG_DIR), "..", "prepare", "extract_clap_targets.py")
+    for split in ("train", "valid"):
+        subprocess.run([sys.executable, script, tone_set, split, "--checkpoint", clap_checkpoint, "--out", str(out),
+                        "--num-workers", "0"], check=True, capture_output=True)
+    return str(out)
+
+
+@pytest.mark.parametrize("variant", ["mam_clap", "supmam_clap"])
+def test_clap_variants_offline_and_online_teacher(tone_set, clap_checkpoint, extracted_targets, tmp_path, variant):
+    """Same seed, same teacher: the offline store and the online teacher give the same
+    training run (up to the store's fp16 rounding); the teacher is not saved."""
+    common = ["optimization.max_update=3", "dataset.batch_size=4"]
+    base = [o for o in overrides(tone_set, "mam", tmp_path / "x") if not o.startswith("checkpoint.save_dir")]
+    offline = run_hydra_train(CONFIG_DIR, variant, base + common + [
+        f"task.target_store={extracted_targets}", f"task.teacher_checkpoint={clap_checkpoint}",
+        f"checkpoint.save_dir={tmp_path / 'off'}"], tmp_path / "r_off")
+    online = run_hydra_train(CONFIG_DIR, variant, base + common + [
+        f"task.teacher_checkpoint={clap_checkpoint}", f"checkpoint.save_dir={tmp_path / 'on'}"], tmp_path / "r_on")
+    assert "online teacher laion-clap" in online.text
+    assert len(offline.losses()) == len(online.losses()) == 3
+    assert online.losses() == pytest.approx(offline.losses(), rel=2e-3)
+    first = online.records["train_inner"][0]
+    assert "loss_vis" in first and "loss_mask" in first
+    assert ("loss_cls" in first) == (variant == "supmam_clap")
+    state = load_checkpoint(str(tmp_path / "on" / "checkpoint_last.pt"))
+    assert not [k for k in state["model"] if "teacher" in k or "audio_branch" in k or "layers." in k]
+    assert model_config(state)["target_dim"] == 128
+    assert load_encoder(str(tmp_path / "on" / "checkpoint_last.pt")).embed_dim == 64

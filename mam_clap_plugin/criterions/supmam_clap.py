@@ -6,7 +6,10 @@ L_target is, for ``model.target=clap`` (eq. 1),
 
     mean over visible tokens of ||Y_v - T_v||^2 + mean over masked tokens of ||Y_m - T_m||^2
 
-(squared L2 norm per token, averaged over each set's token count), and for
+(squared L2 norm per token, averaged over each set's token count; tokens that are pure
+padding or lie beyond the teacher's clip, ``sample["target_mask"]``, are left out of both
+sets; with ``norm_clap_targets`` each teacher token is first normalised to zero mean and
+unit variance over its channels), and for
 ``model.target=pixel`` AudioMAE's reconstruction loss: the per-patch mean squared
 error on the masked patches only, against per-patch normalised targets when
 ``norm_pix_loss`` is on.
@@ -21,7 +24,7 @@ precision over classes with a positive, from scikit-learn).
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -41,18 +44,40 @@ class SupMamClapCriterionConfig(FairseqDataclass):
     norm_pix_loss: bool = field(
         default=True, metadata={"help": "target=pixel: normalise each target patch to zero mean, unit variance"}
     )
+    norm_clap_targets: bool = field(
+        default=False,
+        metadata={"help": "target=clap: normalise each teacher token to zero mean, unit variance over its channels"},
+    )
 
 
-def clap_target_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def normalize_tokens(target: torch.Tensor, eps: float = 1.0e-6) -> torch.Tensor:
+    """(..., C) -> each token shifted and scaled to zero mean, unit variance over C."""
+    target = target.float()
+    mean = target.mean(dim=-1, keepdim=True)
+    var = target.var(dim=-1, keepdim=True, unbiased=False)
+    return (target - mean) / (var + eps).sqrt()
+
+
+def clap_target_loss(
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, keep: Optional[torch.Tensor] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Eq. 1: per-token squared L2 distance, averaged separately over visible and masked tokens.
 
-    pred, target: (B, N, C); mask: (B, N) bool, True = masked.
+    pred, target: (B, N, C); mask: (B, N) bool, True = masked; keep: optional (B, N) bool,
+    False for tokens left out of both sets (padding, beyond the teacher's clip).
     Returns (loss_visible, loss_masked); a set with no tokens contributes 0.
     """
+    if pred.shape != target.shape:
+        raise ValueError(
+            f"prediction {tuple(pred.shape)} and teacher target {tuple(target.shape)} differ in shape "
+            "(the target store or teacher does not match model.target_dim / task.target_length)"
+        )
     err = (pred.float() - target.float()).pow(2).sum(dim=-1)  # (B, N)
     zero = err.new_zeros(())
-    vis = err[~mask]
-    msk = err[mask]
+    if keep is None:
+        keep = torch.ones_like(mask)
+    vis = err[~mask & keep]
+    msk = err[mask & keep]
     return (vis.mean() if vis.numel() else zero), (msk.mean() if msk.numel() else zero)
 
 
@@ -128,6 +153,7 @@ class SupMamClapCriterion(FairseqCriterion):
         self.lambda_cls = cfg.lambda_cls
         self.tau = cfg.tau
         self.norm_pix_loss = cfg.norm_pix_loss
+        self.norm_clap_targets = cfg.norm_clap_targets
 
     def forward(self, model, sample, reduce=True):
         """Returns (loss, sample_size=1, logging_output); the loss is a batch mean."""
@@ -136,8 +162,16 @@ class SupMamClapCriterion(FairseqCriterion):
         terms: Dict[str, torch.Tensor] = {}
         if model.cfg.target == "clap":
             if "target" not in sample:
-                raise ValueError("model.target=clap needs teacher targets: set task.target_store")
-            terms["loss_vis"], terms["loss_mask"] = clap_target_loss(net_output["pred"], sample["target"], mask)
+                raise ValueError(
+                    "model.target=clap needs teacher targets: set task.target_store (offline) "
+                    "or task.teacher_checkpoint (online)"
+                )
+            target = sample["target"]
+            if self.norm_clap_targets:
+                target = normalize_tokens(target)
+            terms["loss_vis"], terms["loss_mask"] = clap_target_loss(
+                net_output["pred"], target, mask, sample.get("target_mask")
+            )
             loss = terms["loss_vis"] + terms["loss_mask"]
         else:
             loss = terms["loss_rec"] = reconstruction_loss(

@@ -42,26 +42,53 @@ def _fail(path: str, where: str | None, problem: str) -> AudioError:
     return AudioError(f"{prefix}{path}: {problem}")
 
 
-def frames_to_samples(num_frames: int, sample_rate: int) -> int:
-    """Number of samples at ``sample_rate`` needed for ``num_frames`` fbank frames (rounded up)."""
-    if num_frames < 1:
-        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
-    num_ms = (num_frames - 1) * FRAME_SHIFT_MS + WINDOW_MS
-    return -(-num_ms * sample_rate // 1000)
-
-
-def _read(path: str, max_frames: int | None, where: str | None) -> tuple[torch.Tensor, int]:
-    """Read the file (or its first ``max_frames`` fbank frames); returns ((S, C) float32, rate)."""
+def _read(path: str, max_ms: int | None, where: str | None) -> tuple[torch.Tensor, int]:
+    """Read the file (or its first ``max_ms`` milliseconds); returns ((S, C) float32, rate)."""
     if not os.path.isfile(path):
         raise _fail(path, where, "audio file not found")
     try:
         with soundfile.SoundFile(path) as sound:
             rate = sound.samplerate
-            num = -1 if max_frames is None else frames_to_samples(max_frames, rate)
+            num = -1 if max_ms is None else -(-max_ms * rate // 1000)
             data = sound.read(frames=num, dtype="float32", always_2d=True)
     except (soundfile.SoundFileError, RuntimeError) as err:
         raise _fail(path, where, f"cannot read audio ({err})") from err
     return torch.from_numpy(data), rate
+
+
+def _load_mono(path: str, max_ms: int | None, where: str | None) -> tuple[torch.Tensor, int]:
+    """Mono float32 waveform at the file's own rate, checked; returns ((S,), rate)."""
+    data, rate = _read(path, max_ms, where)
+    if data.shape[0] == 0:
+        raise _fail(path, where, "audio is empty (0 samples)")
+    wav = data.mean(dim=1)
+    if not torch.isfinite(wav).all():
+        raise _fail(path, where, "audio contains NaN or Inf samples")
+    return wav, rate
+
+
+def _resample(wav: torch.Tensor, rate: int, target_rate: int) -> torch.Tensor:
+    if rate != target_rate:
+        wav = torchaudio.functional.resample(wav, rate, target_rate)
+    return wav.contiguous()
+
+
+def _frames_ms(num_frames: int) -> int:
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    return (num_frames - 1) * FRAME_SHIFT_MS + WINDOW_MS
+
+
+def frames_to_samples(num_frames: int, sample_rate: int) -> int:
+    """Number of samples at ``sample_rate`` needed for ``num_frames`` fbank frames (rounded up)."""
+    return -(-_frames_ms(num_frames) * sample_rate // 1000)
+
+
+def fit_length(wav: torch.Tensor, num_samples: int) -> torch.Tensor:
+    """Keep the first ``num_samples`` samples of (S,), zero-padding at the end if shorter."""
+    if wav.shape[0] >= num_samples:
+        return wav[:num_samples]
+    return torch.nn.functional.pad(wav, (0, num_samples - wav.shape[0]))
 
 
 def load_audio(path: str, max_frames: int | None = None, where: str | None = None) -> torch.Tensor:
@@ -79,15 +106,26 @@ def load_audio(path: str, max_frames: int | None = None, where: str | None = Non
     Raises:
         AudioError: missing, unreadable, empty, or non-finite audio.
     """
-    data, rate = _read(path, max_frames, where)
-    if data.shape[0] == 0:
-        raise _fail(path, where, "audio is empty (0 samples)")
-    wav = data.mean(dim=1)
-    if not torch.isfinite(wav).all():
-        raise _fail(path, where, "audio contains NaN or Inf samples")
-    if rate != SAMPLE_RATE:
-        wav = torchaudio.functional.resample(wav, rate, SAMPLE_RATE)
-    return wav.contiguous()
+    wav, rate = _load_mono(path, None if max_frames is None else _frames_ms(max_frames), where)
+    return _resample(wav, rate, SAMPLE_RATE)
+
+
+def load_teacher_audio(path: str, sample_rate: int, num_samples: int, where: str | None = None) -> torch.Tensor:
+    """A teacher's input: the first ``num_samples`` samples at ``sample_rate``, (num_samples,)
+    float32, zero-padded at the end like the student's fbank. Raises AudioError."""
+    max_ms = -(-num_samples * 1000 // sample_rate)
+    wav, rate = _load_mono(path, max_ms, where)
+    return fit_length(_resample(wav, rate, sample_rate), num_samples)
+
+
+def load_student_and_teacher_audio(path: str, max_frames: int, sample_rate: int, num_samples: int,
+                                   where: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One read of the file for both inputs: ``load_audio(path, max_frames)`` and
+    ``load_teacher_audio(path, sample_rate, num_samples)``."""
+    max_ms = max(_frames_ms(max_frames), -(-num_samples * 1000 // sample_rate))
+    wav, rate = _load_mono(path, max_ms, where)
+    student = _resample(wav[: frames_to_samples(max_frames, rate)], rate, SAMPLE_RATE)
+    return student, fit_length(_resample(wav, rate, sample_rate), num_samples)
 
 
 def pad_or_crop(fbank: torch.Tensor, target_length: int) -> torch.Tensor:

@@ -7,7 +7,8 @@ import numpy as np
 import torch
 from fairseq.data import FairseqDataset
 
-from .audio import NORM_STATS, AudioError, load_audio, normalize_fbank, wav_to_fbank
+from .alignment import Alignment, loss_mask, real_time_patches
+from .audio import NORM_STATS, AudioError, load_audio, load_student_and_teacher_audio, normalize_fbank, wav_to_fbank
 from .manifest import Manifest
 from .target_store import TargetStore
 
@@ -27,8 +28,12 @@ class MamClapDataset(FairseqDataset):
         norm_mean, norm_std: fbank normalisation stats, ``(x - mean) / (2 * std)``.
         labels: class ids per manifest entry (from ``read_labels``), or None.
         num_classes: size of the multi-hot label vector; required with ``labels``.
-        target_store: teacher targets aligned with the manifest, or None.
-        time_patches, freq_patches: student patch grid the targets are aligned to.
+        target_store: offline teacher targets aligned with the manifest, or None.
+        teacher_input: ``(sample_rate, num_samples)`` of an online teacher: items then carry
+            its input waveform (the clip's first ``num_samples`` at ``sample_rate``).
+        alignment: teacher cell of each student token; required with a store or an online
+            teacher (batches then carry the per-token ``target_mask``).
+        freq_patches: frequency patches of the student grid (for ``target_mask``).
         skip_bad_files: on an unusable audio file, log a warning and drop the item
             instead of raising.
         shuffle: ``ordered_indices`` returns a random permutation (else manifest order).
@@ -43,7 +48,8 @@ class MamClapDataset(FairseqDataset):
         labels: list[list[int]] | None = None,
         num_classes: int = 0,
         target_store: TargetStore | None = None,
-        time_patches: int = 64,
+        teacher_input: tuple[int, int] | None = None,
+        alignment: Alignment | None = None,
         freq_patches: int = 8,
         skip_bad_files: bool = False,
         shuffle: bool = True,
@@ -54,8 +60,14 @@ class MamClapDataset(FairseqDataset):
                 raise ValueError(f"{manifest.path}: {len(labels)} label rows for {len(manifest)} entries")
             if num_classes < 1:
                 raise ValueError(f"{manifest.path}: labels given but num_classes={num_classes}")
+        if target_store is not None and teacher_input is not None:
+            raise ValueError("give either a target store or an online teacher's input, not both")
+        if (target_store is not None or teacher_input is not None) and alignment is None:
+            raise ValueError("teacher targets need the student alignment")
+        self.bad_target_clips: frozenset = frozenset()
         if target_store is not None:
             target_store.check(len(manifest))
+            self.bad_target_clips = frozenset(target_store.check_complete().tolist())
         self.manifest = manifest
         self.target_length = target_length
         self.norm_mean = norm_mean
@@ -63,7 +75,8 @@ class MamClapDataset(FairseqDataset):
         self.labels = labels
         self.num_classes = num_classes
         self.target_store = target_store
-        self.time_patches = time_patches
+        self.teacher_input = teacher_input
+        self.alignment = alignment
         self.freq_patches = freq_patches
         self.skip_bad_files = skip_bad_files
         self.shuffle = shuffle
@@ -80,29 +93,40 @@ class MamClapDataset(FairseqDataset):
         label[self.labels[index]] = 1.0
         return label
 
-    def _fbank(self, index: int) -> torch.Tensor:
-        """(target_length, 128) normalised fbank of entry ``index``; raises AudioError."""
-        wav = load_audio(self.manifest.full_path(index), max_frames=self.target_length,
-                         where=self.manifest.where(index))
-        fbank = wav_to_fbank(wav, self.target_length)
-        return normalize_fbank(fbank, self.norm_mean, self.norm_std)
+    def _fbank(self, wav: torch.Tensor) -> torch.Tensor:
+        """(target_length, 128) normalised fbank of a 16 kHz waveform."""
+        return normalize_fbank(wav_to_fbank(wav, self.target_length), self.norm_mean, self.norm_std)
+
+    def _load(self, index: int) -> dict:
+        """Fbank (and teacher input) of entry ``index``; raises AudioError."""
+        path, where = self.manifest.full_path(index), self.manifest.where(index)
+        if index in self.bad_target_clips:
+            raise AudioError(f"{where}: {path}: marked unusable by the target extractor ({self.target_store.path})")
+        item = {"id": index}
+        if self.teacher_input is not None:
+            wav, item["teacher_wav"] = load_student_and_teacher_audio(
+                path, self.target_length, *self.teacher_input, where=where)
+        else:
+            wav = load_audio(path, max_frames=self.target_length, where=where)
+        item["source"] = self._fbank(wav)
+        item["real_patches"] = real_time_patches(wav.shape[0], self.target_length)
+        return item
 
     def __getitem__(self, index) -> dict | None:
         """Item dict (see collater), or None if the file is bad and skip_bad_files is set."""
         index = int(index)
         try:
-            source = self._fbank(index)
+            item = self._load(index)
         except AudioError as err:
             if not self.skip_bad_files:
                 raise
             self.num_skipped += 1
             logger.warning("skipping bad audio file: %s", err)
             return None
-        item = {"id": index, "source": source}
         if self.labels is not None:
             item["label"] = self._multi_hot(index)
         if self.target_store is not None:
-            item["target"] = self.target_store.aligned(index, self.time_patches, self.freq_patches)
+            item["target"] = self.target_store.aligned(index, self.alignment)
         return item
 
     def collater(self, samples: list[dict | None]) -> dict:
@@ -110,9 +134,12 @@ class MamClapDataset(FairseqDataset):
 
         Returns:
             {} if nothing is left, else ``{"id": (B,) long, "nsentences": B, "ntokens": B,
-            "num_skipped": int, "net_input": {"source": (B, 1, target_length, 128)},
-            "label": (B, num_classes) float (with labels), "target": (B, T*F, dim) float
-            (with a target store)}``.
+            "num_skipped": int, "net_input": {"source": (B, 1, target_length, 128)}}`` plus
+            ``"label"``: (B, num_classes) float, with labels;
+            ``"target"``: (B, N, dim) float, with a target store;
+            ``"teacher_wav"``: (B, num_samples) float, with an online teacher;
+            ``"target_mask"``: (B, N) bool, with either: True where a token enters the
+            target loss (not pure padding, and inside the teacher's clip).
         """
         kept = [s for s in samples if s is not None]
         if not kept:
@@ -128,6 +155,11 @@ class MamClapDataset(FairseqDataset):
             batch["label"] = torch.stack([s["label"] for s in kept])
         if self.target_store is not None:
             batch["target"] = torch.stack([s["target"] for s in kept])
+        if self.teacher_input is not None:
+            batch["teacher_wav"] = torch.stack([s["teacher_wav"] for s in kept])
+        if self.alignment is not None:
+            real = torch.tensor([s["real_patches"] for s in kept], dtype=torch.long)
+            batch["target_mask"] = loss_mask(real, self.alignment.covered, self.freq_patches)
         return batch
 
     def num_tokens(self, index: int) -> int:

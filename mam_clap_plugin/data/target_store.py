@@ -1,33 +1,31 @@
-"""Teacher-target store: precomputed teacher (e.g. CLAP) feature maps, one file per split.
+"""Teacher-target store: precomputed teacher (CLAP) token maps, one file per split.
 
-Byte format of ``{split}.tgt`` (version 1)::
+Byte format of ``{split}.tgt`` (version 2)::
 
     offset 0   8 bytes    magic b"MAMCLAPT"
     offset 8   4 bytes    H = length of the JSON header in bytes, uint32 little-endian
     offset 12  H bytes    UTF-8 JSON object with the TargetStoreHeader fields
+               zero bytes up to the next multiple of 4096 (= flags offset G)
+    offset G   num_clips bytes, one state per clip: 0 = not written yet, 1 = written,
+               2 = audio unusable (skipped by the extractor)
                zero bytes up to the next multiple of 4096 (= data offset D)
     offset D   float16 little-endian, C-contiguous array of shape
                (num_clips, grid_freq, grid_time, dim), clips in manifest order
 
 The file size is therefore exactly ``D + num_clips * grid_freq * grid_time * dim * 2``.
-Clips that were never written read as zeros (the file is preallocated).
+The file is preallocated (sparse); the per-clip states let an interrupted extraction
+resume, let several shard processes fill one file, and let training refuse a store
+that is not complete.
 
-Teacher grid convention: ``store[i][ft, tt]`` is the teacher feature of frequency cell ``ft``
-(0 = lowest frequencies) and time cell ``tt`` (0 = start of the clip); the ``grid_time``
-cells split the first ``seconds`` of audio into equal parts.
-
-Alignment to the student: the student's tokens are time-major over a (time_patches,
-freq_patches) grid (default 64 x 8; token ``t * freq_patches + f``), each time patch covering
-``patch_seconds`` (16 frames x 10 ms = 0.16 s), frequency patches splitting the mel axis
-low-to-high into equal parts.  Each student token takes the teacher cell that contains its
-centre time, and the teacher frequency row proportional to its frequency position (see
-``alignment_index``).  The proportional frequency mapping ignores that teacher and student
-cover different Hz ranges; a later issue refines it by Hz.
+Teacher grid convention: ``store[i][ft, tt]`` is the teacher feature of frequency band
+``ft`` (0 = lowest; band edges ``freq_edges_hz``) and time cell ``tt`` (0 = start of the
+clip); the ``grid_time`` cells split the first ``seconds`` of audio into equal parts.
+The store holds the teacher's own grid: alignment to the student's patches happens when
+training reads it (:mod:`mam_clap_plugin.data.alignment`).
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -35,15 +33,22 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .alignment import Alignment, alignment
+
 MAGIC = b"MAMCLAPT"
-VERSION = 1
+VERSION = 2
 ALIGNMENT = 4096
 DTYPE = np.dtype("<f2")
 _PREFIX_BYTES = len(MAGIC) + 4
 
+#: Per-clip states in the flags region.
+PENDING, WRITTEN, BAD_AUDIO = 0, 1, 2
+LAYERS = ("final", "stage3")
+
 
 class TargetStoreError(ValueError):
-    """A target store is missing, malformed or does not match its manifest; names the file."""
+    """A target store is missing, malformed, incomplete or does not match its manifest
+    or configuration; names the file."""
 
 
 @dataclass
@@ -51,39 +56,78 @@ class TargetStoreHeader:
     """JSON header of a target store.
 
     Attributes:
-        teacher: name/identifier of the teacher model (e.g. a checkpoint name).
-        grid_freq, grid_time: teacher feature-map size (frequency cells x time cells).
+        teacher: teacher model name, e.g. ``laion-clap-htsat-tiny``.
+        checkpoint_sha256: sha256 of the teacher checkpoint file.
+        layer: teacher map, ``final`` (after the last norm) or ``stage3``.
+        projection: True if the per-token ``audio_projection`` was applied.
+        grid_freq, grid_time: teacher map size (frequency bands x time cells).
         dim: teacher feature dimension.
         sample_rate: the teacher's input sample rate in Hz.
-        seconds: audio duration the teacher grid covers (e.g. 10.0).
+        seconds: audio duration the teacher map covers (the first ``seconds`` of a clip).
+        freq_edges_hz: ``grid_freq + 1`` band edges in Hz, ascending.
         num_clips: number of clips (= manifest entries).
-        version: format version, 1.
+        version: format version, 2.
         extra: free-form JSON-serialisable metadata.
     """
 
     teacher: str
+    checkpoint_sha256: str
+    layer: str
+    projection: bool
     grid_freq: int
     grid_time: int
     dim: int
     sample_rate: int
     seconds: float
+    freq_edges_hz: list
     num_clips: int
     version: int = VERSION
     extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def for_teacher(cls, teacher, checkpoint_sha256: str, num_clips: int, **extra) -> "TargetStoreHeader":
+        """Header for the maps of a :class:`~mam_clap_plugin.teacher.ClapTeacher`."""
+        return cls(
+            teacher=teacher.name, checkpoint_sha256=checkpoint_sha256, layer=teacher.layer,
+            projection=bool(teacher.projection), grid_freq=teacher.grid[0], grid_time=teacher.grid[1],
+            dim=teacher.dim, sample_rate=teacher.sample_rate, seconds=float(teacher.seconds),
+            freq_edges_hz=[float(e) for e in teacher.freq_edges_hz()], num_clips=num_clips, extra=extra,
+        )
 
     @property
     def clip_shape(self) -> tuple[int, int, int]:
         """(grid_freq, grid_time, dim)."""
         return (self.grid_freq, self.grid_time, self.dim)
 
+    @property
+    def clip_bytes(self) -> int:
+        """Bytes of one clip's map."""
+        return self.grid_freq * self.grid_time * self.dim * DTYPE.itemsize
+
     def data_bytes(self) -> int:
         """Size of the float16 array in bytes."""
-        return self.num_clips * self.grid_freq * self.grid_time * self.dim * DTYPE.itemsize
+        return self.num_clips * self.clip_bytes
+
+    def teacher_key(self) -> dict:
+        """The fields that identify the teacher and its map; stores that differ in any
+        of them hold incompatible targets."""
+        return {k: getattr(self, k) for k in ("teacher", "checkpoint_sha256", "layer", "projection", "grid_freq",
+                                              "grid_time", "dim", "sample_rate", "seconds", "freq_edges_hz")}
+
+    def alignment(self, time_patches: int, freq_patches: int) -> Alignment:
+        """Teacher cell of each student token (see :mod:`mam_clap_plugin.data.alignment`)."""
+        return alignment(self.grid_freq, self.grid_time, self.seconds, self.freq_edges_hz,
+                         time_patches, freq_patches)
 
     def validate(self, path: str) -> None:
         """Raise TargetStoreError naming ``path`` if a field has a wrong type or value."""
-        if not isinstance(self.teacher, str) or not self.teacher:
-            raise TargetStoreError(f"{path}: header field 'teacher' must be a non-empty string")
+        for name in ("teacher", "checkpoint_sha256"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise TargetStoreError(f"{path}: header field {name!r} must be a non-empty string")
+        if self.layer not in LAYERS:
+            raise TargetStoreError(f"{path}: header field 'layer' must be one of {LAYERS}, got {self.layer!r}")
+        if not isinstance(self.projection, bool):
+            raise TargetStoreError(f"{path}: header field 'projection' must be true or false")
         for name in ("grid_freq", "grid_time", "dim", "sample_rate", "num_clips"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -91,28 +135,46 @@ class TargetStoreHeader:
         seconds = self.seconds
         if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
             raise TargetStoreError(f"{path}: header field 'seconds' must be a number > 0, got {seconds!r}")
+        edges = self.freq_edges_hz
+        if (not isinstance(edges, list) or len(edges) != self.grid_freq + 1
+                or not all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in edges)
+                or any(b <= a for a, b in zip(edges, edges[1:]))):
+            raise TargetStoreError(
+                f"{path}: header field 'freq_edges_hz' must list grid_freq + 1 = {self.grid_freq + 1} "
+                f"ascending frequencies, got {edges!r}"
+            )
         if self.version != VERSION:
             raise TargetStoreError(f"{path}: unsupported version {self.version!r} (expected {VERSION})")
         if not isinstance(self.extra, dict):
             raise TargetStoreError(f"{path}: header field 'extra' must be a JSON object")
 
 
-def _data_offset(json_bytes: int) -> int:
-    """Offset of the array: magic + length + JSON, rounded up to a multiple of ALIGNMENT."""
-    return -(-(_PREFIX_BYTES + json_bytes) // ALIGNMENT) * ALIGNMENT
+def _round_up(n: int) -> int:
+    return -(-n // ALIGNMENT) * ALIGNMENT
+
+
+def _offsets(json_bytes: int, num_clips: int) -> tuple[int, int]:
+    """(flags offset, data offset) for a JSON header of ``json_bytes`` bytes."""
+    flags = _round_up(_PREFIX_BYTES + json_bytes)
+    return flags, flags + _round_up(num_clips)
 
 
 def _encode_header(header: TargetStoreHeader) -> bytes:
-    """Magic, JSON length, JSON and zero padding: everything before the array."""
+    """Magic, JSON length, JSON and zero padding up to the flags region."""
     payload = json.dumps(dataclasses.asdict(header), sort_keys=True).encode("utf-8")
     prefix = MAGIC + len(payload).to_bytes(4, "little") + payload
-    return prefix + b"\0" * (_data_offset(len(payload)) - len(prefix))
+    return prefix + b"\0" * (_round_up(len(prefix)) - len(prefix))
 
 
 def _header_from_dict(fields: object, path: str) -> TargetStoreHeader:
     """Build and validate a header from parsed JSON."""
     if not isinstance(fields, dict):
         raise TargetStoreError(f"{path}: header is not a JSON object")
+    if fields.get("version") != VERSION:
+        raise TargetStoreError(
+            f"{path}: unsupported version {fields.get('version')!r} (expected {VERSION}); "
+            "re-extract it with examples/prepare/extract_clap_targets.py"
+        )
     names = {f.name for f in dataclasses.fields(TargetStoreHeader)}
     required = {f.name for f in dataclasses.fields(TargetStoreHeader)
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
@@ -127,8 +189,8 @@ def _header_from_dict(fields: object, path: str) -> TargetStoreHeader:
     return header
 
 
-def _read_header(path: str) -> tuple[TargetStoreHeader, int]:
-    """Parse the header of ``path``; returns (header, data offset)."""
+def read_header(path: str) -> tuple[TargetStoreHeader, int, int]:
+    """Parse the header of ``path``; returns (header, flags offset, data offset)."""
     if not os.path.isfile(path):
         raise TargetStoreError(f"{path}: target store not found")
     with open(path, "rb") as f:
@@ -143,30 +205,60 @@ def _read_header(path: str) -> tuple[TargetStoreHeader, int]:
         fields = json.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise TargetStoreError(f"{path}: unparsable JSON header ({err})") from None
-    return _header_from_dict(fields, path), _data_offset(json_bytes)
+    header = _header_from_dict(fields, path)
+    flags, data = _offsets(json_bytes, header.num_clips)
+    expected = data + header.data_bytes()
+    actual = os.path.getsize(path)
+    if actual != expected:
+        raise TargetStoreError(
+            f"{path}: file is {actual} bytes but the header (num_clips={header.num_clips}, "
+            f"grid {header.grid_freq}x{header.grid_time}, dim={header.dim}) needs {expected} bytes"
+        )
+    return header, flags, data
+
+
+def _mismatch(a: TargetStoreHeader, b: TargetStoreHeader) -> list[str]:
+    """Names of the teacher-identifying fields (and clip count) where two headers differ."""
+    ka, kb = a.teacher_key(), b.teacher_key()
+    out = [f"{k}: {ka[k]!r} vs {kb[k]!r}" for k in ka if ka[k] != kb[k]]
+    if a.num_clips != b.num_clips:
+        out.append(f"num_clips: {a.num_clips} vs {b.num_clips}")
+    return out
 
 
 class TargetStoreWriter:
-    """Writes clips into a preallocated store; use as a context manager or call close()."""
+    """Writes clips into a store; several processes may fill disjoint clips of one file.
 
-    def __init__(self, path: str, header: TargetStoreHeader):
-        header.validate(path)
+    Use :func:`create_target_store` (new file) or :func:`open_target_store_for_writing`
+    (create or resume). ``write`` marks a clip written only after its data is stored, so
+    an interrupted process loses at most the clips not yet flushed.
+    """
+
+    def __init__(self, path: str, header: TargetStoreHeader, flags_offset: int, data_offset: int):
         self.path = path
         self.header = header
-        prefix = _encode_header(header)
-        with open(path, "wb") as f:
-            f.write(prefix)
-            f.truncate(len(prefix) + header.data_bytes())
-        self._data = np.memmap(path, dtype=DTYPE, mode="r+", offset=len(prefix),
+        self._flags = np.memmap(path, dtype=np.uint8, mode="r+", offset=flags_offset, shape=(header.num_clips,))
+        self._data = np.memmap(path, dtype=DTYPE, mode="r+", offset=data_offset,
                                shape=(header.num_clips, *header.clip_shape))
 
-    def write(self, index: int, array) -> None:
-        """Store clip ``index``: array-like of shape (grid_freq, grid_time, dim), finite, cast to fp16."""
+    @property
+    def states(self) -> np.ndarray:
+        """(num_clips,) uint8 clip states (PENDING, WRITTEN, BAD_AUDIO); a live view."""
+        if self._flags is None:
+            raise TargetStoreError(f"{self.path}: store is closed")
+        return self._flags
+
+    def _check_index(self, index) -> int:
         if self._data is None:
             raise TargetStoreError(f"{self.path}: write() after close()")
         index = int(index)
         if not 0 <= index < self.header.num_clips:
             raise IndexError(f"{self.path}: clip index {index} outside [0, {self.header.num_clips})")
+        return index
+
+    def write(self, index: int, array) -> None:
+        """Store clip ``index``: array-like (grid_freq, grid_time, dim), finite, cast to fp16."""
+        index = self._check_index(index)
         array = np.asarray(array)
         if array.shape != self.header.clip_shape:
             raise TargetStoreError(
@@ -180,16 +272,23 @@ class TargetStoreWriter:
                 f"{self.path}: clip {index} has NaN/Inf values (or values beyond the float16 range)"
             )
         self._data[index] = half
+        self._flags[index] = WRITTEN
+
+    def mark_bad(self, index: int) -> None:
+        """Record that clip ``index`` has unusable audio (training then skips or refuses it)."""
+        self._flags[self._check_index(index)] = BAD_AUDIO
 
     def flush(self) -> None:
-        """Flush written clips to disk."""
+        """Flush the data, then the clip states, to disk."""
         if self._data is not None:
             self._data.flush()
+            self._flags.flush()
 
     def close(self) -> None:
         """Flush and release the file; further writes raise."""
         self.flush()
         self._data = None
+        self._flags = None
 
     def __enter__(self) -> "TargetStoreWriter":
         return self
@@ -198,54 +297,60 @@ class TargetStoreWriter:
         self.close()
 
 
+def _write_empty(path: str, header: TargetStoreHeader) -> None:
+    prefix = _encode_header(header)
+    with open(path, "wb") as f:
+        f.write(prefix)
+        f.truncate(len(prefix) + _round_up(header.num_clips) + header.data_bytes())
+
+
 def create_target_store(path: str, header: TargetStoreHeader) -> TargetStoreWriter:
-    """Create (or overwrite) ``path`` with ``header`` and all clips zero; returns a writer."""
-    return TargetStoreWriter(path, header)
+    """Create (or overwrite) ``path`` with every clip pending; returns a writer."""
+    header.validate(path)
+    _write_empty(path, header)
+    _, flags, data = read_header(path)
+    return TargetStoreWriter(path, header, flags, data)
 
 
-@functools.lru_cache(maxsize=64)
-def _alignment_index(grid_freq: int, grid_time: int, seconds: float,
-                     time_patches: int, freq_patches: int, patch_seconds: float) -> np.ndarray:
-    """Cached body of ``alignment_index`` (read-only result)."""
-    centres = (np.arange(time_patches) + 0.5) * patch_seconds
-    tt = np.clip(np.floor(centres * grid_time / seconds), 0, grid_time - 1).astype(np.int64)
-    ft = np.floor((np.arange(freq_patches) + 0.5) * grid_freq / freq_patches).astype(np.int64)
-    index = (ft[None, :] * grid_time + tt[:, None]).reshape(-1)
-    index.setflags(write=False)
-    return index
+def open_target_store_for_writing(path: str, header: TargetStoreHeader) -> TargetStoreWriter:
+    """Create ``path``, or reopen it to resume, safely from several processes at once.
 
-
-def alignment_index(header: TargetStoreHeader, time_patches: int, freq_patches: int,
-                    patch_seconds: float = 0.16) -> np.ndarray:
-    """Teacher cell of each student token.
-
-    Returns:
-        (time_patches * freq_patches,) int64, read-only; entry ``t * freq_patches + f`` is the
-        flat index ``ft * grid_time + tt`` into the teacher's (grid_freq, grid_time) map, with
-        ``tt = floor((t + 0.5) * patch_seconds / (seconds / grid_time))`` clipped to
-        [0, grid_time - 1] and ``ft = floor((f + 0.5) * grid_freq / freq_patches)``.
-        Cached per grid geometry and (time_patches, freq_patches).
+    A new file is built under a temporary name and hard-linked into place, so exactly one
+    process creates it. An existing file must have been made for the same teacher, map
+    and clip count, else TargetStoreError lists the differences.
     """
-    if time_patches < 1 or freq_patches < 1 or not patch_seconds > 0:
-        raise ValueError(
-            f"need time_patches, freq_patches >= 1 and patch_seconds > 0, got "
-            f"{time_patches}, {freq_patches}, {patch_seconds}"
+    header.validate(path)
+    if not os.path.exists(path):
+        tmp = f"{path}.tmp-{os.getpid()}"
+        _write_empty(tmp, header)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another shard created it first
+        finally:
+            os.unlink(tmp)
+    existing, flags, data = read_header(path)
+    diff = _mismatch(existing, header)
+    if diff:
+        raise TargetStoreError(
+            f"{path}: exists with targets of another teacher or map; refusing to mix them "
+            f"({'; '.join(diff)}). Use another output directory or delete the file."
         )
-    return _alignment_index(header.grid_freq, header.grid_time, float(header.seconds),
-                            int(time_patches), int(freq_patches), float(patch_seconds))
+    return TargetStoreWriter(path, existing, flags, data)
 
 
 class TargetStore:
     """Read-only, memory-mapped target store (see the module docstring).
 
-    The memory map is opened lazily and not pickled, so the store can be sent to
+    The memory maps are opened lazily and not pickled, so the store can be sent to
     DataLoader worker processes cheaply.
     """
 
-    def __init__(self, path: str, header: TargetStoreHeader, offset: int):
+    def __init__(self, path: str, header: TargetStoreHeader, flags_offset: int, data_offset: int):
         self.path = path
         self.header = header
-        self._offset = offset
+        self._flags_offset = flags_offset
+        self._offset = data_offset
         self._data: np.memmap | None = None
 
     def _array(self) -> np.memmap:
@@ -254,6 +359,11 @@ class TargetStore:
             self._data = np.memmap(self.path, dtype=DTYPE, mode="r", offset=self._offset,
                                    shape=(self.header.num_clips, *self.header.clip_shape))
         return self._data
+
+    def states(self) -> np.ndarray:
+        """(num_clips,) uint8 clip states, read now."""
+        return np.array(np.memmap(self.path, dtype=np.uint8, mode="r", offset=self._flags_offset,
+                                  shape=(self.header.num_clips,)))
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_data": None}
@@ -268,11 +378,22 @@ class TargetStore:
             raise IndexError(f"{self.path}: clip index {index} outside [0, {len(self)})")
         return np.asarray(self._array()[index])
 
-    def aligned(self, index: int, time_patches: int, freq_patches: int) -> torch.Tensor:
-        """Clip ``index`` mapped onto the student grid: float32 (time_patches * freq_patches, dim)."""
+    def aligned(self, index: int, align: Alignment) -> torch.Tensor:
+        """Clip ``index`` mapped onto the student grid: float32 (N, dim)."""
         flat = self[index].reshape(-1, self.header.dim)
-        rows = alignment_index(self.header, time_patches, freq_patches)
-        return torch.from_numpy(flat[rows].astype(np.float32))
+        return torch.from_numpy(flat[align.index.numpy()].astype(np.float32))
+
+    def check_complete(self) -> np.ndarray:
+        """Raise TargetStoreError unless every clip is written or marked bad; returns the
+        indices of the clips marked bad."""
+        states = self.states()
+        pending = np.flatnonzero(states == PENDING)
+        if len(pending):
+            raise TargetStoreError(
+                f"{self.path}: incomplete, {len(pending)} of {len(states)} clips not extracted yet "
+                f"(first: clip {pending[0]}); run or resume examples/prepare/extract_clap_targets.py"
+            )
+        return np.flatnonzero(states == BAD_AUDIO)
 
     def check(self, num_clips: int, dim: int | None = None) -> None:
         """Raise TargetStoreError if the store does not match the manifest / model."""
@@ -288,12 +409,5 @@ class TargetStore:
 
 def open_target_store(path: str) -> TargetStore:
     """Open and validate a target store (header fields and exact file size)."""
-    header, offset = _read_header(path)
-    expected = offset + header.data_bytes()
-    actual = os.path.getsize(path)
-    if actual != expected:
-        raise TargetStoreError(
-            f"{path}: file is {actual} bytes but the header (num_clips={header.num_clips}, "
-            f"grid {header.grid_freq}x{header.grid_time}, dim={header.dim}) needs {expected} bytes"
-        )
-    return TargetStore(path, header, offset)
+    header, flags, data = read_header(path)
+    return TargetStore(path, header, flags, data)

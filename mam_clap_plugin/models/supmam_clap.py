@@ -109,7 +109,10 @@ class SupMamClapModel(BaseFairseqModel):
         )
         if cfg.target == "clap":
             if cfg.target_dim <= 0:
-                raise ValueError("model.target=clap needs model.target_dim > 0 or a task.target_store to read it from")
+                raise ValueError(
+                    "model.target=clap needs teacher targets: set task.target_store (offline) or "
+                    "task.teacher_checkpoint (online), or model.target_dim > 0"
+                )
             self.head = nn.Sequential(nn.Linear(cfg.decoder_embed_dim, cfg.target_dim), nn.LayerNorm(cfg.target_dim))
         else:
             self.head = nn.Linear(cfg.decoder_embed_dim, PATCH_SIZE * PATCH_SIZE)

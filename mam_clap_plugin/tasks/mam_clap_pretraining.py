@@ -6,7 +6,17 @@ Reads, from ``task.data``:
     ``{class_list}``          optional, the class names (id = line index)
 and from ``task.target_store`` the optional ``{split}.tgt`` teacher-target stores.
 Each part is needed only by the variants that use it: labels for the
-classification branch, target stores for ``model.target=clap``.
+classification branch, teacher targets for ``model.target=clap``.
+
+Teacher targets come from one of two places:
+
+* offline (``task.target_store``): stores written by
+  ``examples/prepare/extract_clap_targets.py``. Their headers must match
+  ``task.teacher_layer`` / ``task.teacher_projection`` and, when
+  ``task.teacher_checkpoint`` is also set, that file's sha256.
+* online (``task.teacher_checkpoint`` alone): the CLAP teacher runs inside training, in
+  ``train_step`` / ``valid_step``. It is held by the task, not the model: frozen, in eval
+  mode, outside the optimizer, outside saved checkpoints and outside ``model.train()``.
 """
 
 import logging
@@ -14,19 +24,23 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-from fairseq.dataclass import FairseqDataclass
+import torch
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import MISSING, open_dict
 
+from ..data.alignment import align_tokens, alignment
 from ..data.audio import resolve_norm_stats
 from ..data.dataset import MamClapDataset
 from ..data.manifest import read_class_list, read_labels, read_manifest
 from ..data.target_store import TargetStoreError, open_target_store
 from ..modules.encoder import PATCH_SIZE
+from ..teacher import file_sha256, load_clap_teacher
 
 logger = logging.getLogger(__name__)
 
 FREQ_PATCHES = 128 // PATCH_SIZE
+TEACHER_LAYERS = ChoiceEnum(["final", "stage3"])
 
 
 @dataclass
@@ -39,7 +53,18 @@ class MamClapPretrainingConfig(FairseqDataclass):
         default="classes.txt", metadata={"help": "class list inside task.data, one name per line (used with labels)"}
     )
     target_store: Optional[str] = field(
-        default=None, metadata={"help": "directory holding {split}.tgt teacher-target stores (target=clap)"}
+        default=None, metadata={"help": "directory holding {split}.tgt teacher-target stores (offline targets)"}
+    )
+    teacher_checkpoint: Optional[str] = field(
+        default=None,
+        metadata={"help": "CLAP checkpoint (LAION-CLAP .pt or MS-CLAP 2023). Alone: run the teacher online; "
+                          "with target_store: the stores must have been extracted from this file (sha256)"},
+    )
+    teacher_layer: TEACHER_LAYERS = field(  # type: ignore
+        default="final", metadata={"help": "teacher map: final (2x32xC) or stage3 (4x64xC/2); stores must match"}
+    )
+    teacher_projection: bool = field(
+        default=False, metadata={"help": "apply CLAP's audio_projection per token (final map only); stores must match"}
     )
     target_length: int = field(
         default=1024, metadata={"help": "fbank frames per clip after padding or cropping (multiple of 16)"}
@@ -66,6 +91,13 @@ class MamClapPretrainingTask(FairseqTask):
         self.norm_mean, self.norm_std = resolve_norm_stats(cfg.norm_stats)
         self.class_names = read_class_list(os.path.join(cfg.data, cfg.class_list)) if cfg.labels else []
         self.target_header = self._read_store_header() if cfg.target_store else None
+        self.teacher = None
+        if cfg.teacher_checkpoint and not cfg.target_store:
+            # building the teacher must not draw from the seeded RNG: the student's
+            # initialisation and masks stay those of an offline run with the same seed
+            with torch.random.fork_rng(devices=[]):
+                self.teacher = load_clap_teacher(cfg.teacher_checkpoint, cfg.teacher_layer, cfg.teacher_projection)
+            logger.info(f"online teacher {self.teacher.name} ({cfg.teacher_layer}) from {cfg.teacher_checkpoint}")
 
     @classmethod
     def setup_task(cls, cfg: MamClapPretrainingConfig, **kwargs):
@@ -77,7 +109,19 @@ class MamClapPretrainingTask(FairseqTask):
 
     @property
     def target_dim(self) -> int:
-        return self.target_header.dim if self.target_header is not None else 0
+        if self.target_header is not None:
+            return self.target_header.dim
+        return self.teacher.dim if self.teacher is not None else 0
+
+    def student_alignment(self):
+        """Teacher cell of each student token, or None without teacher targets."""
+        time_patches = self.cfg.target_length // PATCH_SIZE
+        if self.target_header is not None:
+            return self.target_header.alignment(time_patches, FREQ_PATCHES)
+        if self.teacher is not None:
+            t = self.teacher
+            return alignment(t.grid[0], t.grid[1], t.seconds, t.freq_edges_hz(), time_patches, FREQ_PATCHES)
+        return None
 
     def _read_store_header(self):
         """Header shared by every ``*.tgt`` store in task.target_store (they must agree)."""
@@ -90,10 +134,26 @@ class MamClapPretrainingTask(FairseqTask):
         headers = {n: open_target_store(os.path.join(root, n)).header for n in names}
         first = headers[names[0]]
         for name, h in headers.items():
-            if (h.teacher, h.dim, h.grid_freq, h.grid_time) != (first.teacher, first.dim, first.grid_freq, first.grid_time):
+            diff = [k for k, v in h.teacher_key().items() if first.teacher_key()[k] != v]
+            if diff:
                 raise TargetStoreError(
-                    f"{os.path.join(root, name)}: teacher {h.teacher!r} grid {h.grid_freq}x{h.grid_time}x{h.dim} "
-                    f"differs from {names[0]} ({first.teacher!r} {first.grid_freq}x{first.grid_time}x{first.dim})"
+                    f"{os.path.join(root, name)}: targets from another teacher or map than {names[0]} "
+                    f"(fields {diff} differ); all stores in task.target_store must come from one teacher"
+                )
+        path = os.path.join(root, names[0])
+        cfg = self.cfg
+        if first.layer != cfg.teacher_layer:
+            raise TargetStoreError(f"{path}: store holds the {first.layer!r} map but task.teacher_layer={cfg.teacher_layer}")
+        if first.projection != cfg.teacher_projection:
+            raise TargetStoreError(
+                f"{path}: store has projection={first.projection} but task.teacher_projection={cfg.teacher_projection}"
+            )
+        if cfg.teacher_checkpoint:
+            sha = file_sha256(cfg.teacher_checkpoint)
+            if sha != first.checkpoint_sha256:
+                raise TargetStoreError(
+                    f"{path}: extracted from a checkpoint with sha256 {first.checkpoint_sha256[:12]}..., "
+                    f"but task.teacher_checkpoint={cfg.teacher_checkpoint} has sha256 {sha[:12]}..."
                 )
         return first
 
@@ -120,6 +180,7 @@ class MamClapPretrainingTask(FairseqTask):
         if self.cfg.target_store:
             store = open_target_store(os.path.join(self.cfg.target_store, f"{split}.tgt"))
             store.check(len(manifest.paths), self.target_dim)
+        teacher_input = (self.teacher.sample_rate, self.teacher.num_samples) if self.teacher is not None else None
         self.datasets[split] = MamClapDataset(
             manifest,
             target_length=self.cfg.target_length,
@@ -128,12 +189,34 @@ class MamClapPretrainingTask(FairseqTask):
             labels=labels,
             num_classes=self.num_classes,
             target_store=store,
-            time_patches=self.cfg.target_length // PATCH_SIZE,
+            teacher_input=teacher_input,
+            alignment=self.student_alignment(),
             freq_patches=FREQ_PATCHES,
             skip_bad_files=self.cfg.skip_bad_files,
             shuffle=split != "valid",
         )
         logger.info(f"{split}: {len(manifest.paths)} clips from {manifest.path}")
+
+    def online_targets(self, sample: dict) -> dict:
+        """Replace ``teacher_wav`` by the online teacher's aligned ``target`` (B, N, C).
+
+        The teacher runs frozen, in float32 and without autocast, on the batch's device.
+        """
+        wav = sample.pop("teacher_wav", None)
+        if self.teacher is None or wav is None:
+            return sample
+        if next(self.teacher.parameters()).device != wav.device:
+            self.teacher.to(wav.device)
+        with torch.no_grad(), torch.autocast(wav.device.type, enabled=False):
+            maps = self.teacher(wav.float())
+        sample["target"] = align_tokens(maps, self.student_alignment())
+        return sample
+
+    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        return super().train_step(self.online_targets(sample), model, criterion, optimizer, update_num, ignore_grad)
+
+    def valid_step(self, sample, model, criterion):
+        return super().valid_step(self.online_targets(sample), model, criterion)
 
     def get_batch_iterator(self, dataset, **kwargs):
         """fairseq's batch iterator, without its prefetch thread when there are no workers.

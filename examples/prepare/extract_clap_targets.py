@@ -1,0 +1,171 @@
+#!/usr/bin/env python
+"""Extract CLAP teacher targets for one manifest split into a target store.
+
+    extract_clap_targets.py MANIFEST_DIR SPLIT --checkpoint CKPT --out OUT_DIR
+        [--layer final|stage3] [--projection] [--batch-size N] [--num-workers W]
+        [--shard-id K --num-shards N] [--device cpu|cuda] [--skip-bad-files]
+
+Reads ``MANIFEST_DIR/SPLIT.tsv`` and writes ``OUT_DIR/SPLIT.tgt`` (format: see
+``mam_clap_plugin/data/target_store.py``): the teacher's own token map per clip, fp16,
+in manifest order, with a header holding the teacher, the checkpoint's sha256, the layer,
+the grid, the band edges and the sample rate. Each clip's input is its first
+``teacher.seconds`` (10 s for LAION-CLAP) at the teacher's rate, zero-padded at the end.
+
+* Resumes: clips already written are skipped, so rerunning the same command after an
+  interruption continues where it stopped (at most one batch is redone).
+* Shards: ``--num-shards N --shard-id K`` processes the K-th of N contiguous slices of
+  the manifest; N processes (one per GPU, say) fill the same file at once. They must
+  share one file system that supports shared memory maps (a local disk, Lustre, ...).
+* Refuses to mix teachers: an existing store, or another split's store in OUT_DIR, made
+  with another checkpoint, layer or projection is an error.
+* Bad audio stops the run with the file and manifest line named; with
+  ``--skip-bad-files`` the clip is marked unusable instead, and training skips it
+  (``task.skip_bad_files=true``) or refuses it.
+
+Prints one JSON line at the end: ``{"store", "split", "shard", "written", "bad",
+"pending_in_store", "seconds", "clips_per_second"}``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, REPO)
+
+from mam_clap_plugin.data.audio import AudioError, load_teacher_audio  # noqa: E402
+from mam_clap_plugin.data.manifest import Manifest, read_manifest  # noqa: E402
+from mam_clap_plugin.data.target_store import (  # noqa: E402
+    PENDING,
+    TargetStoreError,
+    TargetStoreHeader,
+    open_target_store_for_writing,
+    read_header,
+)
+from mam_clap_plugin.teacher import file_sha256, load_clap_teacher  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    p.add_argument("manifest_dir", help="directory holding SPLIT.tsv")
+    p.add_argument("split", help="manifest split name, e.g. train")
+    p.add_argument("--checkpoint", required=True, help="LAION-CLAP .pt or MS-CLAP 2023 checkpoint")
+    p.add_argument("--out", required=True, help="output directory (gets SPLIT.tgt)")
+    p.add_argument("--layer", choices=("final", "stage3"), default="final",
+                   help="final: 2x32xC map after the last norm; stage3: 4x64xC/2 map")
+    p.add_argument("--projection", action="store_true", help="apply audio_projection per token (final only)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--num-workers", type=int, default=2, help="audio-loading worker processes")
+    p.add_argument("--shard-id", type=int, default=0)
+    p.add_argument("--num-shards", type=int, default=1)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--skip-bad-files", action="store_true",
+                   help="mark unreadable clips unusable instead of stopping")
+    args = p.parse_args(argv)
+    if args.num_shards < 1 or not 0 <= args.shard_id < args.num_shards:
+        p.error(f"need 0 <= --shard-id < --num-shards, got {args.shard_id} and {args.num_shards}")
+    if args.batch_size < 1:
+        p.error("--batch-size must be >= 1")
+    return args
+
+
+class TeacherInputs(Dataset):
+    """(index, waveform or None if unusable, error message) for a list of manifest indices."""
+
+    def __init__(self, manifest: Manifest, indices: np.ndarray, sample_rate: int, num_samples: int, skip_bad: bool):
+        self.manifest, self.indices = manifest, indices
+        self.sample_rate, self.num_samples, self.skip_bad = sample_rate, num_samples, skip_bad
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        index = int(self.indices[i])
+        try:
+            wav = load_teacher_audio(self.manifest.full_path(index), self.sample_rate, self.num_samples,
+                                     where=self.manifest.where(index))
+        except AudioError as err:
+            if not self.skip_bad:
+                raise
+            return index, None, str(err)
+        return index, wav, None
+
+
+def collate(items):
+    return items
+
+
+def check_siblings(out_dir: str, split: str, header: TargetStoreHeader) -> None:
+    """Refuse if another split's store in ``out_dir`` comes from another teacher or map."""
+    for name in sorted(os.listdir(out_dir)):
+        if not name.endswith(".tgt") or name == f"{split}.tgt":
+            continue
+        other, _, _ = read_header(os.path.join(out_dir, name))
+        diff = [k for k, v in header.teacher_key().items() if other.teacher_key()[k] != v]
+        if diff:
+            raise TargetStoreError(
+                f"{os.path.join(out_dir, name)}: made with another teacher or map (fields {diff} differ); "
+                "refusing to mix teachers in one directory. Use another --out."
+            )
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    manifest = read_manifest(os.path.join(args.manifest_dir, f"{args.split}.tsv"))
+    teacher = load_clap_teacher(args.checkpoint, layer=args.layer, projection=args.projection).to(args.device)
+    header = TargetStoreHeader.for_teacher(teacher, file_sha256(args.checkpoint), len(manifest),
+                                           checkpoint=os.path.basename(args.checkpoint))
+    os.makedirs(args.out, exist_ok=True)
+    check_siblings(args.out, args.split, header)
+    path = os.path.join(args.out, f"{args.split}.tgt")
+    start = time.perf_counter()
+    written = bad = 0
+    with open_target_store_for_writing(path, header) as writer:
+        shard = np.array_split(np.arange(len(manifest)), args.num_shards)[args.shard_id]
+        todo = shard[writer.states[shard] == PENDING]
+        loader = DataLoader(
+            TeacherInputs(manifest, todo, teacher.sample_rate, teacher.num_samples, args.skip_bad_files),
+            batch_size=args.batch_size, num_workers=args.num_workers, collate_fn=collate,
+        )
+        bar = tqdm(total=len(shard), initial=len(shard) - len(todo), unit="clip", dynamic_ncols=True,
+                   desc=f"{args.split} shard {args.shard_id}/{args.num_shards}")
+        with bar, torch.no_grad():
+            for items in loader:
+                good = [(i, w) for i, w, _ in items if w is not None]
+                if good:
+                    wavs = torch.stack([w for _, w in good]).to(args.device)
+                    maps = teacher(wavs).float().cpu().numpy()
+                    for (index, _), clip in zip(good, maps):
+                        writer.write(index, clip)
+                for index, _, err in items:
+                    if err is not None:
+                        tqdm.write(f"marking unusable: {err}")
+                        writer.mark_bad(index)
+                        bad += 1
+                writer.flush()
+                written += len(good)
+                bar.update(len(items))
+        pending = int((writer.states == PENDING).sum())
+    seconds = time.perf_counter() - start
+    result = {
+        "store": path, "split": args.split, "shard": f"{args.shard_id}/{args.num_shards}",
+        "written": written, "bad": bad, "pending_in_store": pending, "seconds": round(seconds, 2),
+        "clips_per_second": round((written + bad) / seconds, 2) if seconds > 0 else None,
+    }
+    print(json.dumps(result), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (TargetStoreError, AudioError, FileNotFoundError, ValueError) as err:
+        sys.exit(f"error: {err}")

@@ -1,0 +1,101 @@
+"""examples/prepare/extract_clap_targets.py: stores the teacher's own maps, resumes, shards,
+refuses to mix teachers, and names bad audio."""
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from mam_clap_plugin.data.audio import AudioError, load_teacher_audio
+from mam_clap_plugin.data.manifest import read_manifest
+from mam_clap_plugin.data.target_store import BAD_AUDIO, WRITTEN, TargetStoreError, open_target_store
+from mam_clap_plugin.teacher import file_sha256, load_clap_teacher
+
+from .conftest import REPO
+
+SCRIPT = os.path.join(REPO, "examples", "prepare", "extract_clap_targets.py")
+_spec = importlib.util.spec_from_file_location("extract_clap_targets", SCRIPT)
+extract = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(extract)
+
+
+def run(data, split, ckpt, out, *extra):
+    return extract.main([str(data), split, "--checkpoint", ckpt, "--out", str(out), "--num-workers", "0",
+                         "--batch-size", "4", *extra])
+
+
+@pytest.fixture
+def data(tone_set, tmp_path):
+    return shutil.copytree(tone_set, tmp_path / "data", ignore=shutil.ignore_patterns("targets"))
+
+
+def test_store_holds_the_teachers_maps(data, tmp_path, clap_checkpoint):
+    result = run(data, "valid", clap_checkpoint, tmp_path / "out")
+    assert result["written"] == 6 and result["bad"] == 0 and result["pending_in_store"] == 0
+    store = open_target_store(str(tmp_path / "out" / "valid.tgt"))
+    h = store.header
+    assert (h.checkpoint_sha256, h.layer, h.projection) == (file_sha256(clap_checkpoint), "final", False)
+    assert (h.grid_freq, h.grid_time, h.dim, h.sample_rate, h.seconds, h.num_clips) == (2, 32, 128, 48000, 10.0, 6)
+    assert h.extra["checkpoint"] == os.path.basename(clap_checkpoint)
+    assert store.check_complete().size == 0
+    teacher = load_clap_teacher(clap_checkpoint)
+    manifest = read_manifest(str(data / "valid.tsv"))
+    wavs = torch.stack([load_teacher_audio(manifest.full_path(i), 48000, 480000) for i in (0, 5)])
+    with torch.no_grad():
+        maps = teacher(wavs).numpy()
+    for row, i in enumerate((0, 5)):  # fp16 storage of the teacher's own (2, 32, C) map
+        np.testing.assert_allclose(store[i].astype(np.float32), maps[row], rtol=2e-3, atol=2e-3)
+
+
+def test_shards_fill_one_store_and_reruns_resume(data, tmp_path, clap_checkpoint):
+    out = tmp_path / "out"
+    first = run(data, "valid", clap_checkpoint, out, "--num-shards", "2", "--shard-id", "1", "--layer", "stage3")
+    assert first["written"] == 3 and first["pending_in_store"] == 3
+    states = open_target_store(str(out / "valid.tgt")).states().tolist()
+    assert states == [0, 0, 0, WRITTEN, WRITTEN, WRITTEN]
+    with pytest.raises(TargetStoreError, match="incomplete, 3 of 6"):
+        open_target_store(str(out / "valid.tgt")).check_complete()
+    second = run(data, "valid", clap_checkpoint, out, "--num-shards", "2", "--shard-id", "0", "--layer", "stage3")
+    assert second["written"] == 3 and second["pending_in_store"] == 0
+    again = run(data, "valid", clap_checkpoint, out, "--layer", "stage3")  # nothing left to do
+    assert again["written"] == 0 and again["pending_in_store"] == 0
+    header = open_target_store(str(out / "valid.tgt")).header
+    assert (header.layer, header.grid_freq, header.grid_time, header.dim) == ("stage3", 4, 64, 64)
+
+
+def test_refuses_to_mix_teachers(data, tmp_path, clap_checkpoint):
+    out = tmp_path / "out"
+    run(data, "valid", clap_checkpoint, out)
+    with pytest.raises(TargetStoreError, match=r"valid\.tgt: exists with targets of another teacher.*layer"):
+        run(data, "valid", clap_checkpoint, out, "--layer", "stage3")
+    with pytest.raises(TargetStoreError, match=r"valid\.tgt: made with another teacher or map.*projection"):
+        run(data, "train", clap_checkpoint, out, "--projection")
+
+
+def test_bad_audio_is_named_or_marked(data, tmp_path, clap_checkpoint):
+    manifest = read_manifest(str(data / "valid.tsv"))
+    os.remove(manifest.full_path(2))
+    with pytest.raises(AudioError, match=r"valid\.tsv:4.*valid_2\.wav: audio file not found"):
+        run(data, "valid", clap_checkpoint, tmp_path / "a")
+    result = run(data, "valid", clap_checkpoint, tmp_path / "b", "--skip-bad-files")
+    assert result["written"] == 5 and result["bad"] == 1
+    states = open_target_store(str(tmp_path / "b" / "valid.tgt")).states()
+    assert states[2] == BAD_AUDIO and (np.delete(states, 2) == WRITTEN).all()
+
+
+def test_command_line(data, tmp_path, clap_checkpoint):
+    proc = subprocess.run(
+        [sys.executable, SCRIPT, str(data), "valid", "--checkpoint", clap_checkpoint, "--out", str(tmp_path / "o"),
+         "--num-workers", "1", "--batch-size", "3"],
+        capture_output=True, text=True, check=True,
+    )
+    assert "clip/s" in proc.stderr  # tqdm progress bar with clips per second
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["written"] == 6
+    bad = subprocess.run([sys.executable, SCRIPT, str(data), "valid", "--checkpoint", str(data / "valid.tsv"),
+                          "--out", str(tmp_path / "p")], capture_output=True, text=True)
+    assert bad.returncode != 0 and "valid.tsv" in bad.stderr and "Traceback" not in bad.stderr
