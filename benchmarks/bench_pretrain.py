@@ -26,6 +26,12 @@ What is measured, per variant (MAM, MAM-CLAP, SupMAM, SupMAM-CLAP):
 * torch.profiler (CPU activity only, no shapes or stacks) records the timed steps; the
   JSON lists the top ops by self CPU time and a grouping (matmul, attention, ...).
 
+Plus: the CLAP teacher (``mam_clap_plugin.teacher``, randomly initialised HTSAT-tiny in
+LAION-CLAP's checkpoint layout, ``final`` map): extraction clips/s at ``--teacher-batch``
+10 s clips at 48 kHz (``torch.no_grad``, median of the timed batches), and the online
+teacher's cost as a fraction of a training step of each CLAP variant, for a batch of the
+student's size: ``teacher_ms / (teacher_ms + step_ms)``.
+
 Plus: the data pipeline (``load_audio`` + ``wav_to_fbank`` + ``normalize_fbank``) in clips/s
 for one worker (1 torch thread) on 10 s clips at 44.1 kHz stereo, 48 kHz stereo and 16 kHz
 mono, its ratio to the model's clips/s per core, the peak RSS and machine information.
@@ -64,7 +70,7 @@ from mam_clap_plugin.modules.encoder import num_visible
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "examples" / "pretraining" / "config"
 VARIANTS = ("mam", "mam_clap", "supmam", "supmam_clap")
-TEACHER_DIM = 768  # stand-in teacher token width for target=clap (the real one comes from the target store)
+TEACHER_DIM = 768  # teacher token width for target=clap: LAION-CLAP HTSAT-tiny's final map
 NUM_CLASSES = 527  # AudioSet classes for the classification branch
 TARGET_PCT_OF_MATMUL = 85.0
 TARGET_PIPELINE_RATIO = 10.0
@@ -455,6 +461,48 @@ def bench_pipeline(clips: int, passes: int, frames: int, norm: tuple) -> Dict[st
 # Machine information
 
 
+def bench_teacher(batch: int, steps: int, size: str) -> Dict[str, Any]:
+    """Forward throughput of the frozen CLAP teacher on 10 s clips (random weights, real shapes)."""
+    from mam_clap_plugin.teacher import load_clap_teacher, save_random_clap_checkpoint
+
+    small = dict(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1]) if size == "small" else {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_random_clap_checkpoint(os.path.join(tmp, "clap.pt"), "laion", "tiny", **small)
+        teacher = load_clap_teacher(path, "final")
+    wav = torch.randn(batch, teacher.num_samples, generator=torch.Generator().manual_seed(0)) * 0.1
+    times = []
+    with torch.no_grad():
+        teacher(wav)  # warm-up
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            teacher(wav)
+            times.append(time.perf_counter() - t0)
+    batch_s = median(times)
+    return {
+        "teacher": teacher.name,
+        "layer": teacher.layer,
+        "grid": list(teacher.grid),
+        "dim": teacher.dim,
+        "params_m": sum(p.numel() for p in teacher.parameters()) / 1e6,
+        "batch_size": batch,
+        "clip_seconds": teacher.seconds,
+        "sample_rate": teacher.sample_rate,
+        "batch_ms_all": [1e3 * t for t in times],
+        "batch_ms": 1e3 * batch_s,
+        "clips_per_s": batch / batch_s,
+    }
+
+
+def online_teacher_cost(teacher: Dict[str, Any], variants: Dict[str, Any], batch: int) -> Dict[str, Any]:
+    """Teacher time per student batch as a fraction of (teacher + student step), CLAP variants."""
+    teacher_ms = 1e3 * batch / teacher["clips_per_s"]
+    return {
+        name: {"teacher_ms_per_batch": teacher_ms, "step_ms": v["step_ms"],
+               "fraction_of_step": teacher_ms / (teacher_ms + v["step_ms"])}
+        for name, v in variants.items() if v["settings"]["target"] == "clap"
+    }
+
+
 def machine_info() -> Dict[str, Any]:
     model_name = platform.processor() or "unknown"
     try:
@@ -538,6 +586,15 @@ def print_table(report: Dict[str, Any]) -> None:
     for name, ratios in pipe["ratio_to_model_per_core"].items():
         log("  " + f"{name:<12} " + "  ".join(f"{fmt} {r:8.0f}x" for fmt, r in ratios.items()))
     log(f"  worst case {pipe['min_ratio']:.0f}x -> {'met' if pipe['target_met'] else 'NOT met'}")
+    if "teacher" in report:
+        t = report["teacher"]
+        log("")
+        log(f"CLAP teacher {t['teacher']} ({t['params_m']:.1f}M, {t['layer']} map {t['grid']}x{t['dim']}), "
+            f"batch {t['batch_size']} x {t['clip_seconds']:.0f} s at {t['sample_rate']} Hz: "
+            f"{t['batch_ms']:.0f} ms/batch, {t['clips_per_s']:.2f} clips/s (offline extraction rate)")
+        for name, c in t["online_cost"].items():
+            log(f"  online teacher in {name}: {c['teacher_ms_per_batch']:.0f} ms per batch = "
+                f"{100 * c['fraction_of_step']:.0f}% of the training step ({c['step_ms']:.0f} ms student step)")
     log("")
     log(f"matmul target: {report['summary']['matmul_target_verdict']}")
     log(f"               {report['summary']['matmul_target_verdict_vs_best']}")
@@ -597,6 +654,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         help="torch.optim.AdamW implementation (fused: one C++ kernel over all parameters; same maths)",
     )
     p.add_argument("--no-profile", dest="profile", action="store_false", help="do not run torch.profiler on the timed steps")
+    p.add_argument("--teacher-batch", type=int, default=8, help="clips per teacher batch (0: skip the teacher)")
+    p.add_argument("--teacher-steps", type=int, default=3, help="timed teacher batches (median reported)")
+    p.add_argument("--teacher-size", choices=("tiny", "small"), default="tiny",
+                   help="tiny: HTSAT-tiny shapes (the real teacher); small: a narrow test teacher")
     args = p.parse_args(argv)
     if args.warmup < 1 or args.steps < 1 or args.batch_size < 1:
         p.error("--warmup, --steps and --batch-size must be >= 1")
@@ -632,7 +693,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             "threads": threads,
             "input_shape": [args.batch_size, 1, frames, 128],
             "teacher_target_dim": TEACHER_DIM,
-            "teacher_target_dim_note": "stand-in teacher token width for target=clap; the real width comes from task.target_store",
+            "teacher_target_dim_note": "random stand-in targets of LAION-CLAP HTSAT-tiny's width (final map, 768); "
+                                       "the teacher's own cost is measured separately under 'teacher'",
             "num_classes": NUM_CLASSES,
             "adamw_impl": args.adamw_impl,
             "profiled_timed_steps": args.profile,
@@ -719,6 +781,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         ),
         "pipeline_ratio_target_met": min_ratio >= TARGET_PIPELINE_RATIO,
     }
+    if args.teacher_batch > 0:
+        report["teacher"] = bench_teacher(args.teacher_batch, args.teacher_steps, args.teacher_size)
+        report["teacher"]["online_cost"] = online_teacher_cost(report["teacher"], report["variants"], args.batch_size)
+        log(f"[teacher] {report['teacher']['clips_per_s']:.2f} clips/s at batch {args.teacher_batch}")
     report["complete"] = True
     write()
     print_table(report)

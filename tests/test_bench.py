@@ -38,6 +38,7 @@ def report(tmp_path_factory):
     cmd = [
         sys.executable, str(SCRIPT), "--size", "tiny", "--steps", "1", "--warmup", "1", "--batch-size", "2",
         "--matmul-sizes", "256", "512", "--adjacent-sizes", "256", "512", "--matmul-reps", "3", "--pipeline-clips", "1", "--pipeline-passes", "2",
+        "--teacher-batch", "2", "--teacher-steps", "1", "--teacher-size", "small",
         "--out", str(out),
     ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -50,7 +51,7 @@ def test_top_level_fields(report):
     assert report["complete"] is True
     assert report["config"]["size"] == "tiny" and report["config"]["batch_size"] == 2
     assert report["config"]["input_shape"] == [2, 1, 1024, 128]
-    assert report["config"]["teacher_target_dim"] == 768 and "stand-in" in report["config"]["teacher_target_dim_note"]
+    assert report["config"]["teacher_target_dim"] == 768 and "HTSAT-tiny" in report["config"]["teacher_target_dim_note"]
     assert report["config"]["num_classes"] == 527
     for key in ("peak_rss_mib", "wall_s"):
         assert positive_finite(report[key]), key
@@ -125,3 +126,15 @@ def test_pipeline_fields(report):
     for key in ("all_variants_meet_matmul_target", "all_variants_meet_matmul_target_vs_best"):
         assert isinstance(report["summary"][key], bool)
     assert "against" in report["summary"]["matmul_target_verdict"]
+
+
+def test_teacher_fields(report):
+    t = report["teacher"]
+    assert t["teacher"].startswith("laion-clap-htsat") and t["layer"] == "final" and t["grid"] == [2, 32]
+    assert t["batch_size"] == 2 and t["clip_seconds"] == 10.0 and t["sample_rate"] == 48000
+    assert positive_finite(t["clips_per_s"]) and t["clips_per_s"] == pytest.approx(2 / (t["batch_ms"] / 1e3))
+    assert set(t["online_cost"]) == {"mam_clap", "supmam_clap"}
+    for name, c in t["online_cost"].items():
+        assert c["step_ms"] == report["variants"][name]["step_ms"]
+        assert 0 < c["fraction_of_step"] < 1
+        assert c["fraction_of_step"] == pytest.approx(c["teacher_ms_per_batch"] / (c["teacher_ms_per_batch"] + c["step_ms"]))

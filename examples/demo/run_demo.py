@@ -6,11 +6,17 @@
 2. Computes its fbank normalisation constants with ``examples/prepare/norm_stats.py``.
 3. Pretrains a tiny SupMAM model on the CPU through ``fairseq-hydra-train`` (the same
    command line a user runs, with ``+size=tiny``).
-4. Evaluates: a linear probe (logistic regression) on mean-pooled features of the
+4. Extracts CLAP teacher targets with ``examples/prepare/extract_clap_targets.py``: from
+   the checkpoint given by ``--clap-checkpoint`` or ``$MAM_CLAP_TEACHER`` (LAION-CLAP
+   ``630k-audioset-best.pt``, say), or else from a randomly initialised HTSAT-tiny
+   teacher, which only checks the pipeline (the demo says so).
+5. Pretrains a tiny SupMAM-CLAP model from those targets.
+6. Evaluates: a linear probe (logistic regression) on mean-pooled features of each
    frozen pretrained encoder, against the same probe on a randomly initialised encoder.
-5. Writes ``OUT_DIR/report.json``:
+Writes ``OUT_DIR/report.json``:
    ``{"data": ..., "pretrain": {"checkpoint", "loss_first", "loss_last", ...},
-   "evaluate": {"linear_probe": ...}}``.
+   "pretrain_clap": {..., "teacher": {"checkpoint", "random", "store", ...}},
+   "evaluate": {"linear_probe": {"supmam", "supmam_clap", "random_init"}}}``.
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ from mam_clap_plugin.data.dataset import MamClapDataset  # noqa: E402
 from mam_clap_plugin.data.manifest import read_class_list, read_labels, read_manifest  # noqa: E402
 from mam_clap_plugin.hydra_runs import run_hydra_train  # noqa: E402
 from mam_clap_plugin.modules.encoder import AudioEncoder  # noqa: E402
+from mam_clap_plugin.teacher import save_random_clap_checkpoint  # noqa: E402
 
 PREPARE = os.path.join(REPO, "examples", "prepare")
 CONFIG_DIR = os.path.join(REPO, "examples", "pretraining", "config")
@@ -46,6 +53,11 @@ def parse_args(argv=None):
     p.add_argument("--max-update", type=int, default=1000, help="pretraining updates")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the tiny model")
+    p.add_argument("--clap-checkpoint", default=os.environ.get("MAM_CLAP_TEACHER"),
+                   help="CLAP teacher for the SupMAM-CLAP run: a LAION-CLAP .pt (e.g. 630k-audioset-best.pt) or "
+                        "MS-CLAP 2023 file; default $MAM_CLAP_TEACHER; without one a randomly initialised "
+                        "HTSAT-tiny teacher checks the pipeline only")
+    p.add_argument("--clap-max-update", type=int, default=600, help="SupMAM-CLAP pretraining updates")
     return p.parse_args(argv)
 
 
@@ -57,20 +69,21 @@ def run_script(name, *args) -> str:
 
 
 def make_data(data_dir: str, args) -> dict:
-    print(f"== 1/4 demo data -> {data_dir}", flush=True)
+    print(f"== 1/6 demo data -> {data_dir}", flush=True)
     return json.loads(run_script("make_demo_data.py", data_dir, "--clips-per-class", args.clips_per_class,
                                  "--seed", args.seed))
 
 
 def norm_stats(data_dir: str) -> tuple[float, float]:
-    print("== 2/4 normalisation constants", flush=True)
+    print("== 2/6 normalisation constants", flush=True)
     last = run_script("norm_stats.py", os.path.join(data_dir, "train.tsv"), "--target-length", TARGET_LENGTH)
     stats = json.loads(last.strip().splitlines()[-1])
     return stats["norm_mean"], stats["norm_std"]
 
 
-def pretrain(data_dir: str, run_dir: str, norm: tuple[float, float], args) -> dict:
-    print(f"== 3/4 SupMAM pretraining (tiny model, CPU) -> {run_dir}", flush=True)
+def pretrain(data_dir: str, run_dir: str, norm: tuple[float, float], args, variant: str = "supmam",
+             max_update: int | None = None, extra: tuple = ()) -> dict:
+    max_update = max_update or args.max_update
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     overrides = [
         "+size=tiny",
@@ -82,25 +95,26 @@ def pretrain(data_dir: str, run_dir: str, norm: tuple[float, float], args) -> di
         "common.log_interval=10",
         f"dataset.batch_size={args.batch_size}",
         "dataset.num_workers=0",
-        f"optimization.max_update={args.max_update}",
+        f"optimization.max_update={max_update}",
         "optimization.update_freq=[1]",
         f"optimization.lr=[{args.lr}]",
-        f"lr_scheduler.warmup_updates={max(1, args.max_update // 10)}",
+        f"lr_scheduler.warmup_updates={max(1, max_update // 10)}",
         f"checkpoint.save_dir={ckpt_dir}",
         "checkpoint.save_interval_updates=0",
         # an epoch is only 9 updates: validate and save every 10 epochs (and at the end)
         "dataset.validate_interval=10",
         "checkpoint.save_interval=10",
+        *extra,
     ]
     start = time.time()
-    run = run_hydra_train(CONFIG_DIR, "supmam", overrides, run_dir, echo=True)
+    run = run_hydra_train(CONFIG_DIR, variant, overrides, run_dir, echo=True)
     losses = run.losses()
     if len(losses) < 2:
         raise RuntimeError(f"too few training log records in {run.log_path}")
     valid = run.records.get("valid", [{}])[-1]
     return {
-        "variant": "supmam",
-        "config": "examples/pretraining/config/supmam.yaml +size=tiny",
+        "variant": variant,
+        "config": f"examples/pretraining/config/{variant}.yaml +size=tiny",
         "checkpoint": os.path.join(ckpt_dir, "checkpoint_last.pt"),
         "log": run.log_path,
         "num_updates": int(run.records["train_inner"][-1]["num_updates"]),
@@ -140,18 +154,46 @@ def linear_probe(encoder: AudioEncoder, data_dir: str, norm: tuple[float, float]
     return 100.0 * float((clf.predict(scaler.transform(x_va)) == y_va).mean())
 
 
-def evaluate(checkpoint: str, data_dir: str, norm: tuple[float, float], seed: int) -> dict:
-    print("== 4/4 evaluation: linear probe on frozen encoder features", flush=True)
-    pretrained = load_encoder(checkpoint)
+def evaluate(checkpoints: dict, data_dir: str, norm: tuple[float, float], seed: int) -> dict:
+    """Linear probe of each pretrained encoder ({name: checkpoint}) and of a random one."""
+    print("== 6/6 evaluation: linear probe on frozen encoder features", flush=True)
+    probe = {"metric": "valid accuracy (%)"}
+    for name, checkpoint in checkpoints.items():
+        probe[name] = linear_probe(load_encoder(checkpoint), data_dir, norm)
     torch.manual_seed(seed)
-    random_init = AudioEncoder.from_model_config(model_config(load_checkpoint(checkpoint), checkpoint)).eval()
-    return {
-        "linear_probe": {
-            "metric": "valid accuracy (%)",
-            "pretrained": linear_probe(pretrained, data_dir, norm),
-            "random_init": linear_probe(random_init, data_dir, norm),
-        }
-    }
+    first = next(iter(checkpoints.values()))
+    random_init = AudioEncoder.from_model_config(model_config(load_checkpoint(first), first)).eval()
+    probe["random_init"] = linear_probe(random_init, data_dir, norm)
+    return {"linear_probe": probe}
+
+
+def clap_teacher(out_dir: str, args) -> dict:
+    """The user's CLAP checkpoint, or a randomly initialised HTSAT-tiny in LAION-CLAP's layout."""
+    if args.clap_checkpoint:
+        if not os.path.isfile(args.clap_checkpoint):
+            raise FileNotFoundError(f"--clap-checkpoint / MAM_CLAP_TEACHER: {args.clap_checkpoint} does not exist")
+        print(f"   CLAP teacher: {args.clap_checkpoint}", flush=True)
+        return {"checkpoint": os.path.abspath(args.clap_checkpoint), "random": False}
+    path = os.path.join(out_dir, "teacher", "random-laion-clap-htsat-tiny.pt")
+    if not os.path.isfile(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_random_clap_checkpoint(path, "laion", "tiny", seed=args.seed)
+    print("   NOTE: no CLAP checkpoint given (--clap-checkpoint or MAM_CLAP_TEACHER), so the SupMAM-CLAP run uses a\n"
+          "   RANDOMLY INITIALISED HTSAT-tiny teacher. This only checks the pipeline (extraction, alignment, loss);\n"
+          "   its targets carry no CLAP knowledge. Pass 630k-audioset-best.pt for a real teacher.", flush=True)
+    return {"checkpoint": path, "random": True}
+
+
+def extract_targets(data_dir: str, out_dir: str, teacher: dict) -> dict:
+    """Offline CLAP targets for the demo's train and valid splits."""
+    store = os.path.join(out_dir, "clap_targets")
+    start = time.time()
+    runs = {}
+    for split in ("train", "valid"):
+        out = run_script("extract_clap_targets.py", data_dir, split, "--checkpoint", teacher["checkpoint"],
+                         "--out", store, "--batch-size", 8, "--num-workers", 1)
+        runs[split] = json.loads(out.strip().splitlines()[-1])
+    return {**teacher, "store": store, "extraction": runs, "seconds": round(time.time() - start, 1)}
 
 
 def main(argv=None) -> int:
@@ -161,18 +203,35 @@ def main(argv=None) -> int:
     report = {"data": make_data(data_dir, args)}
     norm = norm_stats(data_dir)
     report["data"]["norm_stats"] = list(norm)
+    print(f"== 3/6 SupMAM pretraining (tiny model, CPU) -> {out_dir}/supmam", flush=True)
     report["pretrain"] = pretrain(data_dir, os.path.join(out_dir, "supmam"), norm, args)
-    report["evaluate"] = evaluate(report["pretrain"]["checkpoint"], data_dir, norm, args.seed)
+    print("== 4/6 CLAP teacher targets (examples/prepare/extract_clap_targets.py)", flush=True)
+    teacher = extract_targets(data_dir, out_dir, clap_teacher(out_dir, args))
+    print(f"== 5/6 SupMAM-CLAP pretraining (tiny model, CPU) -> {out_dir}/supmam_clap", flush=True)
+    report["pretrain_clap"] = pretrain(
+        data_dir, os.path.join(out_dir, "supmam_clap"), norm, args, "supmam_clap", args.clap_max_update,
+        (f"task.target_store={teacher['store']}", f"task.teacher_checkpoint={teacher['checkpoint']}"),
+    )
+    report["pretrain_clap"]["teacher"] = teacher
+    report["evaluate"] = evaluate({"supmam": report["pretrain"]["checkpoint"],
+                                   "supmam_clap": report["pretrain_clap"]["checkpoint"]}, data_dir, norm, args.seed)
     path = os.path.join(out_dir, "report.json")
     with open(path, "w") as f:
         json.dump(report, f, indent=2)
-    pre, ev = report["pretrain"], report["evaluate"]["linear_probe"]
-    print(f"\npretrain: loss {pre['loss_first']:.4f} -> {pre['loss_last']:.4f} in {pre['num_updates']} updates "
-          f"({pre['seconds']} s); valid accuracy of the classification branch {pre['valid'].get('accuracy')}")
-    print(f"linear probe valid accuracy: pretrained {ev['pretrained']:.1f}% vs random init {ev['random_init']:.1f}%")
+    ev = report["evaluate"]["linear_probe"]
+    for key in ("pretrain", "pretrain_clap"):
+        pre = report[key]
+        print(f"\n{pre['variant']}: loss {pre['loss_first']:.4f} -> {pre['loss_last']:.4f} in {pre['num_updates']} "
+              f"updates ({pre['seconds']} s); valid accuracy of the classification branch "
+              f"{pre['valid'].get('accuracy')}")
+    if report["pretrain_clap"]["teacher"]["random"]:
+        print("(supmam_clap used a randomly initialised teacher: a pipeline check, not a CLAP result)")
+    print(f"linear probe valid accuracy: supmam {ev['supmam']:.1f}%, supmam_clap {ev['supmam_clap']:.1f}%, "
+          f"random init {ev['random_init']:.1f}%")
     print(f"report: {path}")
-    if not pre["loss_fell"]:
-        print("ERROR: the pretraining loss did not fall", file=sys.stderr)
+    failed = [report[k]["variant"] for k in ("pretrain", "pretrain_clap") if not report[k]["loss_fell"]]
+    if failed:
+        print(f"ERROR: the pretraining loss did not fall for {failed}", file=sys.stderr)
         return 1
     return 0
 

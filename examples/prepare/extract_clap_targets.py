@@ -3,7 +3,7 @@
 
     extract_clap_targets.py MANIFEST_DIR SPLIT --checkpoint CKPT --out OUT_DIR
         [--layer final|stage3] [--projection] [--batch-size N] [--num-workers W]
-        [--shard-id K --num-shards N] [--device cpu|cuda] [--skip-bad-files]
+        [--shard-id K --num-shards N] [--device cpu|cuda] [--skip-bad-files] [--trusted]
 
 Reads ``MANIFEST_DIR/SPLIT.tsv`` and writes ``OUT_DIR/SPLIT.tgt`` (format: see
 ``mam_clap_plugin/data/target_store.py``): the teacher's own token map per clip, fp16,
@@ -67,6 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--shard-id", type=int, default=0)
     p.add_argument("--num-shards", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--trusted", action="store_true",
+                   help="allow a full unpickle of a checkpoint that holds more than tensors and numpy scalars")
     p.add_argument("--skip-bad-files", action="store_true",
                    help="mark unreadable clips unusable instead of stopping")
     args = p.parse_args(argv)
@@ -120,7 +122,8 @@ def check_siblings(out_dir: str, split: str, header: TargetStoreHeader) -> None:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     manifest = read_manifest(os.path.join(args.manifest_dir, f"{args.split}.tsv"))
-    teacher = load_clap_teacher(args.checkpoint, layer=args.layer, projection=args.projection).to(args.device)
+    teacher = load_clap_teacher(args.checkpoint, layer=args.layer, projection=args.projection,
+                                trusted=args.trusted).to(args.device)
     header = TargetStoreHeader.for_teacher(teacher, file_sha256(args.checkpoint), len(manifest),
                                            checkpoint=os.path.basename(args.checkpoint))
     os.makedirs(args.out, exist_ok=True)

@@ -60,6 +60,11 @@ class MamClapPretrainingConfig(FairseqDataclass):
         metadata={"help": "CLAP checkpoint (LAION-CLAP .pt or MS-CLAP 2023). Alone: run the teacher online; "
                           "with target_store: the stores must have been extracted from this file (sha256)"},
     )
+    teacher_trusted: bool = field(
+        default=False,
+        metadata={"help": "allow a full unpickle (weights_only=False) of a teacher checkpoint that holds more than "
+                          "tensors and numpy scalars; only for files you trust"},
+    )
     teacher_layer: TEACHER_LAYERS = field(  # type: ignore
         default="final", metadata={"help": "teacher map: final (2x32xC) or stage3 (4x64xC/2); stores must match"}
     )
@@ -96,7 +101,8 @@ class MamClapPretrainingTask(FairseqTask):
             # building the teacher must not draw from the seeded RNG: the student's
             # initialisation and masks stay those of an offline run with the same seed
             with torch.random.fork_rng(devices=[]):
-                self.teacher = load_clap_teacher(cfg.teacher_checkpoint, cfg.teacher_layer, cfg.teacher_projection)
+                self.teacher = load_clap_teacher(cfg.teacher_checkpoint, cfg.teacher_layer, cfg.teacher_projection,
+                                                 trusted=cfg.teacher_trusted)
             logger.info(f"online teacher {self.teacher.name} ({cfg.teacher_layer}) from {cfg.teacher_checkpoint}")
 
     @classmethod
