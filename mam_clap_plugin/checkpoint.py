@@ -8,17 +8,30 @@ more (an older fairseq checkpoint whose ``args`` is an ``argparse.Namespace``, s
 is refused with a clear error; pass ``trusted=True`` only for files you trust, which
 loads them with ``weights_only=False``.
 
+Encoder-only export: :func:`export_encoder` writes a small file holding the encoder's
+constructor arguments, its weights and the fbank normalisation stats of its pretraining
+(plain dicts, floats and tensors, so it also loads with ``weights_only=True``).
+:func:`load_encoder` and :func:`load_encoder_with_stats` accept both kinds of file.
+
 Nothing here imports fairseq, so the encoder loads without it.
 """
 from __future__ import annotations
 
 import os
 import pickle
-from typing import Any, Dict
+import struct
+from typing import Any, Dict, NamedTuple, Optional
 
 import torch
 
+from .data.audio import resolve_norm_stats
 from .modules.encoder import AudioEncoder
+
+#: ``format`` entry of an encoder-only export; ``version`` is EXPORT_VERSION.
+EXPORT_FORMAT = "mam_clap_encoder"
+EXPORT_VERSION = 1
+#: Default of the pretraining task's ``norm_stats`` (used when a checkpoint lacks it).
+DEFAULT_NORM_STATS = "audioset"
 
 
 class CheckpointError(ValueError):
@@ -36,7 +49,7 @@ def load_checkpoint(path: str, trusted: bool = False) -> Dict[str, Any]:
             f"{path}: holds objects that torch's weights-only loader refuses ({err}). "
             "If you trust this file, load it with trusted=True (weights_only=False)."
         ) from err
-    except (RuntimeError, EOFError) as err:
+    except (RuntimeError, EOFError, struct.error) as err:
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({err})") from err
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path}: no 'model' entry; not a fairseq or exported checkpoint")
@@ -53,13 +66,134 @@ def model_config(state: Dict[str, Any], path: str = "<checkpoint>") -> Dict[str,
     return dict(model_cfg)
 
 
-def load_encoder(path: str, trusted: bool = False) -> AudioEncoder:
-    """The pretrained :class:`AudioEncoder` of a checkpoint, in eval mode (strict load)."""
-    state = load_checkpoint(path, trusted)
-    encoder = AudioEncoder.from_model_config(model_config(state, path))
+def is_exported(state: Dict[str, Any]) -> bool:
+    """True for a file written by :func:`export_encoder`."""
+    return state.get("format") == EXPORT_FORMAT
+
+
+def encoder_config(state: Dict[str, Any], path: str = "<checkpoint>") -> Dict[str, Any]:
+    """:class:`AudioEncoder` constructor arguments of a pretraining checkpoint or an export."""
+    if is_exported(state):
+        version = state.get("version")
+        if version != EXPORT_VERSION:
+            raise CheckpointError(f"{path}: encoder export version {version!r}; this code reads version {EXPORT_VERSION}")
+        return dict(state["encoder_config"])
+    cfg = model_config(state, path)
+    return {
+        "embed_dim": cfg["encoder_embed_dim"],
+        "depth": cfg["encoder_layers"],
+        "num_heads": cfg["encoder_attention_heads"],
+        "mlp_ratio": cfg["mlp_ratio"],
+        "max_frames": cfg["max_frames"],
+    }
+
+
+def _encoder_weights(state: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    if is_exported(state):
+        return dict(state["model"])
     prefix = "encoder."
-    weights = {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
-    missing, unexpected = encoder.load_state_dict(weights, strict=False)
+    return {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
+
+
+def _build_encoder(state: Dict[str, Any], path: str) -> AudioEncoder:
+    encoder = AudioEncoder(**encoder_config(state, path))
+    missing, unexpected = encoder.load_state_dict(_encoder_weights(state), strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{path}: encoder weights do not match the config: missing {missing}, unexpected {unexpected}")
     return encoder.eval()
+
+
+def _task_config(state: Dict[str, Any]) -> Dict[str, Any]:
+    cfg = state.get("cfg") or {}
+    task = cfg.get("task") if isinstance(cfg, dict) else None
+    return dict(task) if task else {}
+
+
+def norm_stats(state: Dict[str, Any], path: str = "<checkpoint>") -> tuple[float, float]:
+    """(mean, std) of the fbank normalisation the encoder was pretrained with.
+
+    Exports store them; pretraining checkpoints store ``cfg.task.norm_stats`` (a name from
+    ``NORM_STATS`` or ``'mean,std'``), or the task default ``audioset`` when absent.
+    """
+    if is_exported(state):
+        stats = state["norm_stats"]
+        return float(stats["mean"]), float(stats["std"])
+    spec = _task_config(state).get("norm_stats") or DEFAULT_NORM_STATS
+    try:
+        return resolve_norm_stats(str(spec))
+    except ValueError as err:
+        raise CheckpointError(f"{path}: {err}") from err
+
+
+class EncoderBundle(NamedTuple):
+    """What an upstream needs from a checkpoint: the encoder (eval mode), the fbank
+    normalisation ``(fbank - norm_mean) / (2 * norm_std)``, and the clip length in frames
+    the encoder was pretrained on (``task.target_length``; None if unknown)."""
+
+    encoder: AudioEncoder
+    norm_mean: float
+    norm_std: float
+    target_length: Optional[int]
+
+
+def load_encoder(path: str, trusted: bool = False) -> AudioEncoder:
+    """The pretrained :class:`AudioEncoder` of a pretraining checkpoint or an encoder export,
+    in eval mode (strict load)."""
+    state = load_checkpoint(path, trusted)
+    return _build_encoder(state, path)
+
+
+def load_encoder_with_stats(path: str, trusted: bool = False) -> EncoderBundle:
+    """:func:`load_encoder` plus the normalisation stats and pretraining clip length."""
+    return _bundle(load_checkpoint(path, trusted), path)
+
+
+def _bundle(state: Dict[str, Any], path: str) -> EncoderBundle:
+    encoder = _build_encoder(state, path)
+    mean, std = norm_stats(state, path)
+    if is_exported(state):
+        target_length = state.get("target_length")
+    else:
+        target_length = _task_config(state).get("target_length")
+    return EncoderBundle(encoder, mean, std, None if target_length is None else int(target_length))
+
+
+def export_encoder(checkpoint_path: str, out_path: str, trusted: bool = False) -> Dict[str, Any]:
+    """Write the encoder of a pretraining checkpoint (or of an export) as an encoder-only file.
+
+    The file is a dict of plain values and tensors (loads with ``weights_only=True``, no
+    fairseq needed)::
+
+        {"format": "mam_clap_encoder", "version": 1,
+         "encoder_config": {AudioEncoder kwargs: embed_dim, depth, num_heads, mlp_ratio,
+                            max_frames, num_mel_bins},
+         "model": {encoder state dict, no "encoder." prefix},
+         "norm_stats": {"mean": float, "std": float, "spec": str},
+         "target_length": int or None, "source": str (basename of the checkpoint)}
+
+    Returns the written dict's metadata (everything except the weights).
+    """
+    state = load_checkpoint(checkpoint_path, trusted)
+    bundle = _bundle(state, checkpoint_path)
+    enc = bundle.encoder
+    config = encoder_config(state, checkpoint_path)
+    config.setdefault("num_mel_bins", enc.num_mel_bins)
+    if is_exported(state):
+        spec = state["norm_stats"].get("spec", f"{bundle.norm_mean},{bundle.norm_std}")
+    else:
+        spec = str(_task_config(state).get("norm_stats") or DEFAULT_NORM_STATS)
+    meta = {
+        "format": EXPORT_FORMAT,
+        "version": EXPORT_VERSION,
+        "encoder_config": config,
+        "norm_stats": {"mean": bundle.norm_mean, "std": bundle.norm_std, "spec": spec},
+        "target_length": bundle.target_length,
+        "source": os.path.basename(checkpoint_path),
+    }
+    weights = {k: v.detach().clone().contiguous() for k, v in enc.state_dict().items()}
+    out_dir = os.path.dirname(os.path.abspath(out_path))
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = f"{out_path}.tmp"
+    torch.save({**meta, "model": weights}, tmp)
+    os.replace(tmp, out_path)
+    return meta
