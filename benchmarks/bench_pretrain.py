@@ -43,9 +43,7 @@ import ast
 import contextlib
 import gc
 import json
-import math
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -66,6 +64,7 @@ from mam_clap_plugin.criterions.supmam_clap import SupMamClapCriterion, SupMamCl
 from mam_clap_plugin.data.audio import load_audio, normalize_fbank, resolve_norm_stats, wav_to_fbank
 from mam_clap_plugin.models.supmam_clap import SupMamClapConfig, SupMamClapModel
 from mam_clap_plugin.modules.encoder import num_visible
+from machine import machine_info  # noqa: E402  (benchmarks/machine.py, next to this script)
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "examples" / "pretraining" / "config"
@@ -501,33 +500,6 @@ def online_teacher_cost(teacher: Dict[str, Any], variants: Dict[str, Any], batch
                "fraction_of_step": teacher_ms / (teacher_ms + v["step_ms"])}
         for name, v in variants.items() if v["settings"]["target"] == "clap"
     }
-
-
-def machine_info() -> Dict[str, Any]:
-    model_name = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.lower().startswith("model name"):
-                    model_name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "cpu_model": model_name,
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "logical_cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch_interop_threads": torch.get_num_interop_threads(),
-        "blas": "mkl" if torch.backends.mkl.is_available() else "other",
-        "loadavg_at_start": list(os.getloadavg()),
-    }
-
-
-# --------------------------------------------------------------------------------------
-# Report
 
 
 def print_table(report: Dict[str, Any]) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -33,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from mam_clap_plugin.checkpoint import EXPORT_FORMAT, EXPORT_VERSION  # noqa: E402
+from machine import machine_info  # noqa: E402  (benchmarks/machine.py, next to this script)
 from mam_clap_plugin.modules.encoder import AudioEncoder  # noqa: E402
 from upstream.expert import UpstreamExpert  # noqa: E402
 
@@ -50,26 +50,6 @@ QUICK_CASES = {"1s_b4": (1.0, 4), "10s_b2": (10.0, 2)}
 
 def log(msg: str) -> None:
     print(msg, flush=True)
-
-
-def machine_info() -> Dict[str, Any]:
-    model_name = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.lower().startswith("model name"):
-                    model_name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "cpu_model": model_name,
-        "logical_cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "loadavg_at_start": list(os.getloadavg()),
-    }
 
 
 def build_upstream(config: Dict[str, Any], workdir: str, seed: int = 0) -> UpstreamExpert:

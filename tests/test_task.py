@@ -8,7 +8,7 @@ import pytest
 
 import mam_clap_plugin  # noqa: F401
 from mam_clap_plugin.data.manifest import ManifestError
-from mam_clap_plugin.data.target_store import TargetStoreError, TargetStoreHeader, create_target_store
+from mam_clap_plugin.data.target_store import TargetStoreError, create_target_store
 from mam_clap_plugin.tasks.mam_clap_pretraining import MamClapPretrainingConfig, MamClapPretrainingTask
 
 from .conftest import TEACHER_DIM, TEACHER_GRID, store_header
