@@ -24,8 +24,8 @@ setup(
     ],
     extras_require={
         "fairseq": ["ve-fairseq>=0.12.3"],
-        "s3prl": ["s3prl>=0.4.17", "sentencepiece"],
-        "demo": ["espeakng-loader>=0.2"],
+        "s3prl": ["s3prl>=0.4.17", "sentencepiece", "matplotlib>=3.7"],
+        "demo": ["espeakng-loader>=0.2", "matplotlib>=3.7"],
         "test": ["pytest>=7"],
     },
 )

@@ -31,7 +31,13 @@ def run(data, split, ckpt, out, *extra):
 
 @pytest.fixture
 def data(tone_set, tmp_path):
-    return shutil.copytree(tone_set, tmp_path / "data", ignore=shutil.ignore_patterns("targets"))
+    """A private copy of the tone set (audio included), manifests pointing at it."""
+    copy = shutil.copytree(tone_set, tmp_path / "data", ignore=shutil.ignore_patterns("targets"))
+    for split in ("train", "valid"):
+        lines = (copy / f"{split}.tsv").read_text().splitlines()
+        lines[0] = str(copy / "audio")
+        (copy / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    return copy
 
 
 def test_store_holds_the_teachers_maps(data, tmp_path, clap_checkpoint):
@@ -80,7 +86,7 @@ def test_refuses_to_mix_teachers(data, tmp_path, clap_checkpoint):
 def test_bad_audio_is_named_or_marked(data, tmp_path, clap_checkpoint):
     manifest = read_manifest(str(data / "valid.tsv"))
     os.remove(manifest.full_path(2))
-    with pytest.raises(AudioError, match=r"valid\.tsv:4.*valid_2\.wav: audio file not found"):
+    with pytest.raises(AudioError, match=r"valid\.tsv:4.*valid_2\.wav: audio file not found.*--skip-bad-files"):
         run(data, "valid", clap_checkpoint, tmp_path / "a")
     result = run(data, "valid", clap_checkpoint, tmp_path / "b", "--skip-bad-files")
     assert result["written"] == 5 and result["bad"] == 1
@@ -92,8 +98,9 @@ def test_command_line(data, tmp_path, clap_checkpoint):
     proc = subprocess.run(
         [sys.executable, SCRIPT, str(data), "valid", "--checkpoint", clap_checkpoint, "--out", str(tmp_path / "o"),
          "--num-workers", "1", "--batch-size", "3"],
-        capture_output=True, text=True, check=True,
+        capture_output=True, text=True,
     )
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert "clip/s" in proc.stderr  # tqdm progress bar with clips per second
     assert json.loads(proc.stdout.strip().splitlines()[-1])["written"] == 6
     bad = subprocess.run([sys.executable, SCRIPT, str(data), "valid", "--checkpoint", str(data / "valid.tsv"),

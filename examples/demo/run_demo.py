@@ -196,6 +196,54 @@ def extract_targets(data_dir: str, out_dir: str, teacher: dict) -> dict:
     return {**teacher, "store": store, "extraction": runs, "seconds": round(time.time() - start, 1)}
 
 
+def superb_ks(checkpoint: str, out_dir: str, seed: int, total_steps: int = 800, eval_step: int = 200,
+              lr: float = 1e-3, upstreams=("supmam_clap_local", "fbank")) -> dict:
+    """SUPERB keyword spotting through s3prl on the demo keyword set: the pretrained encoder
+    (``supmam_clap_local``) against s3prl's ``fbank``, a short CPU schedule, same data and seed.
+
+    Builds ``OUT/superb_ks/data`` (``examples/prepare/make_demo_keywords.py``), exports the
+    encoder of ``checkpoint`` (``export_encoder``), then runs
+    ``examples/superb/compare_upstreams.py`` (train + evaluate per upstream through
+    ``upstream/run_downstream.py``). Returns ``{upstream: {"test_acc", ...}, "table", "chart", ...}``.
+    """
+    from mam_clap_plugin.checkpoint import export_encoder
+
+    print(f"== SUPERB keyword spotting (s3prl speech_commands, {total_steps} steps) -> {out_dir}/superb_ks", flush=True)
+    start = time.time()
+    ks_dir = os.path.join(out_dir, "superb_ks")
+    data = os.path.join(ks_dir, "data")
+    subprocess.run([sys.executable, os.path.join(REPO, "examples", "prepare", "make_demo_keywords.py"), data,
+                    "--seed", str(seed), "--no-progress"], check=True, stdout=subprocess.DEVNULL)
+    with open(os.path.join(data, "keywords.json")) as f:
+        sizes = json.load(f)["s3prl_sizes"]
+    encoder = os.path.join(ks_dir, "encoder.pt")
+    export_encoder(checkpoint, encoder)
+    specs = {"supmam_clap_local": f"supmam_clap_local:{encoder}"}
+    compare_dir = os.path.join(ks_dir, "compare")
+    cmd = [sys.executable, os.path.join(REPO, "examples", "superb", "compare_upstreams.py"), "--data", data,
+           "--out-dir", compare_dir, "--device", "cpu", "--threads", "1", "--seed", str(seed),
+           "--total-steps", str(total_steps), "--eval-step", str(eval_step), "--lr", str(lr), "--num-workers", "0"]
+    for name in upstreams:
+        cmd += ["--upstream", specs.get(name, name)]
+    proc = subprocess.run(cmd, cwd=REPO)
+    with open(os.path.join(compare_dir, "compare.json")) as f:
+        compare = json.load(f)
+    if proc.returncode != 0:
+        errors = {k: r["error"] for k, r in compare["results"].items() if "error" in r}
+        raise RuntimeError(f"SUPERB KS comparison failed: {errors}")
+    keep = ("test_acc", "dev_best_acc", "dev_best_step", "eval_ckpt", "ckpt", "train_seconds", "eval_seconds")
+    result = {label: {k: r.get(k) for k in keep} for label, r in compare["results"].items()}
+    result.update({
+        "metric": "test accuracy (%), 12 classes",
+        "data": data, "sizes": sizes, "encoder": encoder,
+        "schedule": {"total_steps": total_steps, "eval_step": eval_step, "lr": lr, "batch_size": 32,
+                     "device": "cpu", "seed": seed},
+        "table": compare["files"]["md"], "chart": compare["files"]["png"], "json": compare["files"]["json"],
+        "seconds": round(time.time() - start, 1),
+    })
+    return result
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     out_dir = os.path.abspath(args.out_dir)
@@ -215,6 +263,7 @@ def main(argv=None) -> int:
     report["pretrain_clap"]["teacher"] = teacher
     report["evaluate"] = evaluate({"supmam": report["pretrain"]["checkpoint"],
                                    "supmam_clap": report["pretrain_clap"]["checkpoint"]}, data_dir, norm, args.seed)
+    report["superb_ks"] = superb_ks(report["pretrain"]["checkpoint"], out_dir, args.seed)
     path = os.path.join(out_dir, "report.json")
     with open(path, "w") as f:
         json.dump(report, f, indent=2)
@@ -228,6 +277,9 @@ def main(argv=None) -> int:
         print("(supmam_clap used a randomly initialised teacher: a pipeline check, not a CLAP result)")
     print(f"linear probe valid accuracy: supmam {ev['supmam']:.1f}%, supmam_clap {ev['supmam_clap']:.1f}%, "
           f"random init {ev['random_init']:.1f}%")
+    ks = report["superb_ks"]
+    print("SUPERB KS test accuracy: " + ", ".join(
+        f"{k} {ks[k]['test_acc']:.1f}%" for k in ("supmam_clap_local", "fbank")) + f" ({ks['seconds']} s; {ks['table']})")
     print(f"report: {path}")
     failed = [report[k]["variant"] for k in ("pretrain", "pretrain_clap") if not report[k]["loss_fell"]]
     if failed:

@@ -80,11 +80,14 @@ def parse_args(argv=None):
 
 
 class TeacherInputs(Dataset):
-    """(index, waveform or None if unusable, error message) for a list of manifest indices."""
+    """(index, waveform or None if unusable, error message) for a list of manifest indices.
 
-    def __init__(self, manifest: Manifest, indices: np.ndarray, sample_rate: int, num_samples: int, skip_bad: bool):
+    Errors travel back as messages, so the main process reports them without a worker
+    traceback."""
+
+    def __init__(self, manifest: Manifest, indices: np.ndarray, sample_rate: int, num_samples: int):
         self.manifest, self.indices = manifest, indices
-        self.sample_rate, self.num_samples, self.skip_bad = sample_rate, num_samples, skip_bad
+        self.sample_rate, self.num_samples = sample_rate, num_samples
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -95,8 +98,6 @@ class TeacherInputs(Dataset):
             wav = load_teacher_audio(self.manifest.full_path(index), self.sample_rate, self.num_samples,
                                      where=self.manifest.where(index))
         except AudioError as err:
-            if not self.skip_bad:
-                raise
             return index, None, str(err)
         return index, wav, None
 
@@ -135,13 +136,16 @@ def main(argv=None) -> dict:
         shard = np.array_split(np.arange(len(manifest)), args.num_shards)[args.shard_id]
         todo = shard[writer.states[shard] == PENDING]
         loader = DataLoader(
-            TeacherInputs(manifest, todo, teacher.sample_rate, teacher.num_samples, args.skip_bad_files),
+            TeacherInputs(manifest, todo, teacher.sample_rate, teacher.num_samples),
             batch_size=args.batch_size, num_workers=args.num_workers, collate_fn=collate,
         )
         bar = tqdm(total=len(shard), initial=len(shard) - len(todo), unit="clip", dynamic_ncols=True,
                    desc=f"{args.split} shard {args.shard_id}/{args.num_shards}")
         with bar, torch.no_grad():
             for items in loader:
+                errors = [err for _, _, err in items if err is not None]
+                if errors and not args.skip_bad_files:
+                    raise AudioError(f"{errors[0]} (rerun with --skip-bad-files to mark such clips unusable)")
                 good = [(i, w) for i, w, _ in items if w is not None]
                 if good:
                     wavs = torch.stack([w for _, w in good]).to(args.device)
