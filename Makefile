@@ -24,6 +24,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_pretrain.py --out outputs/bench/pretrain.json
+	$(BIN)/python benchmarks/bench_upstream.py --out outputs/bench/upstream.json
 
 clean:
 	rm -rf outputs

@@ -64,6 +64,7 @@ from mam_clap_plugin.criterions.supmam_clap import SupMamClapCriterion, SupMamCl
 from mam_clap_plugin.data.audio import load_audio, normalize_fbank, resolve_norm_stats, wav_to_fbank
 from mam_clap_plugin.models.supmam_clap import SupMamClapConfig, SupMamClapModel
 from mam_clap_plugin.modules.encoder import num_visible
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from machine import machine_info  # noqa: E402  (benchmarks/machine.py, next to this script)
 
 REPO = Path(__file__).resolve().parents[1]

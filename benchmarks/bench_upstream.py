@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from mam_clap_plugin.checkpoint import EXPORT_FORMAT, EXPORT_VERSION  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from machine import machine_info  # noqa: E402  (benchmarks/machine.py, next to this script)
 from mam_clap_plugin.modules.encoder import AudioEncoder  # noqa: E402
 from upstream.expert import UpstreamExpert  # noqa: E402

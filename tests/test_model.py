@@ -480,6 +480,7 @@ class StubTask(MamClapPretrainingTask):
     def __init__(self, target_dim=24, num_classes=7):
         self.class_names = [f"class{i}" for i in range(num_classes)]
         self.target_header = SimpleNamespace(dim=target_dim) if target_dim else None
+        self.teacher = None
 
 
 def _yaml_cfg(**overrides):

@@ -13,10 +13,15 @@
 5. Pretrains a tiny SupMAM-CLAP model from those targets.
 6. Evaluates: a linear probe (logistic regression) on mean-pooled features of each
    frozen pretrained encoder, against the same probe on a randomly initialised encoder.
+7. SUPERB keyword spotting through s3prl (``upstream/run_downstream.py``) on a generated
+   keyword set in Speech Commands' layout: the SupMAM encoder as the ``supmam_clap_local``
+   upstream against s3prl's ``fbank`` baseline, same data, seed and short CPU schedule
+   (``examples/superb/compare_upstreams.py``: table and bar chart).
 Writes ``OUT_DIR/report.json``:
    ``{"data": ..., "pretrain": {"checkpoint", "loss_first", "loss_last", ...},
    "pretrain_clap": {..., "teacher": {"checkpoint", "random", "store", ...}},
-   "evaluate": {"linear_probe": {"supmam", "supmam_clap", "random_init"}}}``.
+   "evaluate": {"linear_probe": {"supmam", "supmam_clap", "random_init"}},
+   "superb_ks": {"supmam_clap_local": {"test_acc", ...}, "fbank": {"test_acc", ...}, "table", "chart", ...}}``.
 """
 from __future__ import annotations
 
@@ -69,13 +74,13 @@ def run_script(name, *args) -> str:
 
 
 def make_data(data_dir: str, args) -> dict:
-    print(f"== 1/6 demo data -> {data_dir}", flush=True)
+    print(f"== 1/7 demo data -> {data_dir}", flush=True)
     return json.loads(run_script("make_demo_data.py", data_dir, "--clips-per-class", args.clips_per_class,
                                  "--seed", args.seed))
 
 
 def norm_stats(data_dir: str) -> tuple[float, float]:
-    print("== 2/6 normalisation constants", flush=True)
+    print("== 2/7 normalisation constants", flush=True)
     last = run_script("norm_stats.py", os.path.join(data_dir, "train.tsv"), "--target-length", TARGET_LENGTH)
     stats = json.loads(last.strip().splitlines()[-1])
     return stats["norm_mean"], stats["norm_std"]
@@ -156,7 +161,7 @@ def linear_probe(encoder: AudioEncoder, data_dir: str, norm: tuple[float, float]
 
 def evaluate(checkpoints: dict, data_dir: str, norm: tuple[float, float], seed: int) -> dict:
     """Linear probe of each pretrained encoder ({name: checkpoint}) and of a random one."""
-    print("== 6/6 evaluation: linear probe on frozen encoder features", flush=True)
+    print("== 6/7 evaluation: linear probe on frozen encoder features", flush=True)
     probe = {"metric": "valid accuracy (%)"}
     for name, checkpoint in checkpoints.items():
         probe[name] = linear_probe(load_encoder(checkpoint), data_dir, norm)
@@ -208,7 +213,8 @@ def superb_ks(checkpoint: str, out_dir: str, seed: int, total_steps: int = 800, 
     """
     from mam_clap_plugin.checkpoint import export_encoder
 
-    print(f"== SUPERB keyword spotting (s3prl speech_commands, {total_steps} steps) -> {out_dir}/superb_ks", flush=True)
+    print(f"== 7/7 SUPERB keyword spotting (s3prl speech_commands, {total_steps} steps) -> {out_dir}/superb_ks",
+          flush=True)
     start = time.time()
     ks_dir = os.path.join(out_dir, "superb_ks")
     data = os.path.join(ks_dir, "data")
@@ -246,16 +252,17 @@ def superb_ks(checkpoint: str, out_dir: str, seed: int, total_steps: int = 800, 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    start = time.time()
     out_dir = os.path.abspath(args.out_dir)
     data_dir = os.path.join(out_dir, "data")
     report = {"data": make_data(data_dir, args)}
     norm = norm_stats(data_dir)
     report["data"]["norm_stats"] = list(norm)
-    print(f"== 3/6 SupMAM pretraining (tiny model, CPU) -> {out_dir}/supmam", flush=True)
+    print(f"== 3/7 SupMAM pretraining (tiny model, CPU) -> {out_dir}/supmam", flush=True)
     report["pretrain"] = pretrain(data_dir, os.path.join(out_dir, "supmam"), norm, args)
-    print("== 4/6 CLAP teacher targets (examples/prepare/extract_clap_targets.py)", flush=True)
+    print("== 4/7 CLAP teacher targets (examples/prepare/extract_clap_targets.py)", flush=True)
     teacher = extract_targets(data_dir, out_dir, clap_teacher(out_dir, args))
-    print(f"== 5/6 SupMAM-CLAP pretraining (tiny model, CPU) -> {out_dir}/supmam_clap", flush=True)
+    print(f"== 5/7 SupMAM-CLAP pretraining (tiny model, CPU) -> {out_dir}/supmam_clap", flush=True)
     report["pretrain_clap"] = pretrain(
         data_dir, os.path.join(out_dir, "supmam_clap"), norm, args, "supmam_clap", args.clap_max_update,
         (f"task.target_store={teacher['store']}", f"task.teacher_checkpoint={teacher['checkpoint']}"),
@@ -264,6 +271,7 @@ def main(argv=None) -> int:
     report["evaluate"] = evaluate({"supmam": report["pretrain"]["checkpoint"],
                                    "supmam_clap": report["pretrain_clap"]["checkpoint"]}, data_dir, norm, args.seed)
     report["superb_ks"] = superb_ks(report["pretrain"]["checkpoint"], out_dir, args.seed)
+    report["seconds_total"] = round(time.time() - start, 1)
     path = os.path.join(out_dir, "report.json")
     with open(path, "w") as f:
         json.dump(report, f, indent=2)
@@ -280,7 +288,7 @@ def main(argv=None) -> int:
     ks = report["superb_ks"]
     print("SUPERB KS test accuracy: " + ", ".join(
         f"{k} {ks[k]['test_acc']:.1f}%" for k in ("supmam_clap_local", "fbank")) + f" ({ks['seconds']} s; {ks['table']})")
-    print(f"report: {path}")
+    print(f"report: {path} (demo took {report['seconds_total'] / 60:.1f} min)")
     failed = [report[k]["variant"] for k in ("pretrain", "pretrain_clap") if not report[k]["loss_fell"]]
     if failed:
         print(f"ERROR: the pretraining loss did not fall for {failed}", file=sys.stderr)
