@@ -15,13 +15,14 @@
    frozen pretrained encoder, against the same probe on a randomly initialised encoder.
 7. SUPERB keyword spotting through s3prl (``upstream/run_downstream.py``) on a generated
    keyword set in Speech Commands' layout: the SupMAM encoder as the ``supmam_clap_local``
-   upstream against s3prl's ``fbank`` baseline, same data, seed and short CPU schedule
+   upstream against s3prl's ``fbank`` and ``fbank_no_cmvn`` baselines, same data, seed and short CPU schedule
    (``examples/superb/compare_upstreams.py``: table and bar chart).
 Writes ``OUT_DIR/report.json``:
    ``{"data": ..., "pretrain": {"checkpoint", "loss_first", "loss_last", ...},
    "pretrain_clap": {..., "teacher": {"checkpoint", "random", "store", ...}},
    "evaluate": {"linear_probe": {"supmam", "supmam_clap", "random_init"}},
-   "superb_ks": {"supmam_clap_local": {"test_acc", ...}, "fbank": {"test_acc", ...}, "table", "chart", ...}}``.
+   "superb_ks": {"supmam_clap_local": {"test_acc", ...}, "fbank": {...}, "fbank_no_cmvn": {...},
+                 "table", "chart", ...}, "seconds_total"}``.
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ from mam_clap_plugin.teacher import save_random_clap_checkpoint  # noqa: E402
 PREPARE = os.path.join(REPO, "examples", "prepare")
 CONFIG_DIR = os.path.join(REPO, "examples", "pretraining", "config")
 TARGET_LENGTH = 128  # 1.28 s: the demo clips are 1 s long
+UPSTREAMS = ("supmam_clap_local", "fbank", "fbank_no_cmvn")  # SUPERB KS comparison
 
 
 def parse_args(argv=None):
@@ -202,9 +204,12 @@ def extract_targets(data_dir: str, out_dir: str, teacher: dict) -> dict:
 
 
 def superb_ks(checkpoint: str, out_dir: str, seed: int, total_steps: int = 800, eval_step: int = 200,
-              lr: float = 1e-3, upstreams=("supmam_clap_local", "fbank")) -> dict:
+              lr: float = 1e-3, upstreams=UPSTREAMS) -> dict:
     """SUPERB keyword spotting through s3prl on the demo keyword set: the pretrained encoder
-    (``supmam_clap_local``) against s3prl's ``fbank``, a short CPU schedule, same data and seed.
+    (``supmam_clap_local``) against s3prl's ``fbank`` baselines, a short CPU schedule, same
+    data and seed. ``fbank`` normalises each clip to zero mean, which the downstream's mean
+    pooling then averages away on these fixed-length clips; ``fbank_no_cmvn`` is the
+    informative fbank baseline.
 
     Builds ``OUT/superb_ks/data`` (``examples/prepare/make_demo_keywords.py``), exports the
     encoder of ``checkpoint`` (``export_encoder``), then runs
@@ -287,7 +292,7 @@ def main(argv=None) -> int:
           f"random init {ev['random_init']:.1f}%")
     ks = report["superb_ks"]
     print("SUPERB KS test accuracy: " + ", ".join(
-        f"{k} {ks[k]['test_acc']:.1f}%" for k in ("supmam_clap_local", "fbank")) + f" ({ks['seconds']} s; {ks['table']})")
+        f"{k} {ks[k]['test_acc']:.1f}%" for k in UPSTREAMS) + f" ({ks['seconds']} s; {ks['table']})")
     print(f"report: {path} (demo took {report['seconds_total'] / 60:.1f} min)")
     failed = [report[k]["variant"] for k in ("pretrain", "pretrain_clap") if not report[k]["loss_fell"]]
     if failed:

@@ -30,6 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..modules.decoder import window_merge, window_partition
+from ..modules.transformer import Mlp
+
 #: Side of the square spectrogram image the Swin stages see.
 SPEC_SIZE = 256
 #: Additive mask value of the reference implementation for keys outside a query's shifted window.
@@ -66,20 +69,6 @@ def unfold_tokens(x: Tensor, resolution: tuple[int, int], ratio: int) -> Tensor:
     return x.reshape(B, H // ratio, ratio * W, C)
 
 
-def window_partition(x: Tensor, window: int) -> Tensor:
-    """(B, H, W, C) -> (B * H/window * W/window, window * window, C), windows row-major."""
-    B, H, W, C = x.shape
-    x = x.view(B, H // window, window, W // window, window, C).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(-1, window * window, C)
-
-
-def window_reverse(windows: Tensor, window: int, H: int, W: int) -> Tensor:
-    """Inverse of :func:`window_partition`: (B * nW, window * window, C) -> (B, H, W, C)."""
-    C = windows.shape[-1]
-    x = windows.view(-1, H // window, W // window, window, window, C).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(-1, H, W, C)
-
-
 def relative_position_index(window: int) -> Tensor:
     """(window^2, window^2) index into the (2*window-1)^2 relative position bias table."""
     coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
@@ -97,7 +86,7 @@ def shifted_window_mask(resolution: tuple[int, int], window: int, shift: int) ->
         for w in cuts:
             region[:, h, w, :] = label
             label += 1
-    region = window_partition(region, window).squeeze(-1)  # (nW, N)
+    region = window_partition(region, (window, window)).squeeze(-1)  # (nW, N)
     diff = region[:, None, :] - region[:, :, None]
     return torch.zeros_like(diff).masked_fill(diff != 0, SHIFT_MASK_VALUE)
 
@@ -112,19 +101,6 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.norm(self.proj(x).flatten(2).transpose(1, 2))
-
-
-class Mlp(nn.Module):
-    """Linear -> GELU -> Linear, (..., C) -> (..., C)."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
 
 
 class WindowAttention(nn.Module):
@@ -180,7 +156,7 @@ class SwinBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.attn = WindowAttention(dim, num_heads, window)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, 4 * dim)
+        self.mlp = Mlp(dim, 4.0)
         if shift:
             self.register_buffer("attn_mask", shifted_window_mask(resolution, window, shift))
         else:
@@ -192,8 +168,8 @@ class SwinBlock(nn.Module):
         y = self.norm1(x).view(B, H, W, C)
         if self.shift:
             y = torch.roll(y, shifts=(-self.shift, -self.shift), dims=(1, 2))
-        y = self.attn(window_partition(y, self.window), self.attn_mask)
-        y = window_reverse(y, self.window, H, W)
+        y = self.attn(window_partition(y, (self.window, self.window)), self.attn_mask)
+        y = window_merge(y, (self.window, self.window), B, H, W)
         if self.shift:
             y = torch.roll(y, shifts=(self.shift, self.shift), dims=(1, 2))
         x = x + y.reshape(B, L, C)
