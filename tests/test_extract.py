@@ -106,3 +106,18 @@ def test_command_line(data, tmp_path, clap_checkpoint):
     bad = subprocess.run([sys.executable, SCRIPT, str(data), "valid", "--checkpoint", str(data / "valid.tsv"),
                           "--out", str(tmp_path / "p")], capture_output=True, text=True)
     assert bad.returncode != 0 and "valid.tsv" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_ms_clap_layout_store(data, tmp_path):
+    """MS-CLAP 2023: 7 s at 44.1 kHz; its bands sit where its 32 kHz filterbank lands in 44.1 kHz audio,
+    and student patches after 7 s are not covered."""
+    from mam_clap_plugin.teacher import save_random_clap_checkpoint
+
+    ckpt = save_random_clap_checkpoint(str(tmp_path / "msclap.pt"), "msclap", seed=1, embed_dim=16,
+                                       depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1])
+    assert run(data, "valid", ckpt, tmp_path / "out")["written"] == 6
+    h = open_target_store(str(tmp_path / "out" / "valid.tgt")).header
+    assert h.teacher.startswith("ms-clap-2023") and (h.sample_rate, h.seconds) == (44100, 7.0)
+    assert h.freq_edges_hz[0] == pytest.approx(50 * 44100 / 32000) and h.freq_edges_hz[-1] == pytest.approx(14000 * 44100 / 32000)
+    covered = h.alignment(64, 8).covered.view(64, 8)[:, 0]
+    assert covered.sum() == 44  # patch centres (t + 0.5) * 0.16 s below 7 s

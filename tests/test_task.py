@@ -119,3 +119,20 @@ def test_online_teacher_stays_outside_the_model(data, clap_checkpoint):
     # student token (t=1, f=6) takes teacher band 1, time cell 0 (0.24 s)
     torch.testing.assert_close(batch["target"][0, 1 * 8 + 6], maps[0, 1, 0])
     assert batch["target_mask"].all()  # 0.6 s = 58 frames: real audio in all 4 time patches
+
+
+def test_online_teacher_needs_trust_for_pickled_objects(data, clap_checkpoint, tmp_path):
+    import argparse
+
+    import torch
+
+    from mam_clap_plugin.teacher import ClapCheckpointError
+
+    state = torch.load(clap_checkpoint, weights_only=True)
+    state["args"] = argparse.Namespace(lr=1e-4)  # as old training checkpoints hold
+    path = str(tmp_path / "with-args.pt")
+    torch.save(state, path)
+    cfg = dict(data=str(data), labels="lbl", teacher_checkpoint=path, target_length=64)
+    with pytest.raises(ClapCheckpointError, match=r"with-args\.pt.*teacher_trusted=true"):
+        MamClapPretrainingTask.setup_task(MamClapPretrainingConfig(**cfg))
+    assert MamClapPretrainingTask.setup_task(MamClapPretrainingConfig(**cfg, teacher_trusted=True)).target_dim == 128
