@@ -112,7 +112,7 @@ def check_siblings(out_dir: str, split: str, header: TargetStoreHeader) -> None:
         if not name.endswith(".tgt") or name == f"{split}.tgt":
             continue
         other, _, _ = read_header(os.path.join(out_dir, name))
-        diff = [k for k, v in header.teacher_key().items() if other.teacher_key()[k] != v]
+        diff = other.teacher_differences(header)
         if diff:
             raise TargetStoreError(
                 f"{os.path.join(out_dir, name)}: made with another teacher or map (fields {diff} differ); "
@@ -141,7 +141,7 @@ def main(argv=None) -> dict:
         )
         bar = tqdm(total=len(shard), initial=len(shard) - len(todo), unit="clip", dynamic_ncols=True,
                    desc=f"{args.split} shard {args.shard_id}/{args.num_shards}")
-        with bar, torch.no_grad():
+        with bar:
             for items in loader:
                 errors = [err for _, _, err in items if err is not None]
                 if errors and not args.skip_bad_files:
@@ -149,7 +149,7 @@ def main(argv=None) -> dict:
                 good = [(i, w) for i, w, _ in items if w is not None]
                 if good:
                     wavs = torch.stack([w for _, w in good]).to(args.device)
-                    maps = teacher(wavs).float().cpu().numpy()
+                    maps = teacher(wavs).cpu().numpy()
                     for (index, _), clip in zip(good, maps):
                         writer.write(index, clip)
                 for index, _, err in items:

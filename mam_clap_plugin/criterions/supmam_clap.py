@@ -50,11 +50,12 @@ class SupMamClapCriterionConfig(FairseqDataclass):
     )
 
 
-def normalize_tokens(target: torch.Tensor, eps: float = 1.0e-6) -> torch.Tensor:
-    """(..., C) -> each token shifted and scaled to zero mean, unit variance over C."""
+def normalize_tokens(target: torch.Tensor, unbiased: bool = False, eps: float = 1.0e-6) -> torch.Tensor:
+    """(..., C) -> each token shifted and scaled to zero mean, unit variance over C
+    (``unbiased``: sample variance, as AudioMAE's norm_pix_loss)."""
     target = target.float()
     mean = target.mean(dim=-1, keepdim=True)
-    var = target.var(dim=-1, keepdim=True, unbiased=False)
+    var = target.var(dim=-1, keepdim=True, unbiased=unbiased)
     return (target - mean) / (var + eps).sqrt()
 
 
@@ -86,11 +87,7 @@ def reconstruction_loss(pred: torch.Tensor, patches: torch.Tensor, mask: torch.T
 
     pred, patches: (B, N, P); mask: (B, N) bool, True = masked.
     """
-    target = patches.float()
-    if norm_pix:
-        mean = target.mean(dim=-1, keepdim=True)
-        var = target.var(dim=-1, keepdim=True)
-        target = (target - mean) / (var + 1.0e-6).sqrt()
+    target = normalize_tokens(patches, unbiased=True) if norm_pix else patches.float()
     per_patch = (pred.float() - target).pow(2).mean(dim=-1)
     m = mask.float()
     return (per_patch * m).sum() / m.sum().clamp(min=1.0)

@@ -34,14 +34,13 @@ import numpy as np
 import torch
 from torchaudio.compliance.kaldi import inverse_mel_scale_scalar, mel_scale_scalar
 
-STUDENT_SAMPLE_RATE = 16000
-STUDENT_LOW_HZ = 20.0
-STUDENT_HIGH_HZ = STUDENT_SAMPLE_RATE / 2
-STUDENT_MEL_BINS = 128
-PATCH = 16
-FRAME_SHIFT_SAMPLES = 160
-WINDOW_SAMPLES = 400
-PATCH_SECONDS = PATCH * FRAME_SHIFT_SAMPLES / STUDENT_SAMPLE_RATE  # 0.16
+from ..modules.encoder import PATCH_SIZE as PATCH
+from .audio import FRAME_SHIFT_MS, NUM_MEL_BINS as STUDENT_MEL_BINS, SAMPLE_RATE, WINDOW_SAMPLES
+
+STUDENT_LOW_HZ = 20.0  # Kaldi fbank's default low_freq (wav_to_fbank keeps it)
+STUDENT_HIGH_HZ = SAMPLE_RATE / 2
+FRAME_SHIFT_SAMPLES = SAMPLE_RATE * FRAME_SHIFT_MS // 1000  # 160
+PATCH_SECONDS = PATCH * FRAME_SHIFT_SAMPLES / SAMPLE_RATE  # 0.16
 
 
 class Alignment(NamedTuple):

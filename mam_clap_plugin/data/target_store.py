@@ -114,6 +114,11 @@ class TargetStoreHeader:
         return {k: getattr(self, k) for k in ("teacher", "checkpoint_sha256", "layer", "projection", "grid_freq",
                                               "grid_time", "dim", "sample_rate", "seconds", "freq_edges_hz")}
 
+    def teacher_differences(self, other: "TargetStoreHeader") -> list[str]:
+        """Names of the :meth:`teacher_key` fields where ``other`` differs from this header."""
+        mine, theirs = self.teacher_key(), other.teacher_key()
+        return [k for k in mine if mine[k] != theirs[k]]
+
     def alignment(self, time_patches: int, freq_patches: int) -> Alignment:
         """Teacher cell of each student token (see :mod:`mam_clap_plugin.data.alignment`)."""
         return alignment(self.grid_freq, self.grid_time, self.seconds, self.freq_edges_hz,
@@ -219,8 +224,7 @@ def read_header(path: str) -> tuple[TargetStoreHeader, int, int]:
 
 def _mismatch(a: TargetStoreHeader, b: TargetStoreHeader) -> list[str]:
     """Names of the teacher-identifying fields (and clip count) where two headers differ."""
-    ka, kb = a.teacher_key(), b.teacher_key()
-    out = [f"{k}: {ka[k]!r} vs {kb[k]!r}" for k in ka if ka[k] != kb[k]]
+    out = [f"{k}: {getattr(a, k)!r} vs {getattr(b, k)!r}" for k in a.teacher_differences(b)]
     if a.num_clips != b.num_clips:
         out.append(f"num_clips: {a.num_clips} vs {b.num_clips}")
     return out

@@ -104,6 +104,8 @@ class MamClapPretrainingTask(FairseqTask):
                 self.teacher = load_clap_teacher(cfg.teacher_checkpoint, cfg.teacher_layer, cfg.teacher_projection,
                                                  trusted=cfg.teacher_trusted)
             logger.info(f"online teacher {self.teacher.name} ({cfg.teacher_layer}) from {cfg.teacher_checkpoint}")
+        #: Teacher cell of each student token (None without teacher targets).
+        self.alignment = self._student_alignment()
 
     @classmethod
     def setup_task(cls, cfg: MamClapPretrainingConfig, **kwargs):
@@ -119,7 +121,7 @@ class MamClapPretrainingTask(FairseqTask):
             return self.target_header.dim
         return self.teacher.dim if self.teacher is not None else 0
 
-    def student_alignment(self):
+    def _student_alignment(self):
         """Teacher cell of each student token, or None without teacher targets."""
         time_patches = self.cfg.target_length // PATCH_SIZE
         if self.target_header is not None:
@@ -140,7 +142,7 @@ class MamClapPretrainingTask(FairseqTask):
         headers = {n: open_target_store(os.path.join(root, n)).header for n in names}
         first = headers[names[0]]
         for name, h in headers.items():
-            diff = [k for k, v in h.teacher_key().items() if first.teacher_key()[k] != v]
+            diff = first.teacher_differences(h)
             if diff:
                 raise TargetStoreError(
                     f"{os.path.join(root, name)}: targets from another teacher or map than {names[0]} "
@@ -196,7 +198,7 @@ class MamClapPretrainingTask(FairseqTask):
             num_classes=self.num_classes,
             target_store=store,
             teacher_input=teacher_input,
-            alignment=self.student_alignment(),
+            alignment=self.alignment,
             freq_patches=FREQ_PATCHES,
             skip_bad_files=self.cfg.skip_bad_files,
             shuffle=split != "valid",
@@ -206,16 +208,14 @@ class MamClapPretrainingTask(FairseqTask):
     def online_targets(self, sample: dict) -> dict:
         """Replace ``teacher_wav`` by the online teacher's aligned ``target`` (B, N, C).
 
-        The teacher runs frozen, in float32 and without autocast, on the batch's device.
+        The teacher runs on the batch's device (frozen, float32, no autocast: see ClapTeacher).
         """
         wav = sample.pop("teacher_wav", None)
         if self.teacher is None or wav is None:
             return sample
         if next(self.teacher.parameters()).device != wav.device:
             self.teacher.to(wav.device)
-        with torch.no_grad(), torch.autocast(wav.device.type, enabled=False):
-            maps = self.teacher(wav.float())
-        sample["target"] = align_tokens(maps, self.student_alignment())
+        sample["target"] = align_tokens(self.teacher(wav), self.alignment)
         return sample
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
