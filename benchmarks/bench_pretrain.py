@@ -458,7 +458,7 @@ def bench_pipeline(clips: int, passes: int, frames: int, norm: tuple) -> Dict[st
 
 
 # --------------------------------------------------------------------------------------
-# Machine information
+# CLAP teacher
 
 
 def bench_teacher(batch: int, steps: int, size: str) -> Dict[str, Any]:

@@ -31,7 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 # any other installed copy: the repository root goes first on sys.path.
 sys.path.insert(0, str(REPO))
 
-from mam_clap_plugin.checkpoint import EXPORT_FORMAT, EXPORT_VERSION  # noqa: E402
+from mam_clap_plugin.checkpoint import save_encoder  # noqa: E402
+from mam_clap_plugin.data.audio import NORM_STATS  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from machine import machine_info  # noqa: E402  (benchmarks/machine.py, next to this script)
 from mam_clap_plugin.modules.encoder import AudioEncoder  # noqa: E402
@@ -58,12 +59,8 @@ def build_upstream(config: Dict[str, Any], workdir: str, seed: int = 0) -> Upstr
     torch.manual_seed(seed)
     encoder = AudioEncoder(**config)
     path = os.path.join(workdir, "encoder.pt")
-    torch.save({
-        "format": EXPORT_FORMAT, "version": EXPORT_VERSION, "encoder_config": dict(config),
-        "norm_stats": {"mean": -4.2677393, "std": 4.5689974, "spec": "audioset"},
-        "target_length": config["max_frames"], "source": "random init (benchmark)",
-        "model": encoder.state_dict(),
-    }, path)
+    mean, std = NORM_STATS["audioset"]
+    save_encoder(path, encoder, config, mean, std, "audioset", config["max_frames"], "random init (benchmark)")
     return UpstreamExpert(path).eval()
 
 

@@ -38,19 +38,29 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable, or not from this plugin."""
 
 
+def read_torch_file(path: str, trusted: bool = False, *, safe_globals: tuple = (), error=CheckpointError,
+                    what: str = "checkpoint", trust_hint: str = "trusted=True") -> Any:
+    """``torch.load`` onto the CPU with ``weights_only=True`` (plus ``safe_globals``) unless
+    ``trusted``; every failure raises ``error`` naming ``path`` (a refused pickle also says how
+    to opt in: ``trust_hint``)."""
+    if not os.path.isfile(path):
+        raise error(f"{path}: {what} not found")
+    try:
+        with torch.serialization.safe_globals(list(safe_globals)):
+            return torch.load(path, map_location="cpu", weights_only=not trusted)
+    except pickle.UnpicklingError as err:
+        raise error(
+            f"{path}: holds pickled objects that torch's weights-only loader refuses "
+            f"({str(err).splitlines()[0]}). If you trust this file, load it with {trust_hint} "
+            "(weights_only=False)."
+        ) from err
+    except (RuntimeError, EOFError, OSError, struct.error) as err:
+        raise error(f"{path}: not a readable torch checkpoint ({err})") from err
+
+
 def load_checkpoint(path: str, trusted: bool = False) -> Dict[str, Any]:
     """Read a checkpoint onto the CPU (``weights_only=True`` unless ``trusted``)."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: checkpoint not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=not trusted)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"{path}: holds objects that torch's weights-only loader refuses ({err}). "
-            "If you trust this file, load it with trusted=True (weights_only=False)."
-        ) from err
-    except (RuntimeError, EOFError, struct.error) as err:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({err})") from err
+    state = read_torch_file(path, trusted)
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path}: no 'model' entry; not a fairseq or exported checkpoint")
     return state
@@ -109,6 +119,11 @@ def _task_config(state: Dict[str, Any]) -> Dict[str, Any]:
     return dict(task) if task else {}
 
 
+def _norm_spec(state: Dict[str, Any]) -> str:
+    """A pretraining checkpoint's ``task.norm_stats`` (name or 'mean,std'), default audioset."""
+    return str(_task_config(state).get("norm_stats") or DEFAULT_NORM_STATS)
+
+
 def norm_stats(state: Dict[str, Any], path: str = "<checkpoint>") -> tuple[float, float]:
     """(mean, std) of the fbank normalisation the encoder was pretrained with.
 
@@ -118,9 +133,8 @@ def norm_stats(state: Dict[str, Any], path: str = "<checkpoint>") -> tuple[float
     if is_exported(state):
         stats = state["norm_stats"]
         return float(stats["mean"]), float(stats["std"])
-    spec = _task_config(state).get("norm_stats") or DEFAULT_NORM_STATS
     try:
-        return resolve_norm_stats(str(spec))
+        return resolve_norm_stats(_norm_spec(state))
     except ValueError as err:
         raise CheckpointError(f"{path}: {err}") from err
 
@@ -181,18 +195,25 @@ def export_encoder(checkpoint_path: str, out_path: str, trusted: bool = False) -
     if is_exported(state):
         spec = state["norm_stats"].get("spec", f"{bundle.norm_mean},{bundle.norm_std}")
     else:
-        spec = str(_task_config(state).get("norm_stats") or DEFAULT_NORM_STATS)
+        spec = _norm_spec(state)
+    return save_encoder(out_path, enc, config, bundle.norm_mean, bundle.norm_std, spec, bundle.target_length,
+                        os.path.basename(checkpoint_path))
+
+
+def save_encoder(out_path: str, encoder: AudioEncoder, config: Dict[str, Any], norm_mean: float, norm_std: float,
+                 norm_spec: str, target_length: Optional[int], source: str) -> Dict[str, Any]:
+    """Write ``encoder`` in the export format of :func:`export_encoder` (atomically);
+    ``config`` holds its constructor arguments. Returns the metadata (all but the weights)."""
     meta = {
         "format": EXPORT_FORMAT,
         "version": EXPORT_VERSION,
-        "encoder_config": config,
-        "norm_stats": {"mean": bundle.norm_mean, "std": bundle.norm_std, "spec": spec},
-        "target_length": bundle.target_length,
-        "source": os.path.basename(checkpoint_path),
+        "encoder_config": dict(config),
+        "norm_stats": {"mean": norm_mean, "std": norm_std, "spec": norm_spec},
+        "target_length": target_length,
+        "source": source,
     }
-    weights = {k: v.detach().clone().contiguous() for k, v in enc.state_dict().items()}
-    out_dir = os.path.dirname(os.path.abspath(out_path))
-    os.makedirs(out_dir, exist_ok=True)
+    weights = {k: v.detach().clone().contiguous() for k, v in encoder.state_dict().items()}
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     tmp = f"{out_path}.tmp"
     torch.save({**meta, "model": weights}, tmp)
     os.replace(tmp, out_path)

@@ -111,7 +111,6 @@ class UpstreamExpert(_Base):
         self.ckpt = ckpt
         self.encoder = bundle.encoder
         self.norm_mean, self.norm_std = bundle.norm_mean, bundle.norm_std
-        self.pretrain_target_length = bundle.target_length
         self.freq_pool = freq_pool
         max_frames = self.encoder.grid_time * PATCH_SIZE
         window_frames = int(window_frames or max_frames)

@@ -39,7 +39,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
-from mam_clap_plugin.checkpoint import load_encoder, model_config, load_checkpoint  # noqa: E402
+from mam_clap_plugin.checkpoint import export_encoder, load_checkpoint, load_encoder, model_config  # noqa: E402
 from mam_clap_plugin.data.dataset import MamClapDataset  # noqa: E402
 from mam_clap_plugin.data.manifest import read_class_list, read_labels, read_manifest  # noqa: E402
 from mam_clap_plugin.hydra_runs import run_hydra_train  # noqa: E402
@@ -133,29 +133,32 @@ def pretrain(data_dir: str, run_dir: str, norm: tuple[float, float], args, varia
     }
 
 
-@torch.no_grad()
-def pooled_features(encoder: AudioEncoder, dataset: MamClapDataset) -> np.ndarray:
-    """(num_clips, D) mean over patch tokens of the final encoder output."""
-    feats = []
-    for start in range(0, len(dataset), 32):
-        batch = dataset.collater([dataset[i] for i in range(start, min(start + 32, len(dataset)))])
-        feats.append(encoder.extract_features(batch["net_input"]["source"])["x"][:, 1:].mean(dim=1))
-    return torch.cat(feats).numpy()
-
-
-def linear_probe(encoder: AudioEncoder, data_dir: str, norm: tuple[float, float]) -> float:
-    """Valid accuracy (%) of a logistic regression on frozen, pooled encoder features."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
+def probe_inputs(data_dir: str, norm: tuple[float, float]) -> list:
+    """Per split (train, valid): the normalised fbank batches (32 clips each) and the labels."""
     num_classes = len(read_class_list(os.path.join(data_dir, "classes.txt")))
-    xy = []
+    inputs = []
     for split in ("train", "valid"):
         manifest = read_manifest(os.path.join(data_dir, f"{split}.tsv"))
         labels = read_labels(os.path.join(data_dir, f"{split}.lbl"), len(manifest), num_classes)
         ds = MamClapDataset(manifest, TARGET_LENGTH, norm[0], norm[1], shuffle=False)
-        xy.append((pooled_features(encoder, ds), np.array([lbl[0] for lbl in labels])))
-    (x_tr, y_tr), (x_va, y_va) = xy
+        batches = [ds.collater([ds[i] for i in range(start, min(start + 32, len(ds)))])["net_input"]["source"]
+                   for start in range(0, len(ds), 32)]
+        inputs.append((batches, np.array([lbl[0] for lbl in labels])))
+    return inputs
+
+
+@torch.no_grad()
+def pooled_features(encoder: AudioEncoder, batches: list) -> np.ndarray:
+    """(num_clips, D) mean over patch tokens of the final encoder output."""
+    return torch.cat([encoder.extract_features(b)["x"][:, 1:].mean(dim=1) for b in batches]).numpy()
+
+
+def linear_probe(encoder: AudioEncoder, inputs: list) -> float:
+    """Valid accuracy (%) of a logistic regression on frozen, pooled encoder features."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    (x_tr, y_tr), (x_va, y_va) = [(pooled_features(encoder, batches), y) for batches, y in inputs]
     scaler = StandardScaler().fit(x_tr)
     clf = LogisticRegression(max_iter=2000).fit(scaler.transform(x_tr), y_tr)
     return 100.0 * float((clf.predict(scaler.transform(x_va)) == y_va).mean())
@@ -165,12 +168,13 @@ def evaluate(checkpoints: dict, data_dir: str, norm: tuple[float, float], seed: 
     """Linear probe of each pretrained encoder ({name: checkpoint}) and of a random one."""
     print("== 6/7 evaluation: linear probe on frozen encoder features", flush=True)
     probe = {"metric": "valid accuracy (%)"}
+    inputs = probe_inputs(data_dir, norm)
     for name, checkpoint in checkpoints.items():
-        probe[name] = linear_probe(load_encoder(checkpoint), data_dir, norm)
+        probe[name] = linear_probe(load_encoder(checkpoint), inputs)
     torch.manual_seed(seed)
     first = next(iter(checkpoints.values()))
     random_init = AudioEncoder.from_model_config(model_config(load_checkpoint(first), first)).eval()
-    probe["random_init"] = linear_probe(random_init, data_dir, norm)
+    probe["random_init"] = linear_probe(random_init, inputs)
     return {"linear_probe": probe}
 
 
@@ -216,17 +220,12 @@ def superb_ks(checkpoint: str, out_dir: str, seed: int, total_steps: int = 800, 
     ``examples/superb/compare_upstreams.py`` (train + evaluate per upstream through
     ``upstream/run_downstream.py``). Returns ``{upstream: {"test_acc", ...}, "table", "chart", ...}``.
     """
-    from mam_clap_plugin.checkpoint import export_encoder
-
     print(f"== 7/7 SUPERB keyword spotting (s3prl speech_commands, {total_steps} steps) -> {out_dir}/superb_ks",
           flush=True)
     start = time.time()
     ks_dir = os.path.join(out_dir, "superb_ks")
     data = os.path.join(ks_dir, "data")
-    subprocess.run([sys.executable, os.path.join(REPO, "examples", "prepare", "make_demo_keywords.py"), data,
-                    "--seed", str(seed), "--no-progress"], check=True, stdout=subprocess.DEVNULL)
-    with open(os.path.join(data, "keywords.json")) as f:
-        sizes = json.load(f)["s3prl_sizes"]
+    sizes = json.loads(run_script("make_demo_keywords.py", data, "--seed", seed, "--no-progress"))["s3prl_sizes"]
     encoder = os.path.join(ks_dir, "encoder.pt")
     export_encoder(checkpoint, encoder)
     specs = {"supmam_clap_local": f"supmam_clap_local:{encoder}"}

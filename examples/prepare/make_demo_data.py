@@ -45,6 +45,15 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, REPO)
+
+from mam_clap_plugin.data.manifest import (  # noqa: E402
+    write_class_list,
+    write_labels,
+    write_manifest,
+)
+
 SAMPLE_RATE = 16000
 SPEECH_CLASSES = ("yes", "no", "up", "down")
 SOUND_CLASSES = ("tone", "chirp", "clicks", "noise_burst")
@@ -82,7 +91,7 @@ class ESpeakEngine:
     """Minimal ctypes binding of libespeak-ng in synchronous mode.
 
     Audio arrives through the synth callback as int16 chunks and is collected per call.
-    Create at most one per process (see :func:`get_engine`).
+    Create at most one per process: :func:`_worker_main` makes the only one.
     """
 
     _CALLBACK = ctypes.CFUNCTYPE(
@@ -199,21 +208,10 @@ class ESpeakEngine:
         return audio.astype(np.int16, copy=False)
 
 
-_ENGINE: Optional[ESpeakEngine] = None
-
-
-def get_engine() -> ESpeakEngine:
-    """The process-wide engine; eSpeak NG is initialised on first use only."""
-    global _ENGINE
-    if _ENGINE is None:
-        _ENGINE = ESpeakEngine()
-    return _ENGINE
-
-
 def _worker_main(out_path: str) -> int:
     """Worker entry: JSON job list on stdin -> ``.npz`` with one int16 array per job."""
     jobs = json.loads(sys.stdin.read())
-    engine = get_engine()
+    engine = ESpeakEngine()
     arrays = {
         f"clip{i}": engine.synth(j["text"], j["voice"], j["rate"], j["pitch"], j["pitch_range"],
                                    j["noise_seed"])
@@ -221,6 +219,19 @@ def _worker_main(out_path: str) -> int:
     }
     np.savez(out_path, sample_rate=np.array(engine.sample_rate), **arrays)
     return 0
+
+
+def espeak_job(rng: np.random.Generator, text: str, voice: str) -> Dict:
+    """Speech job for :func:`synthesize_speech`: ``text`` in ``voice`` at a random rate, pitch
+    and pitch range, with a random noise seed (drawn from ``rng`` in that order)."""
+    return {
+        "text": text, "voice": voice,
+        "rate": int(rng.integers(ESPEAK_RATE_RANGE[0], ESPEAK_RATE_RANGE[1] + 1)),
+        "pitch": int(rng.integers(ESPEAK_PITCH_RANGE[0], ESPEAK_PITCH_RANGE[1] + 1)),
+        "pitch_range": int(rng.integers(ESPEAK_PITCH_VARIATION_RANGE[0],
+                                        ESPEAK_PITCH_VARIATION_RANGE[1] + 1)),
+        "noise_seed": int(rng.integers(1, 2 ** 31 - 1)),
+    }
 
 
 def synthesize_speech(jobs: Sequence[Dict]) -> Tuple[List[np.ndarray], int]:
@@ -380,6 +391,14 @@ def _resample_batch(clips: Sequence[np.ndarray], orig_sr: int, new_sr: int) -> L
     return [out[i, :int(np.ceil(c.shape[0] * new_sr / orig_sr))].copy() for i, c in enumerate(clips)]
 
 
+def render_words(jobs: Sequence[Dict]) -> List[np.ndarray]:
+    """Synthesise speech jobs (:func:`synthesize_speech`); returns one float waveform per job
+    (int16 full scale = 1.0), trimmed of leading/trailing silence, at :data:`SAMPLE_RATE`."""
+    speech, espeak_sr = synthesize_speech(jobs)
+    words = [_trim_silence(w.astype(np.float64) / 32768.0, espeak_sr) for w in speech]
+    return _resample_batch(words, espeak_sr, SAMPLE_RATE)
+
+
 def _place_speech(rng: np.random.Generator, word: np.ndarray, n: int) -> np.ndarray:
     if word.shape[0] > n:  # crop long words around their centre
         start = (word.shape[0] - n) // 2
@@ -388,6 +407,11 @@ def _place_speech(rng: np.random.Generator, word: np.ndarray, n: int) -> np.ndar
     x = np.zeros(n)
     x[offset:offset + word.shape[0]] = word
     return x
+
+
+def _quantize(x: np.ndarray) -> np.ndarray:
+    """Float samples (full scale 1.0) -> int16, rounded and clipped."""
+    return np.clip(np.round(x * 32767.0), -32768, 32767).astype(np.int16)
 
 
 def _finish(rng: np.random.Generator, x: np.ndarray) -> np.ndarray:
@@ -399,24 +423,10 @@ def _finish(rng: np.random.Generator, x: np.ndarray) -> np.ndarray:
     noise_rms = 10.0 ** (-rng.uniform(*NOISE_DB_BELOW_PEAK) / 20.0)
     x = x + noise_rms * rng.standard_normal(x.shape[0])
     x = x / np.max(np.abs(x)) * rng.uniform(*PEAK_LEVEL_RANGE)
-    return np.clip(np.round(x * 32767.0), -32768, 32767).astype(np.int16)
+    return _quantize(x)
 
 
 # --------------------------------------------------------------------------- writers
-
-
-def _manifest_writers():
-    """``write_manifest``, ``write_labels``, ``write_class_list`` from the plugin.
-
-    Run as a script, ``examples/prepare`` is on ``sys.path`` but the repository root
-    may not be; it is added then.
-    """
-    try:
-        from mam_clap_plugin.data import manifest
-    except ImportError:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-        from mam_clap_plugin.data import manifest
-    return manifest.write_manifest, manifest.write_labels, manifest.write_class_list
 
 
 def _write_wav(path: Path, samples: np.ndarray, sr: int) -> None:
@@ -469,18 +479,9 @@ def make_demo_data(out_dir, clips_per_class: int = 12, seconds: float = 1.0, see
             rng = rngs[(c, k)]
             voice = (f"{ESPEAK_LANGUAGES[int(rng.integers(len(ESPEAK_LANGUAGES)))]}"
                      f"+{ESPEAK_VARIANTS[int(rng.integers(len(ESPEAK_VARIANTS)))]}")
-            jobs.append({
-                "text": name, "voice": voice,
-                "rate": int(rng.integers(ESPEAK_RATE_RANGE[0], ESPEAK_RATE_RANGE[1] + 1)),
-                "pitch": int(rng.integers(ESPEAK_PITCH_RANGE[0], ESPEAK_PITCH_RANGE[1] + 1)),
-                "pitch_range": int(rng.integers(ESPEAK_PITCH_VARIATION_RANGE[0],
-                                                ESPEAK_PITCH_VARIATION_RANGE[1] + 1)),
-                "noise_seed": int(rng.integers(1, 2 ** 31 - 1)),
-            })
+            jobs.append(espeak_job(rng, name, voice))
             speech_keys.append((c, k))
-    speech, espeak_sr = synthesize_speech(jobs)
-    words = [_trim_silence(w.astype(np.float64) / 32768.0, espeak_sr) for w in speech]
-    speech_by_key = dict(zip(speech_keys, _resample_batch(words, espeak_sr, SAMPLE_RATE)))
+    speech_by_key = dict(zip(speech_keys, render_words(jobs)))
 
     for name in CLASSES:
         class_dir = audio_root / name
@@ -509,7 +510,6 @@ def make_demo_data(out_dir, clips_per_class: int = 12, seconds: float = 1.0, see
             bar.update(1)
     bar.close()
 
-    write_manifest, write_labels, write_class_list = _manifest_writers()
     for split, (relpaths, sizes, labels) in splits.items():
         write_manifest(str(out_dir / f"{split}.tsv"), str(audio_root), relpaths, sizes)
         write_labels(str(out_dir / f"{split}.lbl"), labels)

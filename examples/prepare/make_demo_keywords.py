@@ -45,18 +45,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from make_demo_data import (  # noqa: E402  (reused, not duplicated)
     ESPEAK_LANGUAGES,
-    ESPEAK_PITCH_RANGE,
-    ESPEAK_PITCH_VARIATION_RANGE,
-    ESPEAK_RATE_RANGE,
     ESPEAK_VARIANTS,
     SAMPLE_RATE,
     _bandpass_noise,
     _finish,
     _place_speech,
-    _resample_batch,
-    _trim_silence,
+    _quantize,
     _write_wav,
-    synthesize_speech,
+    espeak_job,
+    render_words,
 )
 
 #: The 10 SUPERB keywords (s3prl's ``CLASSES`` without ``_unknown_`` / ``_silence_``).
@@ -141,8 +138,7 @@ def make_noise(kind: str, rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 def _to_int16(x: np.ndarray, peak: float) -> np.ndarray:
-    x = x / (np.max(np.abs(x)) + 1e-12) * peak
-    return np.clip(np.round(x * 32767.0), -32768, 32767).astype(np.int16)
+    return _quantize(x / (np.max(np.abs(x)) + 1e-12) * peak)
 
 
 # --------------------------------------------------------------------------- main API
@@ -151,14 +147,7 @@ def _to_int16(x: np.ndarray, peak: float) -> np.ndarray:
 def _clip_job(seed: int, spk: dict, word: str, k: int):
     """Synthesis job and RNG of clip ``k`` of ``word`` by ``spk``; depends on those only."""
     rng = np.random.default_rng([seed, 7, spk["index"], WORDS.index(word), k])
-    job = {
-        "text": word, "voice": spk["voice"],
-        "rate": int(rng.integers(ESPEAK_RATE_RANGE[0], ESPEAK_RATE_RANGE[1] + 1)),
-        "pitch": int(rng.integers(ESPEAK_PITCH_RANGE[0], ESPEAK_PITCH_RANGE[1] + 1)),
-        "pitch_range": int(rng.integers(ESPEAK_PITCH_VARIATION_RANGE[0], ESPEAK_PITCH_VARIATION_RANGE[1] + 1)),
-        "noise_seed": int(rng.integers(1, 2 ** 31 - 1)),
-    }
-    return job, rng
+    return espeak_job(rng, word, spk["voice"]), rng
 
 
 def _word_clip(rng: np.random.Generator, word: np.ndarray, n: int) -> np.ndarray:
@@ -221,9 +210,7 @@ def make_demo_keywords(out_dir, seed: int = 0, voices: int = 80, clips_per_word:
     plan.sort(key=lambda p: (p[0]["index"], WORDS.index(p[1]), p[2]))
 
     jobs, rngs = zip(*(_clip_job(seed, spk, word, k) for spk, word, k, _ in plan))
-    speech, espeak_sr = synthesize_speech(jobs)
-    words = [_trim_silence(w.astype(np.float64) / 32768.0, espeak_sr) for w in speech]
-    words = _resample_batch(words, espeak_sr, SAMPLE_RATE)
+    words = render_words(jobs)
 
     bar = tqdm(total=len(plan), desc="keyword clips", unit="clip", disable=not progress)
     for (spk, word, k, rel), rng, w in zip(plan, rngs, words):

@@ -45,9 +45,8 @@ from typing import Dict, List, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from make_demo_keywords import s3prl_bucket  # noqa: E402  (s3prl's hash split, tested against s3prl)
+from make_demo_keywords import KEYWORDS, s3prl_bucket  # noqa: E402  (s3prl's hash split, tested against s3prl)
 
-KEYWORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
 TEST_CLASSES = KEYWORDS + ("_unknown_", "_silence_")
 NOISE = "_background_noise_"
 #: Words only in Speech Commands v0.02 (SUPERB KS is defined on v0.01).
@@ -169,6 +168,10 @@ def _clear(path: Path, force: bool) -> None:
         shutil.rmtree(path)  # removes the symlinks inside, never their targets
 
 
+def _check_root(key: str, root: Path, any_version: bool) -> Dict:
+    return check_train_root(root, any_version) if key == "train" else check_test_root(root)
+
+
 def prepare(train: str, test: str, out: str, mode: str = "symlink", force: bool = False,
             any_version: bool = False) -> Dict:
     """Build ``out/train`` and ``out/test``; returns a summary (also written to ``out/layout.json``)."""
@@ -176,7 +179,7 @@ def prepare(train: str, test: str, out: str, mode: str = "symlink", force: bool 
         raise ValueError("mode must be 'symlink' or 'copy'")
     out_dir = Path(out).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    roots = {}
+    roots, checks = {}, {}  # checks: the summary of each root, from its one check
     for key, src in (("train", Path(train)), ("test", Path(test))):
         dest = out_dir / key
         if src.resolve() == dest:
@@ -184,23 +187,22 @@ def prepare(train: str, test: str, out: str, mode: str = "symlink", force: bool 
         _clear(dest, force)
         if src.is_file():
             roots[key] = _extract(src, dest)
+            checks[key] = _check_root(key, roots[key], any_version)
             continue
         if not src.is_dir():
             raise LayoutError(f"--{key} {src} is neither a directory nor an archive file")
-        if key == "train":
-            check_train_root(src, any_version)  # before linking anything
-            names = [p.name for p in _subdirs(src)]
-        else:
-            check_test_root(src)
-            names = list(TEST_CLASSES)
+        # Checked before linking anything; the links / copies hold the same folders, so
+        # the result describes the destination too.
+        checks[key] = _check_root(key, src, any_version)
+        names = [p.name for p in _subdirs(src)] if key == "train" else list(TEST_CLASSES)
         _link_or_copy(src, dest, names, mode)
         roots[key] = dest
     summary = {
         "speech_commands_root": str(roots["train"]),
         "speech_commands_test_root": str(roots["test"]),
         "mode": "extracted" if Path(train).is_file() else mode,
-        "train": check_train_root(roots["train"], any_version),
-        "test": check_test_root(roots["test"]),
+        "train": checks["train"],
+        "test": checks["test"],
         "override": (f"config.downstream_expert.datarc.speech_commands_root={roots['train']},,"
                      f"config.downstream_expert.datarc.speech_commands_test_root={roots['test']}"),
     }

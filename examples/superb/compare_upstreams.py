@@ -155,10 +155,8 @@ def run_one(up: Dict, index: int, total: int, args, overrides: List[str], env: d
     tag = f"[{index}/{total}] {label}"
 
     train_cmd = [sys.executable, LAUNCHER, "-m", "train", "-d", "speech_commands", "-c", args.config,
-                 "-u", up["name"], "-p", expdir, "--device", args.device, "--seed", str(args.seed),
-                 "-o", ",,".join(overrides)]
-    if up["ckpt"]:
-        train_cmd[train_cmd.index("-p"):train_cmd.index("-p")] = ["-k", up["ckpt"]]
+                 "-u", up["name"], *(["-k", up["ckpt"]] if up["ckpt"] else []), "-p", expdir,
+                 "--device", args.device, "--seed", str(args.seed), "-o", ",,".join(overrides)]
     print(f"{tag}: train ({up['name']}{' ' + up['ckpt'] if up['ckpt'] else ''}) -> {expdir}", flush=True)
     code, text, secs = _run(train_cmd, os.path.join(expdir, "train.log"), env, tag, args.verbose)
     result["train_seconds"] = round(secs, 1)

@@ -47,7 +47,7 @@ def shifted_window_mask(
     window came from the same region of the unrolled grid and may attend to each other.
     Cached per grid, window, shift and device (built once, not every step; do not modify).
     """
-    region = torch.zeros(1, t, f, 1)
+    region = torch.zeros(1, t, f, 1, device="cpu")  # never the ambient default device: the result is cached
     label = 0
     for ts in ((0, t - window[0]), (t - window[0], t - shift[0]), (t - shift[0], t)):
         for fs in ((0, f - window[1]), (f - window[1], f - shift[1]), (f - shift[1], f)):

@@ -38,15 +38,16 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import pickle
 import re
 import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torchaudio
 from torch import Tensor, nn
 
+from ..checkpoint import CheckpointError, read_torch_file
 from .htsat import HTSAT, fold_spectrogram
 
 LAYERS = ("final", "stage3")
@@ -59,7 +60,7 @@ _NUM_CLASSES = 527
 _FRONT_END_KEYS = ("spectrogram_extractor.", "logmel_extractor.", "bn0.")
 
 
-class ClapCheckpointError(ValueError):
+class ClapCheckpointError(CheckpointError):
     """A file is not a usable (non-fusion LAION-CLAP or MS-CLAP 2023) CLAP checkpoint."""
 
 
@@ -114,17 +115,9 @@ def mel_to_hz(m: float | Tensor) -> float | Tensor:
 
 def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, fmin: float, fmax: float) -> Tensor:
     """(n_fft // 2 + 1, n_mels) float32 Slaney-normalised triangular filters on the Slaney mel scale,
-    as ``librosa.filters.mel(sr, n_fft, n_mels, fmin, fmax).T`` (computed in float64)."""
-    fft_hz = torch.linspace(0, sample_rate / 2, n_fft // 2 + 1, dtype=torch.float64)
-    mel_hz = mel_to_hz(torch.linspace(hz_to_mel(float(fmin)), hz_to_mel(float(fmax)), n_mels + 2,
-                                      dtype=torch.float64))
-    width = mel_hz.diff()  # (n_mels + 1,)
-    ramps = mel_hz[:, None] - fft_hz[None, :]  # (n_mels + 2, n_freq)
-    rising = -ramps[:-2] / width[:-1, None]
-    falling = ramps[2:] / width[1:, None]
-    weights = torch.clamp(torch.minimum(rising, falling), min=0)
-    weights = weights * (2.0 / (mel_hz[2:] - mel_hz[:-2]))[:, None]
-    return weights.T.contiguous().float()
+    as ``librosa.filters.mel(sr, n_fft, n_mels, fmin, fmax).T`` (torchaudio's ``melscale_fbanks``)."""
+    return torchaudio.functional.melscale_fbanks(n_fft // 2 + 1, float(fmin), float(fmax), n_mels, sample_rate,
+                                                norm="slaney", mel_scale="slaney")
 
 
 def dft_weights(n_fft: int) -> tuple[Tensor, Tensor]:
@@ -197,8 +190,8 @@ class AudioBranch(HTSAT):
         x = self.logmel_extractor(self.spectrogram_extractor(wav))
         return self.bn0(x.transpose(1, 3)).transpose(1, 3)
 
-    def forward(self, wav: Tensor, stop_stage: int | None = None) -> Tensor:
-        return super().forward(fold_spectrogram(self.log_mel(wav), self.mel_bins), stop_stage)
+    def forward(self, wav: Tensor) -> Tensor:
+        return super().forward(fold_spectrogram(self.log_mel(wav), self.mel_bins))
 
 
 class LaionProjection(nn.Sequential):
@@ -253,17 +246,16 @@ class ClapTeacher(nn.Module):
         self.num_samples = round(front_end.seconds * front_end.sample_rate)
         self.mel_bins = branch.mel_bins
         self._front_end = front_end
-        scale = front_end.sample_rate / front_end.filterbank_rate
-        self.fmin = front_end.fmin * scale
-        self.fmax = front_end.fmax * scale
-        self.stop_stage = None if layer == "final" else 2
-        gf, gt, width = branch.stage_shape(len(branch.layers) - 1 if layer == "final" else 2)
-        self.grid = (gf, gt)
-        self.dim = projection.out_dim if projection is not None else width
-        if layer == "stage3":  # drop what is never run
+        self._hz_scale = front_end.sample_rate / front_end.filterbank_rate
+        self.fmin = front_end.fmin * self._hz_scale
+        self.fmax = front_end.fmax * self._hz_scale
+        if layer == "stage3":  # stage 3's blocks end the network: drop what is never run
             del branch.layers[3:]
             branch.layers[2].downsample = None
             branch.norm = None
+        gf, gt, width = branch.stage_shape(len(branch.layers) - 1)
+        self.grid = (gf, gt)
+        self.dim = projection.out_dim if projection is not None else width
         self.requires_grad_(False)
         super().train(False)
 
@@ -283,18 +275,17 @@ class ClapTeacher(nn.Module):
         lo, hi = hz_to_mel(fe.fmin), hz_to_mel(fe.fmax)
         step = (hi - lo) / (M + 1)  # mel distance between adjacent bin centres
         mels = [lo] + [lo + (k * M / G + 0.5) * step for k in range(1, G)] + [hi]
-        scale = fe.sample_rate / fe.filterbank_rate
-        return [mel_to_hz(m) * scale for m in mels]
+        return [mel_to_hz(m) * self._hz_scale for m in mels]
 
     def forward(self, wav: Tensor) -> Tensor:
         if wav.dim() != 2 or wav.shape[1] != self.num_samples:
             raise ValueError(f"{self.name} expects (batch, {self.num_samples}) waveforms "
                              f"({self.seconds:g} s at {self.sample_rate} Hz), got {tuple(wav.shape)}")
         with torch.no_grad(), torch.autocast(wav.device.type, enabled=False):
-            x = self.branch(wav.float(), self.stop_stage)
+            x = self.branch(wav.float())
             if self.proj is not None:
                 x = self.proj(x)
-        return x.float()
+        return x
 
     def extra_repr(self) -> str:
         return (f"name={self.name}, layer={self.layer}, projection={self.projection}, grid={self.grid}, "
@@ -333,24 +324,9 @@ def _read_state_dict(path: str, trusted: bool) -> dict[str, Tensor]:
     (arbitrary pickled objects) is refused unless ``trusted``, which unpickles it fully as
     LAION-CLAP's and MS-CLAP's own loaders do.
     """
-    if not os.path.isfile(path):
-        raise ClapCheckpointError(f"{path}: CLAP checkpoint not found")
-    try:
-        with torch.serialization.safe_globals(_numpy_scalar_globals()):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if not trusted:
-            raise ClapCheckpointError(
-                f"{path}: holds pickled objects that weights-only loading refuses ({str(e).splitlines()[0]}). "
-                "If you trust this file, allow a full unpickle: trusted=True (task.teacher_trusted=true, "
-                "extract_clap_targets.py --trusted)."
-            ) from e
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:  # noqa: BLE001 - any unreadable file gets the same error
-            raise ClapCheckpointError(f"{path}: cannot be read as a torch checkpoint ({e})") from e
-    except (RuntimeError, EOFError, OSError) as e:
-        raise ClapCheckpointError(f"{path}: cannot be read as a torch checkpoint ({e})") from e
+    ckpt = read_torch_file(path, trusted, safe_globals=_numpy_scalar_globals(), error=ClapCheckpointError,
+                           what="CLAP checkpoint",
+                           trust_hint="trusted=True (task.teacher_trusted=true, extract_clap_targets.py --trusted)")
     if not isinstance(ckpt, dict):
         raise ClapCheckpointError(f"{path}: not a CLAP checkpoint (holds a {type(ckpt).__name__}, not a dict)")
     for key in ("state_dict", "model"):
@@ -414,15 +390,13 @@ def _infer_architecture(path: str, audio: dict[str, Tensor]) -> Architecture:
             stages[i] = max(stages.get(i, 0), j + 1)
     if not stages or sorted(stages) != list(range(len(stages))):
         raise ClapCheckpointError(f"{path}: cannot infer the HTS-AT stages (blocks found in stages {sorted(stages)})")
-    heads, windows = [], []
-    for i in range(len(stages)):
-        table = audio.get(f"layers.{i}.blocks.0.attn.relative_position_bias_table")
+    tables = [audio.get(f"layers.{i}.blocks.0.attn.relative_position_bias_table") for i in range(len(stages))]
+    for i, table in enumerate(tables):
         if table is None:
             raise ClapCheckpointError(f"{path}: stage {i} lacks a relative_position_bias_table")
-        heads.append(table.shape[1])
-        windows.append((math.isqrt(table.shape[0]) + 1) // 2)
     return Architecture(embed_dim=patch.shape[0], depths=tuple(stages[i] for i in range(len(stages))),
-                        num_heads=tuple(heads), window=windows[0], patch_size=patch.shape[-1],
+                        num_heads=tuple(t.shape[1] for t in tables),
+                        window=(math.isqrt(tables[0].shape[0]) + 1) // 2, patch_size=patch.shape[-1],
                         n_fft=real.shape[-1], mel_bins=mel.shape[1])
 
 
@@ -472,8 +446,6 @@ def load_clap_teacher(path: str, layer: str = "final", projection: bool = False,
     _check_filterbank(path, layout, branch, arch)
 
     # Any other audio key (e.g. an unknown 'audio_encoder.*' module) is an error too.
-    proj_state = {k[len(layout.projection_prefix):]: v for k, v in state.items()
-                  if k.startswith(layout.projection_prefix)}
     if layout.name == "msclap":
         stray = sorted(k for k in state if k.startswith("audio_encoder.")
                        and not k.startswith((layout.audio_prefix, layout.projection_prefix)))
@@ -481,6 +453,8 @@ def load_clap_teacher(path: str, layer: str = "final", projection: bool = False,
             raise ClapCheckpointError(f"{path}: unexpected audio keys: {', '.join(stray[:20])}")
     proj_module = None
     if projection:
+        proj_state = {k[len(layout.projection_prefix):]: v for k, v in state.items()
+                      if k.startswith(layout.projection_prefix)}
         out_key = "2.weight" if layout.name == "laion" else "linear2.weight"
         if out_key not in proj_state:
             raise ClapCheckpointError(f"{path}: no '{layout.projection_prefix}{out_key}' for projection=True")

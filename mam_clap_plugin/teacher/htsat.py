@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..modules.decoder import shifted_window_mask as window_region_mask
 from ..modules.decoder import window_merge, window_partition
 from ..modules.transformer import Mlp
 
@@ -77,18 +78,10 @@ def relative_position_index(window: int) -> Tensor:
 
 
 def shifted_window_mask(resolution: tuple[int, int], window: int, shift: int) -> Tensor:
-    """(nW, window^2, window^2) additive mask: 0 within a region of the rolled image, -100 across."""
-    H, W = resolution
-    region = torch.zeros(1, H, W, 1)
-    cuts = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
-    label = 0
-    for h in cuts:
-        for w in cuts:
-            region[:, h, w, :] = label
-            label += 1
-    region = window_partition(region, (window, window)).squeeze(-1)  # (nW, N)
-    diff = region[:, None, :] - region[:, :, None]
-    return torch.zeros_like(diff).masked_fill(diff != 0, SHIFT_MASK_VALUE)
+    """(nW, window^2, window^2) additive mask: 0 within a region of the rolled image, -100 across
+    (the decoder's region mask, in the reference implementation's additive form)."""
+    same_region = window_region_mask(*resolution, (window, window), (shift, shift)).squeeze(1)
+    return torch.where(same_region, 0.0, SHIFT_MASK_VALUE)
 
 
 class PatchEmbed(nn.Module):
@@ -194,11 +187,7 @@ class PatchMerging(nn.Module):
 
 
 class SwinStage(nn.Module):
-    """``depth`` blocks (every second one shifted by window/2), then an optional PatchMerging.
-
-    The stage's forward runs only the blocks; the network applies ``downsample`` itself so that
-    it can stop before it.
-    """
+    """``depth`` blocks (every second one shifted by window/2), then an optional PatchMerging."""
 
     def __init__(self, dim: int, resolution: tuple[int, int], depth: int, num_heads: int, window: int,
                  downsample: bool):
@@ -212,7 +201,7 @@ class SwinStage(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         for block in self.blocks:
             x = block(x)
-        return x
+        return x if self.downsample is None else self.downsample(x)
 
 
 class HTSAT(nn.Module):
@@ -249,19 +238,12 @@ class HTSAT(nn.Module):
         H, W = self.layers[stage].resolution
         return H // self.ratio, self.ratio * W, self.patch_embed.proj.out_channels << stage
 
-    def forward(self, image: Tensor, stop_stage: int | None = None) -> Tensor:
-        """image (B, 1, 256, 256) -> unfolded map (B, grid_freq, grid_time, width).
-
-        stop_stage None: after the last stage and the final ``norm``; stop_stage i: output of stage
-        i's blocks, before its PatchMerging (later stages are not run).
-        """
+    def forward(self, image: Tensor) -> Tensor:
+        """image (B, 1, 256, 256) -> unfolded map (B, grid_freq, grid_time, width) of the last
+        stage, after ``norm`` if the network has one (a teacher cut after stage 3 has none)."""
         x = self.patch_embed(image)
-        last = len(self.layers) - 1 if stop_stage is None else stop_stage
-        for i in range(last + 1):
-            stage = self.layers[i]
+        for stage in self.layers:
             x = stage(x)
-            if i == stop_stage:
-                return unfold_tokens(x, stage.resolution, self.ratio)
-            if stage.downsample is not None:
-                x = stage.downsample(x)
-        return unfold_tokens(self.norm(x), self.layers[last].resolution, self.ratio)
+        if self.norm is not None:
+            x = self.norm(x)
+        return unfold_tokens(x, self.layers[-1].resolution, self.ratio)
