@@ -109,8 +109,9 @@ def test_constructor_reads_nothing(tmp_path, clap_checkpoint):
         t.load_dataset("train")
     online = MamClapPretrainingTask.setup_task(MamClapPretrainingConfig(
         data=str(gone), teacher_checkpoint=str(gone / "clap.pt"), target_length=64))
-    assert online._teacher is None
-    with pytest.raises(FileNotFoundError, match="clap.pt"):
+    from mam_clap_plugin.teacher import ClapCheckpointError
+
+    with pytest.raises(ClapCheckpointError, match="clap.pt: CLAP checkpoint not found"):
         online.target_dim
 
 
