@@ -3,7 +3,6 @@ what differs; every plugin field is listed (so any can be overridden on the comm
 without `+`); the variant settings are the paper's; every README command composes."""
 import dataclasses
 import os
-import shlex
 
 import fairseq  # noqa: F401  (registers the plugin's components)
 import pytest
@@ -114,11 +113,10 @@ def test_readme_shows_every_variant():
 
 
 @pytest.mark.parametrize("command", README_COMMANDS)
-def test_readme_command_composes(command, monkeypatch):
+def test_readme_command_composes(command):
     """Each README command's overrides apply to its config as written (no `+` needed,
     relative data paths, no hydra.run.dir); sweeps are checked with their first value."""
-    monkeypatch.setenv("USER_DIR", "/plugin")
-    words = shlex.split(os.path.expandvars(command))
+    words = readme.words(command, {"PATH": os.environ["PATH"], "USER_DIR": "/plugin", "r": "1"})
     assert words[words.index("--config-dir") + 1] == "examples/pretraining/config"
     overrides = [w.split(",")[0] if "," in w else w for w in words if "=" in w and not w.startswith("-")]
     assert not [o for o in overrides if o.startswith("hydra.")]
