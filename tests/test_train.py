@@ -131,6 +131,8 @@ def check_fairseq_loading_without_data(scratch, ckpt):
     import torch
     from fairseq import checkpoint_utils
 
+    from mam_clap_plugin import criterions, models, tasks  # noqa: F401  (the README's imports)
+
     moved = shutil.move(str(scratch / "manifests"), str(scratch / "elsewhere"))
     shutil.rmtree(scratch / "clap_targets")
     models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([ckpt])
@@ -318,6 +320,8 @@ def test_clap_variants_offline_and_online_teacher(tone_set, clap_checkpoint, ext
     assert load_encoder(str(tmp_path / "on" / "checkpoint_last.pt")).embed_dim == 64
     # fairseq's loader rebuilds the task without loading (or finding) the teacher
     from fairseq import checkpoint_utils
+
+    from mam_clap_plugin import criterions, models, tasks  # noqa: F401
 
     models, _, task = checkpoint_utils.load_model_ensemble_and_task(
         [str(tmp_path / "on" / "checkpoint_last.pt")], arg_overrides={"teacher_checkpoint": str(tmp_path / "gone.pt")})
