@@ -62,6 +62,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mam_clap_plugin.criterions.supmam_clap import SupMamClapCriterion, SupMamClapCriterionConfig
 from mam_clap_plugin.data.audio import load_audio, normalize_fbank, resolve_norm_stats, wav_to_fbank
+from mam_clap_plugin.hydra_runs import compose_config
 from mam_clap_plugin.models.supmam_clap import SupMamClapConfig, SupMamClapModel
 from mam_clap_plugin.modules.encoder import num_visible
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -102,10 +103,8 @@ def peak_rss_mib() -> float:
 
 
 def load_variant(name: str, size: Optional[str]) -> Dict[str, Any]:
-    """Read one variant's YAML (and the size override) into plain dicts."""
-    cfg = OmegaConf.load(CONFIG_DIR / f"{name}.yaml")
-    if size:
-        cfg = OmegaConf.merge(cfg, OmegaConf.load(CONFIG_DIR / "size" / f"{size}.yaml"))
+    """Read one variant's config (base.yaml + the variant, and the size override) into plain dicts."""
+    cfg = compose_config(str(CONFIG_DIR), name, [f"+size={size}"] if size else [])
     model = OmegaConf.to_container(cfg.model, resolve=True)
     model.pop("_name", None)
     if model.get("target") == "clap":

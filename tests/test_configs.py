@@ -6,12 +6,11 @@ import os
 
 import fairseq  # noqa: F401  (registers the plugin's components)
 import pytest
-from fairseq.dataclass.initialize import hydra_init
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import mam_clap_plugin  # noqa: F401
 from mam_clap_plugin.criterions.supmam_clap import SupMamClapCriterionConfig
+from mam_clap_plugin.hydra_runs import compose_config
 from mam_clap_plugin.models.supmam_clap import SupMamClapConfig
 from mam_clap_plugin.tasks.mam_clap_pretraining import MamClapPretrainingConfig
 
@@ -27,10 +26,7 @@ PAPER = {  # variant: (mask ratio, target, classification branch, lambda_cls, de
 
 
 def load(name, overrides=("task.data=manifests",)):
-    """The config as fairseq-hydra-train composes it (its schema registered under the name)."""
-    hydra_init(name)
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        return compose(config_name=name, overrides=list(overrides))
+    return compose_config(CONFIG_DIR, name, overrides)
 
 
 def leaves(cfg, prefix=""):
