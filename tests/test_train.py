@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -19,7 +20,7 @@ from mam_clap_plugin.checkpoint import load_checkpoint, load_encoder, model_conf
 from mam_clap_plugin.hydra_runs import hydra_train_executable, parse_json_log, plugin_dir, run_hydra_train
 
 from . import readme
-from .conftest import CONFIG_DIR, REPO, TEACHER_DIM
+from .conftest import CONFIG_DIR, TEACHER_DIM
 
 VARIANTS = ["mam", "mam_clap", "supmam", "supmam_clap"]
 
@@ -200,7 +201,7 @@ def _run_ranks(command, cwd, extra, log):
     """Start the README's per-rank command for ranks 0 and 1 (as its loop does), each
     writing to its own log file (no pipe to fill). A port taken between choosing it and
     rank 0 binding it is retried with another; returns [(returncode, text)] per rank."""
-    for attempt in range(3):
+    for _ in range(3):
         env = shell_env(PORT=str(_free_port()))
         procs, logs = [], []
         for rank in (0, 1):
@@ -210,9 +211,14 @@ def _run_ranks(command, cwd, extra, log):
                 procs.append(subprocess.Popen(["bash", "-c", with_fast(command, *extra)], cwd=cwd,
                                               env={**env, "r": str(rank)}, stdout=out, stderr=subprocess.STDOUT,
                                               start_new_session=True))
+        deadline = time.monotonic() + 300
         try:
-            for p in procs:
-                p.wait(timeout=300)
+            # a rank that fails (e.g. rank 0 finding the port taken) ends the attempt at once,
+            # instead of leaving the other waiting for it
+            while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+                if any(p.poll() not in (None, 0) for p in procs):
+                    break
+                time.sleep(0.5)
         finally:
             for p in procs:
                 if p.poll() is None:
