@@ -61,7 +61,7 @@ print('PROBES ' + json.dumps({'env': env, 'errors': out}))
 
 def _process_state() -> dict:
     """Everything the shims change: torchaudio's and huggingface_hub's attributes, the modules
-    they add (and s3prl's, which are built on them), torch's weights-only allow-list."""
+    they add (and s3prl's, which are built on them), Namespace on torch's weights-only allow-list."""
     import huggingface_hub
     import torchaudio
 
@@ -72,7 +72,8 @@ def _process_state() -> dict:
         "huggingface_hub": {n: vars(huggingface_hub).get(n) for n in ("HfFolder", "Repository")},
         "modules": sorted(n for n in sys.modules
                           if n == "torchaudio.sox_effects" or n.split(".")[0] in ("tensorboardX", "catalyst", "s3prl")),
-        "safe_globals": list(torch.serialization.get_safe_globals()),
+        # (torch's own modules imported meanwhile may add their classes to the allow-list)
+        "namespace_allowed": argparse.Namespace in torch.serialization.get_safe_globals(),
         "installed": compat.installed_shims(),
     }
 
@@ -145,6 +146,9 @@ def test_docstring_table_names_every_shim():
     for name, fn in compat.SHIMS.items():
         assert f"``{fn.__name__}``" in doc, fn.__name__
         assert fn.__doc__ and ("Error" in fn.__doc__ or "error" in fn.__doc__), fn.__name__
+    # one module per shim
+    modules = [fn.__module__ for fn in compat.SHIMS.values()]
+    assert len(set(modules)) == len(modules) and all(m.startswith("upstream.compat.") for m in modules)
 
 
 # ---------------------------------------------------------------------------- scoped installation

@@ -125,8 +125,8 @@ def installed_shims() -> List[str]:
 
 def uninstall_shims() -> None:
     """Undo every change the shims made: attributes of torchaudio / huggingface_hub restored
-    or removed, stand-in modules taken out of ``sys.modules``, torch's weights-only allow-list
-    as before. Modules imported meanwhile that hold a shim (e.g. s3prl's) keep it."""
+    or removed, stand-in modules taken out of ``sys.modules``, ``argparse.Namespace`` off torch's
+    weights-only allow-list. Modules imported meanwhile that hold a shim (e.g. s3prl's) keep it."""
     undo_to(0)
     _INSTALLED.clear()
 

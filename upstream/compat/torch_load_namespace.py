@@ -22,12 +22,13 @@ def shim_torch_load_namespace() -> bool:
     safe = getattr(torch.serialization, "get_safe_globals", lambda: [])()
     if argparse.Namespace in safe:
         return False
-    before = list(safe)
-
-    def restore():
-        torch.serialization.clear_safe_globals()
-        torch.serialization.add_safe_globals(before)
-
     torch.serialization.add_safe_globals([argparse.Namespace])
-    on_undo(restore)
+    on_undo(_remove_namespace)
     return True
+
+
+def _remove_namespace() -> None:
+    """Take ``argparse.Namespace`` off the allow-list again, keeping whatever else is on it."""
+    others = [g for g in torch.serialization.get_safe_globals() if g is not argparse.Namespace]
+    torch.serialization.clear_safe_globals()
+    torch.serialization.add_safe_globals(others)
