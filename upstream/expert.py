@@ -84,8 +84,11 @@ class UpstreamExpert(_Base):
     """The pretrained encoder as an s3prl upstream.
 
     Args:
-        ckpt: a pretraining checkpoint of this plugin (fairseq layout) or an encoder export
-            (``examples/export_encoder.py``); both load with ``weights_only=True``.
+        ckpt: any file ``mam_clap_plugin.load_encoder`` reads: a pretraining or fine-tuning
+            checkpoint of this plugin (fairseq layout), an encoder export
+            (``examples/export_encoder.py``, safetensors or ``.pt``) or a converted AudioMAE
+            file (``examples/convert/audiomae_to_mam_clap.py``); torch files load with
+            ``weights_only=True``.
         model_config: optional YAML/JSON file with the options below (s3prl's ``-g``);
             keyword arguments take precedence.
         freq_pool: ``"mean"`` (H = D, default) or ``"concat"`` (H = 8 * D).
