@@ -270,6 +270,16 @@ def extract(args) -> dict:
     for msg in bad.values():
         tqdm.write(f"skipping bad file: {msg}", file=sys.stderr)
     written = 0
+
+    def skip_or_raise(i: int, err: AudioError) -> None:
+        """A bad file: re-raise (stop) unless --skip-bad-files, else record and name it."""
+        if not args.skip_bad_files:
+            raise err
+        bad[i] = str(err)
+        writer.mark_bad(i)
+        tqdm.write(f"skipping bad file: {err}", file=sys.stderr)
+        bar.update(1)
+
     try:
         for start in range(0, len(todo), args.batch_size):
             batch, fbanks = [], []
@@ -278,12 +288,7 @@ def extract(args) -> dict:
                 try:
                     wav = load_audio(path)
                 except AudioError as err:
-                    if not args.skip_bad_files:
-                        raise
-                    bad[i] = str(err)
-                    writer.mark_bad(i)
-                    tqdm.write(f"skipping bad file: {err}", file=sys.stderr)
-                    bar.update(1)
+                    skip_or_raise(i, err)
                     continue
                 batch.append(i)
                 fbanks.append(clip_fbank(wav, bundle.norm_mean, bundle.norm_std).to(args.device))
@@ -294,13 +299,10 @@ def extract(args) -> dict:
             for i, out in zip(batch, outputs):
                 try:
                     writer.write(i, file_features(out, args.level, layer))
-                    written += 1
                 except AudioError as err:
-                    if not args.skip_bad_files:
-                        raise
-                    bad[i] = str(err)
-                    writer.mark_bad(i)
-                    tqdm.write(f"skipping bad file: {err}", file=sys.stderr)
+                    skip_or_raise(i, err)
+                    continue
+                written += 1
                 bar.update(1)
             bar.set_postfix(bad=len(bad))
     finally:
