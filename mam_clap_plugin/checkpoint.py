@@ -106,7 +106,8 @@ def file_sha256(path: str) -> str:
 
 
 def _read_export(path: str) -> Dict[str, Any]:
-    """A safetensors export as ``{"format", "version", "config", "model"}``."""
+    """A safetensors export as ``{"format", "version", "config", "model"}`` (``config``: see
+    :func:`export_config`)."""
     tensors, meta = read_safetensors(path)
     if CONFIG_KEY not in meta:
         raise CheckpointError(
@@ -116,18 +117,32 @@ def _read_export(path: str) -> Dict[str, Any]:
         config = json.loads(meta[CONFIG_KEY])
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path}: '{CONFIG_KEY}' metadata is not valid JSON ({err})") from err
-    return {"format": config.get("format"), "version": config.get("version"), "config": config, "model": tensors}
+    state = {"format": config.get("format"), "version": config.get("version"), "config": config, "model": tensors}
+    _export_version(state, path)
+    return state
+
+
+def _from_torch_export(state: Dict[str, Any]) -> Dict[str, Any]:
+    """A version-1 torch export in the shape of a safetensors export (its config has no
+    front-end options or head)."""
+    config = {"format": EXPORT_FORMAT, "version": TORCH_EXPORT_VERSION, "encoder": dict(state["encoder_config"]),
+              "frontend": {"target_length": state.get("target_length"), "norm_stats": dict(state["norm_stats"])},
+              "source": {"file": state.get("source")}, "head": None}
+    return {"format": EXPORT_FORMAT, "version": TORCH_EXPORT_VERSION, "config": config, "model": state["model"]}
 
 
 def load_checkpoint(path: str, trusted: bool = False) -> Dict[str, Any]:
     """Read an encoder export (safetensors or torch) or a fairseq checkpoint onto the CPU
     (torch files with ``weights_only=True`` unless ``trusted``). Returns a dict with a
-    ``model`` entry (the weights)."""
+    ``model`` entry (the weights); an export of either version comes as ``{"format",
+    "version", "config", "model"}`` (``config``: see :func:`export_config`)."""
     if os.path.isfile(path) and is_safetensors(path):
         return _read_export(path)
     state = read_torch_file(path, trusted)
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path}: no 'model' entry; not a fairseq or exported checkpoint")
+    if is_exported(state) and _export_version(state, path) == TORCH_EXPORT_VERSION:
+        return _from_torch_export(state)
     return state
 
 
@@ -198,9 +213,7 @@ def _prefixed(weights: Dict[str, torch.Tensor], prefix: str = "encoder.") -> Dic
 def encoder_config(state: Dict[str, Any], path: str = "<checkpoint>") -> Dict[str, Any]:
     """:class:`AudioEncoder` constructor arguments of any file :func:`load_checkpoint` reads."""
     if is_exported(state):
-        if _export_version(state, path) == EXPORT_VERSION:
-            return dict(state["config"]["encoder"])
-        return dict(state["encoder_config"])
+        return dict(state["config"]["encoder"])
     cfg = model_config(state, path)
     if cfg["_name"] == FINETUNING_MODEL:
         heads = cfg.get("encoder_attention_heads", cfg.get("num_heads"))
@@ -218,9 +231,8 @@ def encoder_config(state: Dict[str, Any], path: str = "<checkpoint>") -> Dict[st
 
 def head_keys(state: Dict[str, Any]) -> list:
     """Names of the classifier weights an export keeps next to the encoder (``config["head"]``)."""
-    if is_exported(state) and state.get("version") == EXPORT_VERSION and state["config"].get("head"):
-        return list(state["config"]["head"]["keys"])
-    return []
+    head = state["config"].get("head") if is_exported(state) else None
+    return list(head["keys"]) if head else []
 
 
 def _encoder_weights(state: Dict[str, Any]) -> Dict[str, torch.Tensor]:
@@ -250,8 +262,11 @@ def _norm_spec(state: Dict[str, Any]) -> str:
 
 
 def _frontend(state: Dict[str, Any], path: str) -> Dict[str, Any]:
-    """A safetensors export's front end, checked against this code's fbank."""
+    """An export's front end; a safetensors export's is checked against this code's fbank
+    (the torch export of version 1 records none)."""
     frontend = state["config"]["frontend"]
+    if state["version"] == TORCH_EXPORT_VERSION:
+        return frontend
     if frontend.get("sample_rate") != SAMPLE_RATE or frontend.get("fbank_options") != FBANK_OPTIONS:
         raise CheckpointError(
             f"{path}: the encoder expects another front end (sample_rate {frontend.get('sample_rate')}, fbank "
@@ -266,10 +281,7 @@ def norm_stats(state: Dict[str, Any], path: str = "<checkpoint>") -> tuple[float
     ``NORM_STATS`` or ``'mean,std'``), or the task default ``audioset`` when absent.
     """
     if is_exported(state):
-        if _export_version(state, path) == EXPORT_VERSION:
-            stats = _frontend(state, path)["norm_stats"]
-        else:
-            stats = state["norm_stats"]
+        stats = _frontend(state, path)["norm_stats"]
         return float(stats["mean"]), float(stats["std"])
     try:
         return resolve_norm_stats(_norm_spec(state))
@@ -279,15 +291,13 @@ def norm_stats(state: Dict[str, Any], path: str = "<checkpoint>") -> tuple[float
 
 def _norm_spec_of(state: Dict[str, Any], mean: float, std: float) -> str:
     if is_exported(state):
-        stats = state["config"]["frontend"]["norm_stats"] if state["version"] == EXPORT_VERSION else state["norm_stats"]
-        return stats.get("spec", f"{mean},{std}")
+        return state["config"]["frontend"]["norm_stats"].get("spec", f"{mean},{std}")
     return _norm_spec(state)
 
 
 def _target_length(state: Dict[str, Any]) -> Optional[int]:
     if is_exported(state):
-        value = state["config"]["frontend"]["target_length"] if state["version"] == EXPORT_VERSION \
-            else state.get("target_length")
+        value = state["config"]["frontend"]["target_length"]
     else:
         value = _task_config(state).get("target_length")
     return None if value is None else int(value)
