@@ -443,6 +443,9 @@ def save_encoder(out_path: str, encoder: AudioEncoder, config: Dict[str, Any], n
     meta = export_config(encoder, config, norm_mean, norm_std, norm_spec, target_length, src, head_config)
     text = json.dumps(meta, indent=2)
     save_file(weights, tmp, metadata={CONFIG_KEY: text})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates the file owner-only; give it the usual mode
     os.replace(tmp, out_path)
     side = sidecar_path(out_path)
     with open(f"{side}.tmp", "w") as f:

@@ -28,6 +28,14 @@ from mam_clap_plugin.checkpoint import CheckpointError  # noqa: E402
 from mam_clap_plugin.convert import convert_audiomae  # noqa: E402
 
 
+def group_keys(keys: List[str]) -> str:
+    """``decoder_blocks.0.x, decoder_blocks.1.y, mask_token`` -> ``decoder_blocks.* (2), mask_token``."""
+    groups: dict = {}
+    for key in keys:
+        groups.setdefault(key.split(".")[0], []).append(key)
+    return ", ".join(name if members == [name] else f"{name}.* ({len(members)})" for name, members in groups.items())
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("input", metavar="IN", help="AudioMAE checkpoint (.pth) or timm-layout state dict")
@@ -46,7 +54,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     dropped = meta.pop("dropped")
-    meta["source"].pop("dropped", None)
     head = meta["head"]
     print(json.dumps({**meta, "out": args.output, "size_mib": round(os.path.getsize(args.output) / 2**20, 3)},
                      indent=2))
@@ -54,7 +61,8 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"{meta['encoder']['depth']} blocks, width {meta['encoder']['embed_dim']}, "
           f"{meta['encoder']['max_frames']} frames; "
           f"{'head ' + str(head['num_classes']) + ' classes kept' if head else 'no head'}; "
-          f"dropped {len(dropped)} decoder keys{': ' + ', '.join(dropped) if dropped else ''}", file=sys.stderr)
+          f"dropped {len(dropped)} decoder keys{': ' + group_keys(dropped) if dropped else ''} "
+          "(all listed in the JSON's source.dropped)", file=sys.stderr)
     return 0
 
 
