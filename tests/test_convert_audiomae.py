@@ -30,6 +30,15 @@ BLOCK_KEYS = [f"{m}.{p}" for m in ("norm1", "attn.qkv", "attn.proj", "norm2", "m
               for p in ("weight", "bias")]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: on a busy 2-core machine extra threads only add contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def audiomae_encoder(dim, depth, positions=513, seed=0):
     """An encoder state dict in AudioMAE's key layout with random values (LayerNorm
     weights near 1; a random, non-sin-cos position table so that a recomputed one shows)."""
