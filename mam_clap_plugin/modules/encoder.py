@@ -9,7 +9,7 @@ Layout:
          (token ``i * 8 + j`` = time patch i, frequency patch j; t = T / 16)
       -> + fixed 2D sin-cos position table (a buffer, first t time columns)
       -> optional unstructured random masking (same kept count for every clip)
-      -> [cls] + visible tokens -> ViT blocks -> LayerNorm
+      -> [cls] + visible tokens -> ViT blocks -> LayerNorm (Identity if ``final_norm=False``)
 """
 from __future__ import annotations
 
@@ -76,6 +76,8 @@ class AudioEncoder(nn.Module):
         max_frames: longest input in fbank frames; fixes the position-table grid
             (1024 frames -> 64 time patches).
         num_mel_bins: fbank bins (128 -> 8 frequency patches).
+        final_norm: end with a LayerNorm (True); False leaves the last block's output as
+            it is, as AudioMAE's fine-tuned encoders do (they pool, then apply ``fc_norm``).
     """
 
     def __init__(
@@ -86,6 +88,7 @@ class AudioEncoder(nn.Module):
         mlp_ratio: float = 4.0,
         max_frames: int = 1024,
         num_mel_bins: int = 128,
+        final_norm: bool = True,
     ):
         super().__init__()
         for name, value in (("max_frames", max_frames), ("num_mel_bins", num_mel_bins)):
@@ -102,7 +105,7 @@ class AudioEncoder(nn.Module):
         table = sincos_pos_embed_2d(embed_dim, self.grid_time, self.grid_freq)
         self.register_buffer("pos_embed", torch.cat([torch.zeros(1, embed_dim), table]).unsqueeze(0))
         self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth)])
-        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6) if final_norm else nn.Identity()
         self._init_weights()
 
     @classmethod
