@@ -59,7 +59,7 @@ constraints:
 	$(PYTHON) -m venv $(REFRESH_VENV)
 	$(call PIP_INSTALL,$(REFRESH_VENV)/bin) -r requirements.txt
 	$(call PIP_INSTALL,$(REFRESH_VENV)/bin) --no-deps -r requirements-parity.txt
-	{ sed -n '/^#/p' constraints.txt; $(REFRESH_VENV)/bin/python -m pip freeze --exclude-editable; } > constraints.txt.new
+	{ sed -n '/^#/p' constraints.txt; $(REFRESH_VENV)/bin/python -m pip freeze --all --exclude-editable | grep -v '^pip=='; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt
 	rm -rf $(REFRESH_VENV)
 
