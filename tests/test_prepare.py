@@ -102,6 +102,8 @@ def test_labels_audioset_unlabelled(tmp_path):
         "--drop-unlabelled")
     assert read_manifest(str(tmp_path / "out" / "train.tsv")).paths == ["abc.wav"]
     assert read_labels(str(tmp_path / "out" / "train.lbl"), 1, 3) == [[1]]
+    assert len(read_manifest(str(tmp_path / "train.tsv"))) == 3  # another --out-dir: the input stays as it was
+    assert not list(tmp_path.rglob("*.unfiltered.tsv"))
 
 
 def test_labels_drop_unlabelled_in_the_manifest_folder(tmp_path):
