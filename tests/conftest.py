@@ -1,5 +1,7 @@
 """Shared fixtures: a tiny generated labelled audio set with teacher-target stores."""
+import importlib.util
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -10,6 +12,20 @@ from mam_clap_plugin.data.target_store import TargetStoreHeader, create_target_s
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO, "examples", "pretraining", "config")
+
+def load_script(relpath: str, name: str | None = None):
+    """Import a script of this repository (``examples/...``) by its path, as module ``name``
+    (default: the file's stem), without putting its folder on ``sys.path``."""
+    path = os.path.join(REPO, relpath)
+    name = name or os.path.splitext(os.path.basename(path))[0]
+    if name in sys.modules and getattr(sys.modules[name], "__file__", None) == path:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # pickling by reference (worker processes) finds its functions
+    spec.loader.exec_module(module)
+    return module
+
 
 #: Teacher grid and width of the stand-in stores (a random "teacher").
 TEACHER_GRID = (2, 32)
