@@ -7,7 +7,6 @@ legacy Featurizer) runs against them with the compat shims installed.
 """
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -130,10 +129,22 @@ def test_export_cli_and_loading_without_fairseq(ckpts, tmp_path):
         "print('steps', up([torch.zeros(16000)])['hidden_states'][0].shape[1])\n"
         "assert 'fairseq' not in sys.modules\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert '"spec": "speech_commands"' in proc.stdout and proc.stdout.split()[-1] == "7"
+
+
+def test_missing_checkpoint_is_an_error_under_python_O(tmp_path):
+    """A real exception, not an assert that ``python -O`` strips."""
+    code = ("from upstream.hubconf import supmam_clap_local\n"
+            "try:\n"
+            f"    supmam_clap_local({str(tmp_path / 'missing.pt')!r})\n"
+            "except FileNotFoundError as e:\n"
+            "    print('refused:', e)\n")
+    proc = subprocess.run([sys.executable, "-O", "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("refused: supmam_clap_local: checkpoint not found") and "missing.pt" in proc.stdout
 
 
 def test_export_cli_errors(tmp_path, capsys):
@@ -236,8 +247,9 @@ def test_options_and_errors(ckpts, tmp_path):
         UpstreamExpert(ckpts[1])([torch.zeros(0)])
     from upstream.hubconf import supmam_clap_local
 
-    with pytest.raises(AssertionError, match="not found"):
-        supmam_clap_local(str(tmp_path / "missing.pt"))
+    for missing in (str(tmp_path / "missing.pt"), tmp_path / "missing.pt", str(tmp_path), None):
+        with pytest.raises(FileNotFoundError, match="supmam_clap_local: checkpoint not found"):
+            supmam_clap_local(missing)
     with pytest.raises(CheckpointError):
         (tmp_path / "junk.pt").write_bytes(b"junk")
         supmam_clap_local(str(tmp_path / "junk.pt"))
