@@ -89,3 +89,29 @@ def clap_checkpoint(tmp_path_factory) -> str:
 
     path = tmp_path_factory.mktemp("clap") / "small-laion-clap.pt"
     return save_random_clap_checkpoint(str(path), "laion", seed=0, **SMALL_TEACHER)
+
+
+#: Encoder of :func:`pretraining_checkpoint`: +size=tiny with 32 dims (2 layers, 4 heads).
+PRETRAINED_DIM, PRETRAINED_DEPTH = 32, 2
+
+
+@pytest.fixture(scope="session")
+def pretraining_checkpoint(tone_set, tmp_path_factory) -> str:
+    """A real ``checkpoint_last.pt`` written by ``fairseq-hydra-train``: tiny SupMAM
+    (``+size=tiny model.encoder_embed_dim=32``), 4 updates on the tone set, 1.28 s clips,
+    ``task.norm_stats=speech_commands``. For the tests that load "pretraining checkpoints"."""
+    from mam_clap_plugin.hydra_runs import run_hydra_train
+
+    root = tmp_path_factory.mktemp("pretrained")
+    overrides = [
+        "+size=tiny", f"model.encoder_embed_dim={PRETRAINED_DIM}", f"model.encoder_layers={PRETRAINED_DEPTH}",
+        f"task.data={tone_set}", "task.target_length=128", "task.norm_stats=speech_commands",
+        "common.cpu=true", "common.seed=3", "common.log_interval=1", "dataset.batch_size=6",
+        "dataset.num_workers=0", "optimization.max_update=4", "optimization.update_freq=[1]",
+        "optimization.lr=[0.01]", "lr_scheduler.warmup_updates=1", "checkpoint.save_interval_updates=0",
+        f"checkpoint.save_dir={root / 'checkpoints'}",
+    ]
+    run_hydra_train(CONFIG_DIR, "supmam", overrides, str(root / "run"))
+    path = root / "checkpoints" / "checkpoint_last.pt"
+    assert path.is_file(), f"fairseq-hydra-train wrote no {path}"
+    return str(path)

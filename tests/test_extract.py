@@ -1,6 +1,5 @@
 """examples/prepare/extract_clap_targets.py: stores the teacher's own maps, resumes, shards,
 refuses to mix teachers, and names bad audio."""
-import importlib.util
 import json
 import os
 import re
@@ -17,12 +16,10 @@ from mam_clap_plugin.data.manifest import read_manifest
 from mam_clap_plugin.data.target_store import BAD_AUDIO, WRITTEN, TargetStoreError, open_target_store
 from mam_clap_plugin.teacher import file_sha256, load_clap_teacher
 
-from .conftest import REPO
+from .conftest import REPO, load_script
 
 SCRIPT = os.path.join(REPO, "examples", "prepare", "extract_clap_targets.py")
-_spec = importlib.util.spec_from_file_location("extract_clap_targets", SCRIPT)
-extract = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(extract)
+extract = load_script("examples/prepare/extract_clap_targets.py")
 
 
 def run(data, split, ckpt, out, *extra):

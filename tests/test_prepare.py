@@ -1,5 +1,4 @@
 """Run the examples/prepare CLIs (manifest, labels, norm_stats) on tiny generated folders."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,6 +11,7 @@ import soundfile
 
 from mam_clap_plugin.data.manifest import read_class_list, read_labels, read_manifest, write_manifest
 
+from .conftest import load_script
 from .references import kaldi_fbank
 
 REPO = Path(__file__).resolve().parents[1]
@@ -194,9 +194,7 @@ def test_norm_stats(tmp_path):
 
 def test_norm_stats_subset():
     """--max-clips picks a sorted, seeded subset (checked in-process: a torch import costs seconds)."""
-    spec = importlib.util.spec_from_file_location("norm_stats_cli", PREPARE / "norm_stats.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("examples/prepare/norm_stats.py")
     subset = module.choose_clips(10, 4, seed=0)
     assert len(subset) == 4 and len(set(subset.tolist())) == 4 and list(subset) == sorted(subset)
     assert subset.tolist() == module.choose_clips(10, 4, seed=0).tolist()

@@ -59,23 +59,13 @@ def keywords(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny_encoder(tmp_path_factory):
-    """A tiny random encoder (32 dims, 2 layers) as an encoder export."""
+def tiny_encoder(pretraining_checkpoint, tmp_path_factory):
+    """The encoder export of a tiny SupMAM checkpoint written by fairseq-hydra-train (32 dims, 2 layers)."""
     from mam_clap_plugin.checkpoint import export_encoder
-    from mam_clap_plugin.modules.encoder import AudioEncoder
 
-    root = tmp_path_factory.mktemp("enc")
-    cfg = {"_name": "supmam_clap", "encoder_embed_dim": 32, "encoder_layers": 2, "encoder_attention_heads": 4,
-           "mlp_ratio": 4.0, "max_frames": 1024}
-    torch.manual_seed(0)
-    encoder = AudioEncoder.from_model_config(cfg)
-    state = {"args": None, "cfg": {"model": cfg, "task": {"_name": "mam_clap_pretraining", "target_length": 128,
-                                                          "norm_stats": "speech_commands"}},
-             "model": {f"encoder.{k}": v for k, v in encoder.state_dict().items()},
-             "optimizer_history": [{"num_updates": 1}], "extra_state": {}, "last_optimizer_state": None}
-    torch.save(state, root / "checkpoint_last.pt")
-    export_encoder(str(root / "checkpoint_last.pt"), str(root / "encoder.pt"))
-    return str(root / "encoder.pt")
+    path = tmp_path_factory.mktemp("enc") / "encoder.pt"
+    export_encoder(pretraining_checkpoint, str(path))
+    return str(path)
 
 
 # ---------------------------------------------------------------------------- config
@@ -294,6 +284,16 @@ def _fake_corpus(root: Path, v2=False):
     return train, test
 
 
+def test_compare_evaluates_dev_best_else_the_newest_states(tmp_path):
+    compare = load_script("examples/superb/compare_upstreams.py")
+    assert compare.eval_checkpoint(str(tmp_path)) is None
+    for step in (4, 10, 8):
+        (tmp_path / f"states-{step}.ckpt").write_bytes(b"")
+    assert compare.eval_checkpoint(str(tmp_path)) == str(tmp_path / "states-10.ckpt")  # by step, not by name
+    (tmp_path / "dev-best.ckpt").write_bytes(b"")
+    assert compare.eval_checkpoint(str(tmp_path)) == str(tmp_path / "dev-best.ckpt")
+
+
 def test_speech_commands_layout_symlink_copy_and_archive(tmp_path):
     train, test = _fake_corpus(tmp_path)
     s = scp.prepare(str(train), str(test), str(tmp_path / "out"))
@@ -346,7 +346,7 @@ def test_compare_upstreams_trains_and_evaluates(keywords, tiny_encoder, tmp_path
     cmd = [sys.executable, str(COMPARE), "--data", str(out), "--out-dir", str(tmp_path / "cmp"),
            "--upstream", f"supmam_clap_local:{tiny_encoder}", "--upstream", "fbank",
            "--device", "cpu", "--threads", "1", "--total-steps", "4", "--eval-step", "2",
-           "--batch-size", "8", "--num-workers", "0", "--lr", "1e-3", "--seed", "7"]
+           "--batch-size", "8", "--num-workers", "0", "--lr", "1e-2", "--seed", "7"]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "[1/2] supmam_clap_local: test acc" in proc.stdout and "[2/2] fbank: test acc" in proc.stdout
@@ -357,9 +357,12 @@ def test_compare_upstreams_trains_and_evaluates(keywords, tiny_encoder, tmp_path
         assert 0.0 <= r["test_acc"] <= 100.0
         expdir = Path(r["expdir"])
         assert [h[0] for h in r["dev_history"]] == [2, 4]
-        # s3prl saved dev-best.ckpt (a dev evaluation beat 0) and the comparison evaluated that one
-        assert any(acc > 0 for _, acc in r["dev_history"]), r["dev_history"]
-        assert r["eval_ckpt"] == str(expdir / "dev-best.ckpt") and Path(r["eval_ckpt"]).is_file()
+        # dev-best.ckpt exists exactly when a dev evaluation beat 0 (s3prl's rule), and is then the
+        # one evaluated; otherwise the final states-4.ckpt. Our upstream must reach dev-best.
+        improved = any(acc > 0 for _, acc in r["dev_history"])
+        assert improved or label != "supmam_clap_local", r["dev_history"]
+        assert (expdir / "dev-best.ckpt").is_file() == improved
+        assert r["eval_ckpt"] == str(expdir / ("dev-best.ckpt" if improved else "states-4.ckpt"))
         log = (expdir / "log.log").read_text().splitlines()
         tests = [float(line.split(": ")[1]) for line in log if line.startswith("test at step 0: ")]
         assert len(tests) == 1 and round(100 * tests[0], 2) == r["test_acc"]  # s3prl's own record
