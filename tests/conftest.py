@@ -15,7 +15,9 @@ CONFIG_DIR = os.path.join(REPO, "examples", "pretraining", "config")
 
 def load_script(relpath: str, name: str | None = None):
     """Import a script of this repository (``examples/...``) by its path, as module ``name``
-    (default: the file's stem), without putting its folder on ``sys.path``."""
+    (default: the file's stem), without putting its folder on ``sys.path``; whatever the script
+    itself does to ``sys.path`` while it is imported is undone, so later tests see the
+    interpreter's own path."""
     path = os.path.join(REPO, relpath)
     name = name or os.path.splitext(os.path.basename(path))[0]
     if name in sys.modules and getattr(sys.modules[name], "__file__", None) == path:
@@ -23,7 +25,11 @@ def load_script(relpath: str, name: str | None = None):
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # pickling by reference (worker processes) finds its functions
-    spec.loader.exec_module(module)
+    saved = list(sys.path)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path[:] = saved
     return module
 
 
