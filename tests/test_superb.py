@@ -203,7 +203,7 @@ def test_device_defaults_to_what_exists(launcher, keywords, monkeypatch, tmp_pat
     argv = ["-m", "evaluate", "-e", "x/dev-best.ckpt"]
     assert launcher.with_device(argv, cuda_available=False) == [*argv, "--device", "cpu"]
     assert launcher.with_device(argv, cuda_available=True) == argv
-    for given in (["--device", "cuda:1"], ["--device=cuda:1"], ["--dev", "cuda:1"]):
+    for given in (["--device", "cuda:1"], ["--device=cuda:1"], ["--dev", "cuda:1"], ["--device"]):
         assert launcher.with_device([*argv, *given], cuda_available=False) == [*argv, *given]
     # through the launcher on this machine: s3prl's parsed args carry the device that exists
     import s3prl.run_downstream as rd

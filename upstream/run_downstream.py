@@ -62,9 +62,12 @@ def with_device(argv: List[str], cuda_available: bool) -> List[str]:
     """``argv`` (without the program name) plus ``--device cpu`` when it gives no ``--device``
     (in any form s3prl's parser accepts: ``--device X``, ``--device=X``, a unique prefix) and
     CUDA is not available; otherwise ``argv`` unchanged."""
-    probe = argparse.ArgumentParser(add_help=False)
+    probe = argparse.ArgumentParser(add_help=False, exit_on_error=False)
     probe.add_argument("--device")
-    given, _ = probe.parse_known_args(argv)
+    try:
+        given, _ = probe.parse_known_args(argv)
+    except (argparse.ArgumentError, SystemExit):  # e.g. a bare --device: s3prl's parser reports it
+        return list(argv)
     if given.device is not None or cuda_available:
         return list(argv)
     return [*argv, "--device", "cpu"]
