@@ -42,7 +42,8 @@ README = """# x
  "seconds_total": 617.4}
 ```
 
-More text.
+The probe beats the random encoder.
+<!-- check_readme: evaluate.linear_probe.supmam > evaluate.linear_probe.random_init -->
 """
 
 REPORT = {
@@ -58,7 +59,7 @@ REPORT = {
 def test_check_readme_agrees_with_a_matching_report():
     differences, compared = check_readme.check(REPORT, README)
     assert differences == []
-    assert compared == 10  # every value shown except the two timings
+    assert compared == 11  # every value shown except the two timings, and the claim
 
 
 def test_check_readme_names_each_difference():
@@ -86,12 +87,26 @@ def test_check_readme_names_each_difference():
         assert (check_readme.check(report, README)[0] == []) is ok, value
 
 
+def test_check_readme_checks_the_claims_of_the_text():
+    report = json.loads(json.dumps(REPORT))
+    report["evaluate"]["linear_probe"]["random_init"] = 75.0
+    differences, _ = check_readme.check(report, README)
+    assert differences == [
+        "README.md:9: evaluate.linear_probe.random_init: README shows 50.0, report.json has 75.0",
+        "README.md:15: claim evaluate.linear_probe.supmam > evaluate.linear_probe.random_init does not hold in "
+        "report.json (70.83333333 > 75.0 is false): update the text",
+    ]
+    claims = "x\n<!-- check_readme: superb_ks.sizes.0 >= 1000 -->\n<!-- check_readme: pretrain.log < 3 -->\n"
+    failed, count = check_readme.check_claims(REPORT, claims)
+    assert count == 2 and failed == ["README.md:3: claim pretrain.log < 3: report.json has no number at pretrain.log"]
+
+
 def test_check_readme_command_line(tmp_path):
     (tmp_path / "README.md").write_text(README)
     (tmp_path / "report.json").write_text(json.dumps(REPORT))
     ok = subprocess.run([sys.executable, CHECKER, "report.json", "README.md"], cwd=tmp_path,
                         capture_output=True, text=True, timeout=60)
-    assert ok.returncode == 0 and "matches report.json (10 values)" in ok.stdout
+    assert ok.returncode == 0 and "matches report.json (11 values)" in ok.stdout
     stale = json.loads(json.dumps(REPORT))
     stale["evaluate"]["linear_probe"]["supmam"] = 72.9
     (tmp_path / "report.json").write_text(json.dumps(stale))
@@ -99,7 +114,7 @@ def test_check_readme_command_line(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1
     assert "README.md:9: evaluate.linear_probe.supmam: README shows 70.8, report.json has 72.9" in bad.stderr
-    assert "1 of 10 values in the demo section of README.md differ from report.json" in bad.stderr
+    assert "1 of 11 values in the demo section of README.md differ from report.json" in bad.stderr
     (tmp_path / "README.md").write_text("# no demo section\n")
     missing = subprocess.run([sys.executable, CHECKER, "report.json", "README.md"], cwd=tmp_path,
                              capture_output=True, text=True, timeout=60)
@@ -118,3 +133,14 @@ def test_the_repository_readme_has_a_checkable_demo_block():
     assert {("evaluate", "linear_probe", "supmam"), ("evaluate", "linear_probe", "random_init"),
             ("pretrain", "loss_first"), ("pretrain", "loss_last"),
             ("superb_ks", "supmam_clap_local", "test_acc")} <= paths
+    # the text's claims hold for the figures the block shows (a report holding exactly those)
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    shown = {}
+    for leaf in check_readme.parse_leaves(text, first):
+        node = shown
+        for key in leaf.path[:-1]:
+            node = node.setdefault(key, {})
+        node[leaf.path[-1]] = json.loads(leaf.text)
+    failed, claims = check_readme.check_claims(shown, readme)
+    assert claims >= 3 and failed == []

@@ -14,6 +14,11 @@ Every value shown there is compared with the report at the same place:
   ``/abs/outputs/demo/x``); a leading ``...`` stands for any prefix;
 * keys starting with ``seconds`` are timings, which vary from machine to machine: not compared.
 
+Claims the prose makes about the figures are written next to it as HTML comments, each on a
+line of its own, and checked too, e.g.
+``<!-- check_readme: evaluate.linear_probe.supmam > evaluate.linear_probe.random_init -->``
+(each side a dotted key path of the report or a number; ``<``, ``<=``, ``>``, ``>=``, ``==``).
+
 Exits 0 when all agree; otherwise 1, printing one line per difference (README line, key path,
 README value, report value). `make demo` runs it last.
 """
@@ -27,6 +32,10 @@ from typing import Any, List, NamedTuple, Tuple
 
 _TOKEN = re.compile(r'\s*(?:(?P<string>"(?:[^"\\]|\\.)*")|(?P<number>-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)'
                     r'|(?P<literal>true|false|null)|(?P<ellipsis>\.\.\.)|(?P<punct>[{}\[\]:,]))')
+_CLAIM = re.compile(r"^[ \t]*<!--\s*check_readme:\s*(?P<left>\S+)\s*(?P<op><=|>=|==|<|>)\s*(?P<right>\S+)\s*-->[ \t]*$",
+                    re.MULTILINE)
+_OPS = {"<": lambda a, b: a < b, "<=": lambda a, b: a <= b, ">": lambda a, b: a > b, ">=": lambda a, b: a >= b,
+        "==": lambda a, b: a == b}
 _MISSING = object()
 
 
@@ -149,10 +158,38 @@ def _agrees(shown: str, actual: Any) -> bool:
     return actual == expected or actual.endswith("/" + expected)
 
 
+def _operand(report: Any, text: str) -> Any:
+    """A claim's side: a number, or the report's value at a dotted key path (list indices allowed)."""
+    try:
+        return float(text)
+    except ValueError:
+        return _lookup(report, tuple(int(k) if k.isdigit() else k for k in text.split(".")))
+
+
+def check_claims(report: dict, readme: str, name: str = "README.md",
+                 report_name: str = "report.json") -> Tuple[List[str], int]:
+    """(failed claims, number of claims) of the README's ``<!-- check_readme: A op B -->`` comments."""
+    failed, claims = [], 0
+    for m in _CLAIM.finditer(readme):
+        claims += 1
+        line = readme.count("\n", 0, m.start()) + 1
+        left, right = _operand(report, m.group("left")), _operand(report, m.group("right"))
+        claim = f"{m.group('left')} {m.group('op')} {m.group('right')}"
+        missing = [text for text, v in ((m.group("left"), left), (m.group("right"), right))
+                   if isinstance(v, bool) or not isinstance(v, (int, float))]
+        if missing:
+            failed.append(f"{name}:{line}: claim {claim}: {report_name} has no number at {missing[0]}")
+        elif not _OPS[m.group("op")](left, right):
+            failed.append(f"{name}:{line}: claim {claim} does not hold in {report_name} "
+                          f"({json.dumps(left)} {m.group('op')} {json.dumps(right)} is false): update the text")
+    return failed, claims
+
+
 def check(report: dict, readme: str, name: str = "README.md", report_name: str = "report.json") -> Tuple[List[str], int]:
-    """(differences, number of values compared) between the README's demo block and ``report``."""
+    """(differences, number of values and claims compared) between the README's demo section and
+    ``report``: the abridged block, then the claims."""
     text, first_line = find_block(readme, name)
-    differences, compared = [], 0
+    differences, compared = check_claims(report, readme, name, report_name)
     for leaf in parse_leaves(text, first_line, name):
         key = ".".join(str(k) for k in leaf.path)
         if any(isinstance(k, str) and k.startswith("seconds") for k in leaf.path):
@@ -164,7 +201,7 @@ def check(report: dict, readme: str, name: str = "README.md", report_name: str =
         elif not _agrees(leaf.text, actual):
             differences.append(f"{name}:{leaf.line}: {key}: README shows {leaf.text}, {report_name} has "
                                f"{json.dumps(actual)}")
-    return differences, compared
+    return sorted(differences, key=lambda d: int(d.split(":")[1])), compared
 
 
 def main(argv=None) -> int:
