@@ -1,5 +1,7 @@
 """Shared fixtures: a tiny generated labelled audio set with teacher-target stores."""
+import importlib.util
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -10,6 +12,26 @@ from mam_clap_plugin.data.target_store import TargetStoreHeader, create_target_s
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO, "examples", "pretraining", "config")
+
+def load_script(relpath: str, name: str | None = None):
+    """Import a script of this repository (``examples/...``) by its path, as module ``name``
+    (default: the file's stem), without putting its folder on ``sys.path``; whatever the script
+    itself does to ``sys.path`` while it is imported is undone, so later tests see the
+    interpreter's own path."""
+    path = os.path.join(REPO, relpath)
+    name = name or os.path.splitext(os.path.basename(path))[0]
+    if name in sys.modules and getattr(sys.modules[name], "__file__", None) == path:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # pickling by reference (worker processes) finds its functions
+    saved = list(sys.path)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path[:] = saved
+    return module
+
 
 #: Teacher grid and width of the stand-in stores (a random "teacher").
 TEACHER_GRID = (2, 32)
@@ -73,3 +95,29 @@ def clap_checkpoint(tmp_path_factory) -> str:
 
     path = tmp_path_factory.mktemp("clap") / "small-laion-clap.pt"
     return save_random_clap_checkpoint(str(path), "laion", seed=0, **SMALL_TEACHER)
+
+
+#: Encoder of :func:`pretraining_checkpoint`: +size=tiny with 32 dims (2 layers, 4 heads).
+PRETRAINED_DIM, PRETRAINED_DEPTH = 32, 2
+
+
+@pytest.fixture(scope="session")
+def pretraining_checkpoint(tone_set, tmp_path_factory) -> str:
+    """A real ``checkpoint_last.pt`` written by ``fairseq-hydra-train``: tiny SupMAM
+    (``+size=tiny model.encoder_embed_dim=32``), 4 updates on the tone set, 1.28 s clips,
+    ``task.norm_stats=speech_commands``. For the tests that load "pretraining checkpoints"."""
+    from mam_clap_plugin.hydra_runs import run_hydra_train
+
+    root = tmp_path_factory.mktemp("pretrained")
+    overrides = [
+        "+size=tiny", f"model.encoder_embed_dim={PRETRAINED_DIM}", f"model.encoder_layers={PRETRAINED_DEPTH}",
+        f"task.data={tone_set}", "task.target_length=128", "task.norm_stats=speech_commands",
+        "common.cpu=true", "common.seed=3", "common.log_interval=1", "dataset.batch_size=6",
+        "dataset.num_workers=0", "optimization.max_update=4", "optimization.update_freq=[1]",
+        "optimization.lr=[0.01]", "lr_scheduler.warmup_updates=1", "checkpoint.save_interval_updates=0",
+        f"checkpoint.save_dir={root / 'checkpoints'}",
+    ]
+    run_hydra_train(CONFIG_DIR, "supmam", overrides, str(root / "run"))
+    path = root / "checkpoints" / "checkpoint_last.pt"
+    assert path.is_file(), f"fairseq-hydra-train wrote no {path}"
+    return str(path)

@@ -110,12 +110,27 @@ def test_without_labels_or_targets(tmp_path):
 
 
 def test_shuffled_order_is_a_permutation(tmp_path):
-    dataset = MamClapDataset(make_manifest(tmp_path))
-    np.random.seed(0)
-    first = dataset.ordered_indices()
-    np.random.seed(0)
-    assert sorted(first.tolist()) == [0, 1, 2]
-    assert first.tolist() == dataset.ordered_indices().tolist()
+    """A seeded random permutation of all entries under fairseq's ``numpy_seed`` (which restores
+    numpy's global state afterwards), another for another seed, never the identity."""
+    from fairseq.data.data_utils import numpy_seed
+
+    names = [f"clip{i}.wav" for i in range(64)]  # the manifest alone: ordering reads no audio
+    write_manifest(str(tmp_path / "big.tsv"), str(tmp_path), names, [8000] * len(names))
+    dataset = MamClapDataset(read_manifest(str(tmp_path / "big.tsv")))
+    state = np.random.get_state()
+    orders = {}
+    for seed in (1, 1, 2):
+        with numpy_seed(seed):
+            orders.setdefault(seed, []).append(dataset.ordered_indices().tolist())
+    assert orders[1][0] == orders[1][1]  # the same seed, the same order (fairseq's resume relies on it)
+    assert sorted(orders[1][0]) == sorted(orders[2][0]) == list(range(64))
+    assert orders[1][0] != orders[2][0]
+    assert orders[1][0] != list(range(64)) and orders[2][0] != list(range(64))
+    # a 64-item permutation: the chance that an identity-like order passes is nil
+    assert sum(a == b for a, b in enumerate(orders[1][0])) < 16
+    np.testing.assert_array_equal(np.random.get_state()[1], state[1])  # nothing leaks to later tests
+    unshuffled = MamClapDataset(read_manifest(str(tmp_path / "big.tsv")), shuffle=False)
+    assert unshuffled.ordered_indices().tolist() == list(range(64))
 
 
 def test_skip_bad_files(tmp_path, caplog):

@@ -1,8 +1,8 @@
 """examples/prepare/extract_clap_targets.py: stores the teacher's own maps, resumes, shards,
 refuses to mix teachers, and names bad audio."""
-import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,12 +16,10 @@ from mam_clap_plugin.data.manifest import read_manifest
 from mam_clap_plugin.data.target_store import BAD_AUDIO, WRITTEN, TargetStoreError, open_target_store
 from mam_clap_plugin.teacher import file_sha256, load_clap_teacher
 
-from .conftest import REPO
+from .conftest import REPO, load_script
 
 SCRIPT = os.path.join(REPO, "examples", "prepare", "extract_clap_targets.py")
-_spec = importlib.util.spec_from_file_location("extract_clap_targets", SCRIPT)
-extract = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(extract)
+extract = load_script("examples/prepare/extract_clap_targets.py")
 
 
 def run(data, split, ckpt, out, *extra):
@@ -74,6 +72,46 @@ def test_shards_fill_one_store_and_reruns_resume(data, tmp_path, clap_checkpoint
     assert (header.layer, header.grid_freq, header.grid_time, header.dim) == ("stage3", 4, 64, 64)
 
 
+def test_interrupted_in_a_shard_resumes_redoing_one_batch(data, tmp_path, clap_checkpoint, monkeypatch):
+    """Ctrl-C during the third batch of shard 0 (clips 0..5 of 12, batches of 2); the rerun redoes
+    only that batch, leaves shard 1 alone, and the store equals an uninterrupted extraction."""
+    real_loader = extract.load_clap_teacher
+    calls = []
+
+    def counting_loader(*args, **kwargs):
+        teacher = real_loader(*args, **kwargs)
+        forward = teacher.forward
+
+        def counted(wav):
+            calls.append(wav.shape[0])
+            if interrupt_at is not None and len(calls) == interrupt_at:
+                raise KeyboardInterrupt
+            return forward(wav)
+
+        teacher.forward = counted
+        return teacher
+
+    monkeypatch.setattr(extract, "load_clap_teacher", counting_loader)
+    shard0 = ["--num-shards", "2", "--shard-id", "0", "--batch-size", "2"]
+    out = tmp_path / "out"
+    interrupt_at = 3
+    with pytest.raises(KeyboardInterrupt):
+        run(data, "train", clap_checkpoint, out, *shard0)
+    states = open_target_store(str(out / "train.tgt")).states().tolist()
+    assert states == [WRITTEN] * 4 + [0] * 8  # two batches were written before the interruption
+    calls.clear()
+    interrupt_at = None
+    resumed = run(data, "train", clap_checkpoint, out, *shard0)
+    assert calls == [2]  # one batch redone: the interrupted one
+    assert resumed["written"] == 2 and resumed["pending_in_store"] == 6
+    assert open_target_store(str(out / "train.tgt")).states().tolist() == [WRITTEN] * 6 + [0] * 6
+    whole = run(data, "train", clap_checkpoint, tmp_path / "whole", *shard0)
+    assert whole["written"] == 6
+    a, b = open_target_store(str(out / "train.tgt")), open_target_store(str(tmp_path / "whole" / "train.tgt"))
+    for i in range(6):
+        np.testing.assert_array_equal(a[i], b[i])
+
+
 def test_refuses_to_mix_teachers(data, tmp_path, clap_checkpoint):
     out = tmp_path / "out"
     run(data, "valid", clap_checkpoint, out)
@@ -101,7 +139,8 @@ def test_command_line(data, tmp_path, clap_checkpoint):
         capture_output=True, text=True,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "clip/s" in proc.stderr  # tqdm progress bar with clips per second
+    # tqdm's bar reached all 6 clips and shows a measured rate (not the "?clip/s" of an empty bar)
+    assert re.search(r"valid shard 0/1: 100%\|[^\r\n]*\| 6/6 \[[^\]]*,\s*[0-9.]+clip/s\]", proc.stderr), proc.stderr[-2000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["written"] == 6
     bad = subprocess.run([sys.executable, SCRIPT, str(data), "valid", "--checkpoint", str(data / "valid.tsv"),
                           "--out", str(tmp_path / "p")], capture_output=True, text=True)

@@ -1,5 +1,4 @@
 """Run the examples/prepare CLIs (manifest, labels, norm_stats) on tiny generated folders."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -7,19 +6,23 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile
 
 from mam_clap_plugin.data.manifest import read_class_list, read_labels, read_manifest, write_manifest
+
+from .conftest import load_script
+from .references import kaldi_fbank
 
 REPO = Path(__file__).resolve().parents[1]
 PREPARE = REPO / "examples" / "prepare"
 
 
-def run(script, *args, check=True):
-    """Run a prepare script; returns the CompletedProcess (text output)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+def run(script, *args, check=True, cwd=None):
+    """Run a prepare script as a user does (the installed package, no PYTHONPATH added);
+    returns the CompletedProcess (text output)."""
     proc = subprocess.run([sys.executable, str(PREPARE / script), *map(str, args)],
-                          capture_output=True, text=True, env=env, timeout=120)
+                          capture_output=True, text=True, timeout=120, cwd=cwd)
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc
@@ -99,9 +102,37 @@ def test_labels_audioset_unlabelled(tmp_path):
         "--drop-unlabelled")
     assert read_manifest(str(tmp_path / "out" / "train.tsv")).paths == ["abc.wav"]
     assert read_labels(str(tmp_path / "out" / "train.lbl"), 1, 3) == [[1]]
-    proc = run("labels.py", "audioset", tmp_path / "train.tsv", *common, "--out-dir", tmp_path,
-               "--drop-unlabelled", check=False)
-    assert proc.returncode != 0 and "overwrite the input manifest" in proc.stderr
+    assert len(read_manifest(str(tmp_path / "train.tsv"))) == 3  # another --out-dir: the input stays as it was
+    assert not list(tmp_path.rglob("*.unfiltered.tsv"))
+
+
+def test_labels_drop_unlabelled_in_the_manifest_folder(tmp_path):
+    """The README's combination: --out-dir is the folder of the input manifest (relative paths)."""
+    write_audioset_meta(tmp_path)
+    (tmp_path / "manifests").mkdir()
+    write_tsv(tmp_path / "manifests" / "train.tsv", tmp_path, ["abc.wav", "nolabel.wav", "Yxyz.wav"])
+    original = (tmp_path / "manifests" / "train.tsv").read_text()
+    args = ["audioset", "manifests/train.tsv", "--segments", "seg.csv", "seg2.csv",
+            "--class-index", "class_labels_indices.csv", "--out-dir", "manifests/", "--drop-unlabelled"]
+    proc = run("labels.py", *args, cwd=tmp_path)
+    assert "wrote manifests/train.tsv: 2 labelled of 3 entries" in proc.stdout
+    filtered = read_manifest(str(tmp_path / "manifests" / "train.tsv"))
+    assert filtered.paths == ["abc.wav", "Yxyz.wav"] and filtered.root == str(tmp_path)
+    assert read_labels(str(tmp_path / "manifests" / "train.lbl"), 2, 3) == [[1], [2]]
+    assert (tmp_path / "manifests" / "train.unfiltered.tsv").read_text() == original
+    assert sorted(p.name for p in (tmp_path / "manifests").iterdir()) == [
+        "classes.txt", "train.lbl", "train.tsv", "train.unfiltered.tsv"]
+    # running the same command again changes nothing and keeps the first original
+    run("labels.py", *args, cwd=tmp_path)
+    assert read_manifest(str(tmp_path / "manifests" / "train.tsv")).paths == ["abc.wav", "Yxyz.wav"]
+    assert (tmp_path / "manifests" / "train.unfiltered.tsv").read_text() == original
+    # a class-list conflict stops before the manifest is touched
+    (tmp_path / "manifests" / "classes.txt").write_text("a\nb\nc\n")
+    write_tsv(tmp_path / "manifests" / "train.tsv", tmp_path, ["abc.wav", "nolabel.wav"])
+    before = (tmp_path / "manifests" / "train.tsv").read_text()
+    proc = run("labels.py", *args, cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "already exists with different classes" in proc.stderr
+    assert (tmp_path / "manifests" / "train.tsv").read_text() == before
 
 
 def test_labels_esc50(tmp_path):
@@ -137,27 +168,33 @@ def test_labels_speech_commands(tmp_path):
 
 
 def test_norm_stats(tmp_path):
-    from mam_clap_plugin.data.audio import load_audio, wav_to_fbank
-
-    write_wav(tmp_path / "a.wav", 16000, seed=1)
-    write_wav(tmp_path / "b.wav", 8000, rate=8000, seed=2)
+    """Against a hand computation: numpy's Kaldi fbank (tests/references.py) of each clip's first
+    1.295 s, mean-removed, zero-padded to 128 frames, then numpy mean / std over every value."""
+    write_wav(tmp_path / "a.wav", 16000, seed=1)  # 1 s: 98 frames of audio + 30 rows of padding
+    write_wav(tmp_path / "b.wav", 40000, seed=2)  # 2.5 s: cropped to 128 frames
     write_tsv(tmp_path / "train.tsv", tmp_path, ["a.wav", "b.wav"])
     proc = run("norm_stats.py", tmp_path / "train.tsv", "--target-length", 128)
     first, second = proc.stdout.strip().splitlines()[-2:]
     stats = json.loads(second)
     assert first.startswith("norm_mean=") and " norm_std=" in first
-    fbanks = [wav_to_fbank(load_audio(str(tmp_path / n)), 128).double() for n in ("a.wav", "b.wav")]
-    values = np.concatenate([f.numpy().ravel() for f in fbanks])
-    assert stats["num_clips"] == 2
-    assert abs(stats["norm_mean"] - values.mean()) < 1e-6
-    assert abs(stats["norm_std"] - values.std()) < 1e-6
+    assert f"task.norm_stats='{stats['norm_mean']:.7g},{stats['norm_std']:.7g}'" in first
+    fbanks = []
+    for name in ("a.wav", "b.wav"):
+        wav = soundfile.read(str(tmp_path / name), dtype="float64")[0][: (127 * 10 + 25) * 16]
+        fb = kaldi_fbank(wav - wav.mean())
+        fbanks.append(np.concatenate([fb, np.zeros((128 - len(fb), 128))])[:128])
+    assert [len(kaldi_fbank(np.zeros(n))) for n in (16000, 20720)] == [98, 128]
+    values = np.concatenate(fbanks).ravel()
+    assert stats["num_clips"] == 2 and values.size == 2 * 128 * 128
+    assert stats["norm_mean"] == pytest.approx(values.mean(), abs=1e-4)
+    assert stats["norm_std"] == pytest.approx(values.std(), abs=1e-4)
+    # the padding rows are part of the statistics (without them the mean moves far beyond the tolerance)
+    assert abs(np.concatenate([fbanks[0][:98], fbanks[1]]).mean() - values.mean()) > 0.05
 
 
 def test_norm_stats_subset():
     """--max-clips picks a sorted, seeded subset (checked in-process: a torch import costs seconds)."""
-    spec = importlib.util.spec_from_file_location("norm_stats_cli", PREPARE / "norm_stats.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("examples/prepare/norm_stats.py")
     subset = module.choose_clips(10, 4, seed=0)
     assert len(subset) == 4 and len(set(subset.tolist())) == 4 and list(subset) == sorted(subset)
     assert subset.tolist() == module.choose_clips(10, 4, seed=0).tolist()

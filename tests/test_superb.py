@@ -23,12 +23,11 @@ import soundfile as sf
 import torch
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "examples" / "prepare"))
-sys.path.insert(0, str(REPO / "examples" / "superb"))
+from .conftest import load_script
 
-import make_demo_keywords as mdk  # noqa: E402
-import speech_commands_s3prl as scp  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+mdk = load_script("examples/prepare/make_demo_keywords.py")
+scp = load_script("examples/prepare/speech_commands_s3prl.py")
 
 CONFIG = REPO / "upstream" / "config" / "speech_commands.yaml"
 LAUNCHER = REPO / "upstream" / "run_downstream.py"
@@ -43,7 +42,6 @@ def launcher():
     install_shims() adds argparse.Namespace to torch's weights-only allow-list; that is
     undone after this module."""
     safe = list(torch.serialization.get_safe_globals())
-    sys.path.insert(0, str(REPO))
     import upstream.run_downstream as launcher
 
     launcher.prepare()
@@ -61,23 +59,13 @@ def keywords(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny_encoder(tmp_path_factory):
-    """A tiny random encoder (32 dims, 2 layers) as an encoder export."""
+def tiny_encoder(pretraining_checkpoint, tmp_path_factory):
+    """The encoder export of a tiny SupMAM checkpoint written by fairseq-hydra-train (32 dims, 2 layers)."""
     from mam_clap_plugin.checkpoint import export_encoder
-    from mam_clap_plugin.modules.encoder import AudioEncoder
 
-    root = tmp_path_factory.mktemp("enc")
-    cfg = {"_name": "supmam_clap", "encoder_embed_dim": 32, "encoder_layers": 2, "encoder_attention_heads": 4,
-           "mlp_ratio": 4.0, "max_frames": 1024}
-    torch.manual_seed(0)
-    encoder = AudioEncoder.from_model_config(cfg)
-    state = {"args": None, "cfg": {"model": cfg, "task": {"_name": "mam_clap_pretraining", "target_length": 128,
-                                                          "norm_stats": "speech_commands"}},
-             "model": {f"encoder.{k}": v for k, v in encoder.state_dict().items()},
-             "optimizer_history": [{"num_updates": 1}], "extra_state": {}, "last_optimizer_state": None}
-    torch.save(state, root / "checkpoint_last.pt")
-    export_encoder(str(root / "checkpoint_last.pt"), str(root / "encoder.pt"))
-    return str(root / "encoder.pt")
+    path = tmp_path_factory.mktemp("enc") / "encoder.pt"
+    export_encoder(pretraining_checkpoint, str(path))
+    return str(path)
 
 
 # ---------------------------------------------------------------------------- config
@@ -172,6 +160,65 @@ def test_refuses_bad_speech_commands_roots(launcher, keywords, monkeypatch, tmp_
         _run_launcher_until_runner(launcher, monkeypatch, _train_argv(tmp_path, out / "train", out / "train", 4))
 
 
+def _train_speaker_root(root: Path, noise_seconds=None) -> Path:
+    """A train root whose clips all belong to s3prl's train speakers (the dev split holds only
+    the ``_background_noise_`` files, if any): 24 clips of ``yes``."""
+    from s3prl.downstream.speech_commands.expert import split_dataset
+
+    rng = np.random.default_rng(0)
+    (root / "yes").mkdir(parents=True)
+    for i in range(48):
+        sf.write(str(root / "yes" / f"{i:08x}_nohash_0.wav"), 0.1 * rng.standard_normal(1600), 16000)
+    _, valid = split_dataset(str(root))
+    for _, path in valid:
+        os.remove(path)
+    if noise_seconds is not None:
+        (root / "_background_noise_").mkdir()
+        sf.write(str(root / "_background_noise_" / "hum.wav"),
+                 0.1 * rng.standard_normal(int(noise_seconds * 16000)), 16000)
+    train, valid = split_dataset(str(root))
+    assert len(train) >= 24 and not valid
+    return root
+
+
+def test_refuses_noise_shorter_than_one_second(launcher, keywords, monkeypatch, tmp_path):
+    out, _ = keywords
+    root = _train_speaker_root(tmp_path / "short", noise_seconds=0.5)
+    with pytest.raises(SystemExit, match=r"_background_noise_/hum\.wav is shorter than 1 s: s3prl crops 1 s"):
+        _run_launcher_until_runner(launcher, monkeypatch, _train_argv(tmp_path, root, out / "test", 4))
+    # exactly 1 s is enough (and its file is the dev split's one item)
+    root = _train_speaker_root(tmp_path / "ok", noise_seconds=1.0)
+    _run_launcher_until_runner(launcher, monkeypatch, _train_argv(tmp_path, root, out / "test", 4))
+
+
+def test_refuses_an_empty_dev_split(launcher, keywords, monkeypatch, tmp_path):
+    out, _ = keywords
+    root = _train_speaker_root(tmp_path / "nodev")
+    with pytest.raises(SystemExit, match=r"the dev split of .*nodev is empty .*divide by zero"):
+        _run_launcher_until_runner(launcher, monkeypatch, _train_argv(tmp_path, root, out / "test", 4))
+
+
+def test_device_defaults_to_what_exists(launcher, keywords, monkeypatch, tmp_path, capsys):
+    """No --device: s3prl's cuda with CUDA, else cpu; a given --device is left alone."""
+    argv = ["-m", "evaluate", "-e", "x/dev-best.ckpt"]
+    assert launcher.with_device(argv, cuda_available=False) == [*argv, "--device", "cpu"]
+    assert launcher.with_device(argv, cuda_available=True) == argv
+    for given in (["--device", "cuda:1"], ["--device=cuda:1"], ["--dev", "cuda:1"], ["--device"]):
+        assert launcher.with_device([*argv, *given], cuda_available=False) == [*argv, *given]
+    # through the launcher on this machine: s3prl's parsed args carry the device that exists
+    import s3prl.run_downstream as rd
+
+    out, _ = keywords
+    seen = {}
+    monkeypatch.setattr(rd, "main", lambda: seen.setdefault("args", rd.get_downstream_args()[0]))
+    train = [a for a in _train_argv(tmp_path, out / "train", out / "test", 4) if a not in ("--device", "cpu")]
+    monkeypatch.setattr(sys, "argv", ["run_downstream.py", *map(str, train)])
+    launcher.main()
+    assert seen["args"].device == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        assert "no CUDA device: running on the CPU" in capsys.readouterr().err
+
+
 def test_sizes_match_s3prl_split(launcher, keywords):
     from s3prl.downstream.speech_commands.dataset import SpeechCommandsDataset, SpeechCommandsTestingDataset
     from s3prl.downstream.speech_commands.expert import split_dataset
@@ -237,6 +284,16 @@ def _fake_corpus(root: Path, v2=False):
     return train, test
 
 
+def test_compare_evaluates_dev_best_else_the_newest_states(tmp_path):
+    compare = load_script("examples/superb/compare_upstreams.py")
+    assert compare.eval_checkpoint(str(tmp_path)) is None
+    for step in (4, 10, 8):
+        (tmp_path / f"states-{step}.ckpt").write_bytes(b"")
+    assert compare.eval_checkpoint(str(tmp_path)) == str(tmp_path / "states-10.ckpt")  # by step, not by name
+    (tmp_path / "dev-best.ckpt").write_bytes(b"")
+    assert compare.eval_checkpoint(str(tmp_path)) == str(tmp_path / "dev-best.ckpt")
+
+
 def test_speech_commands_layout_symlink_copy_and_archive(tmp_path):
     train, test = _fake_corpus(tmp_path)
     s = scp.prepare(str(train), str(test), str(tmp_path / "out"))
@@ -289,7 +346,7 @@ def test_compare_upstreams_trains_and_evaluates(keywords, tiny_encoder, tmp_path
     cmd = [sys.executable, str(COMPARE), "--data", str(out), "--out-dir", str(tmp_path / "cmp"),
            "--upstream", f"supmam_clap_local:{tiny_encoder}", "--upstream", "fbank",
            "--device", "cpu", "--threads", "1", "--total-steps", "4", "--eval-step", "2",
-           "--batch-size", "8", "--num-workers", "0", "--lr", "1e-3", "--seed", "7"]
+           "--batch-size", "8", "--num-workers", "0", "--lr", "1e-2", "--seed", "7"]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "[1/2] supmam_clap_local: test acc" in proc.stdout and "[2/2] fbank: test acc" in proc.stdout
@@ -300,8 +357,11 @@ def test_compare_upstreams_trains_and_evaluates(keywords, tiny_encoder, tmp_path
         assert 0.0 <= r["test_acc"] <= 100.0
         expdir = Path(r["expdir"])
         assert [h[0] for h in r["dev_history"]] == [2, 4]
-        # dev-best.ckpt, or the final states-4.ckpt when no dev evaluation beat 0
+        # dev-best.ckpt exists exactly when a dev evaluation beat 0 (s3prl's rule), and is then the
+        # one evaluated; otherwise the final states-4.ckpt. Our upstream must reach dev-best.
         improved = any(acc > 0 for _, acc in r["dev_history"])
+        assert improved or label != "supmam_clap_local", r["dev_history"]
+        assert (expdir / "dev-best.ckpt").is_file() == improved
         assert r["eval_ckpt"] == str(expdir / ("dev-best.ckpt" if improved else "states-4.ckpt"))
         log = (expdir / "log.log").read_text().splitlines()
         tests = [float(line.split(": ")[1]) for line in log if line.startswith("test at step 0: ")]
@@ -310,6 +370,16 @@ def test_compare_upstreams_trains_and_evaluates(keywords, tiny_encoder, tmp_path
         assert r["eval_cmd"][r["eval_cmd"].index("--device") + 1] == "cpu"
         assert (expdir / "test_predict.txt").read_text().count("\n") == 12
     assert summary["results"]["supmam_clap_local"]["ckpt"] == tiny_encoder
+    # the README's evaluate line, verbatim (no --device), from another directory, with no CUDA
+    r = summary["results"]["supmam_clap_local"]
+    (tmp_path / "elsewhere").mkdir()
+    proc = subprocess.run([sys.executable, str(LAUNCHER), "-m", "evaluate", "-e", r["eval_ckpt"]],
+                          cwd=tmp_path / "elsewhere", capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "no CUDA device: running on the CPU (--device cpu)" in proc.stderr
+    accuracy = [float(line.split(": ")[1]) for line in proc.stdout.splitlines() if line.startswith("test acc: ")]
+    assert len(accuracy) == 1 and round(100 * accuracy[0], 2) == r["test_acc"]
     md = (tmp_path / "cmp" / "compare.md").read_text()
     assert "| supmam_clap_local | encoder.pt |" in md and "| fbank | - |" in md
     assert md.count(".ckpt |") == 2

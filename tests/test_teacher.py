@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import torchaudio
 
 from mam_clap_fixtures.clap import dft_weights, save_random_clap_checkpoint
 from mam_clap_plugin.teacher import ClapCheckpointError, ClapTeacher, file_sha256, load_clap_teacher
 from mam_clap_plugin.teacher.clap import AudioBranch, _infer_architecture, hz_to_mel, mel_filterbank, mel_to_hz
+
+from .references import slaney_hz_to_mel, slaney_mel_filterbank, slaney_mel_to_hz
 
 # Shifted blocks in stages 0 and 2; widths 16, 32, 64, 128.
 SMALL = dict(embed_dim=16, depths=[2, 1, 2, 1], num_heads=[1, 2, 2, 4])
@@ -121,8 +122,8 @@ def test_checkpoint_key_layout(laion_path, msclap_path):
     spec = torch.fft.rfft(frames * torch.hann_window(1024, periodic=True, dtype=torch.float64), dim=-1)
     torch.testing.assert_close(frames @ real.double()[:, 0].T, spec.real, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(frames @ imag.double()[:, 0].T, spec.imag, atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(ms["audio_encoder.base.htsat.logmel_extractor.melW"],
-                               mel_filterbank(32000, 1024, 64, 50, 14000))
+    np.testing.assert_allclose(ms["audio_encoder.base.htsat.logmel_extractor.melW"].double().numpy(),
+                               slaney_mel_filterbank(32000, 1024, 64, 50, 14000), atol=1e-6, rtol=1e-4)
 
 
 def test_bare_state_dict_without_module_prefix(laion_path, tmp_path):
@@ -277,38 +278,50 @@ def test_file_sha256(tmp_path):
 
 
 @pytest.mark.parametrize("sr,fmin,fmax", [(48000, 50, 14000), (32000, 50, 14000), (16000, 0, 8000)])
-def test_mel_filterbank_matches_torchaudio_slaney(sr, fmin, fmax):
-    ref = torchaudio.functional.melscale_fbanks(513, fmin, fmax, 64, sr, norm="slaney", mel_scale="slaney")
-    torch.testing.assert_close(mel_filterbank(sr, 1024, 64, fmin, fmax), ref, atol=1e-6, rtol=1e-4)
+def test_mel_filterbank_matches_the_slaney_formula(sr, fmin, fmax):
+    """Against the Slaney filterbank written out in numpy (tests/references.py), not torchaudio."""
+    ref = slaney_mel_filterbank(sr, 1024, 64, fmin, fmax)
+    got = mel_filterbank(sr, 1024, 64, fmin, fmax)
+    assert got.shape == (513, 64) and got.dtype == torch.float32
+    np.testing.assert_allclose(got.double().numpy(), ref, atol=1e-6, rtol=1e-4)
+    # each filter's area-normalised peak sits at its mel point (2 / bandwidth in Hz at most)
+    points = slaney_mel_to_hz(np.linspace(slaney_hz_to_mel(fmin), slaney_hz_to_mel(fmax), 66))
+    assert (got.double().numpy().max(axis=0) <= 2 / (points[2:] - points[:-2]) + 1e-7).all()
 
 
 def test_mel_scale_conversions():
     hz = torch.tensor([0.0, 50.0, 999.0, 1000.0, 1001.0, 4000.0, 14000.0], dtype=torch.float64)
     torch.testing.assert_close(mel_to_hz(hz_to_mel(hz)), hz)
+    # published anchor points of the Slaney scale: 200/3 Hz per mel up to 1 kHz = 15 mel,
+    # then 27 mels per factor 6.4 (6400 Hz = 42 mel)
     assert hz_to_mel(1000.0) == pytest.approx(15.0) and hz_to_mel(200.0) == pytest.approx(3.0)
+    assert hz_to_mel(6400.0) == pytest.approx(42.0) and mel_to_hz(42.0) == pytest.approx(6400.0)
+    np.testing.assert_allclose(hz_to_mel(hz).numpy(), slaney_hz_to_mel(hz.numpy()), rtol=1e-12)
     assert [hz_to_mel(float(f)) for f in hz] == pytest.approx(hz_to_mel(hz).tolist())
 
 
 def _bin_centres_hz(sr, fmin, fmax, n_mels=64):
-    """Centre frequency of each Slaney mel filter, read off a finely sampled torchaudio filterbank."""
-    fine = torchaudio.functional.melscale_fbanks(200001, fmin, fmax, n_mels, sr, norm="slaney", mel_scale="slaney")
-    return fine.argmax(0).double() * (sr / 2) / 200000
+    """Centre frequency of each Slaney mel filter: the inner points of n_mels + 2 mel-equidistant
+    points from fmin to fmax (the published definition, tests/references.py)."""
+    return slaney_mel_to_hz(np.linspace(slaney_hz_to_mel(fmin), slaney_hz_to_mel(fmax), n_mels + 2))[1:-1]
 
 
 def test_freq_edges(laion_path, msclap_path):
     laion = load_clap_teacher(laion_path)
     edges = laion.freq_edges_hz()
     assert len(edges) == 3 and edges[0] == pytest.approx(50) and edges[2] == pytest.approx(14000)
-    assert edges[1] == pytest.approx(mel_to_hz((hz_to_mel(50.0) + hz_to_mel(14000.0)) / 2))
+    assert edges[1] == pytest.approx(slaney_mel_to_hz((slaney_hz_to_mel(50.0) + slaney_hz_to_mel(14000.0)) / 2))
+    assert edges[1] == pytest.approx(2293.0, abs=0.5)  # the README's 50 / 2293 / 14000 Hz
 
     stage3 = load_clap_teacher(laion_path, "stage3")
     edges = stage3.freq_edges_hz()
     assert len(edges) == 5 and edges == sorted(edges)
+    assert [round(e) for e in edges] == [50, 941, 2293, 5587, 14000]  # as the README states
     centres = _bin_centres_hz(48000, 50, 14000)
     for k in range(1, 4):  # inner edge k between bin 16k - 1 (cell k - 1) and bin 16k (cell k)
-        lo, hi = centres[16 * k - 1].item(), centres[16 * k].item()
+        lo, hi = centres[16 * k - 1], centres[16 * k]
         assert lo < edges[k] < hi
-        assert hz_to_mel(edges[k]) == pytest.approx((hz_to_mel(lo) + hz_to_mel(hi)) / 2, abs=2e-3)
+        assert slaney_hz_to_mel(edges[k]) == pytest.approx((slaney_hz_to_mel(lo) + slaney_hz_to_mel(hi)) / 2, abs=1e-6)
 
     ms = load_clap_teacher(msclap_path, "stage3")
     nominal = [e * 32000 / 44100 for e in ms.freq_edges_hz()]

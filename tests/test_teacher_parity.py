@@ -4,8 +4,9 @@ References (requirements-parity.txt, installed with --no-deps): LAION-CLAP 1.1.7
 ``HTSAT_Swin_Transformer`` and MS-CLAP 1.3.4's ``AudioEncoder`` (HTS-AT + projection), both on
 torchlibrosa 0.1.0. Their heavy imports (librosa, torchvision, h5py, transformers) are stubbed
 in ``sys.modules`` only while the reference modules are imported. The stub's mel filterbank is
-torchaudio's Slaney filterbank and its window scipy's, so the STFT/mel weights the references
-build are an independent check of the ones ``save_random_clap_checkpoint`` writes.
+the Slaney formula written out in numpy (``tests/references.py``, not torchaudio, which the
+package uses) and its window scipy's, so the STFT/mel weights the references build are an
+independent check of the ones ``save_random_clap_checkpoint`` writes.
 
 Real HTSAT-tiny shapes, random init; a batch of two random clips (10 s at 48 kHz for LAION,
 7 s at 44.1 kHz for MS-CLAP); tolerance 1e-4 absolute on every map.
@@ -19,11 +20,12 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-import torchaudio
 from torch import nn
 
 from mam_clap_fixtures.clap import save_random_clap_checkpoint
 from mam_clap_plugin.teacher import load_clap_teacher
+
+from .references import slaney_mel_filterbank
 
 TOL = 1e-4
 # The reference HTS-AT calls torch.meshgrid without indexing=.
@@ -33,10 +35,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:torch.meshgrid")
 def _librosa_stub() -> types.ModuleType:
     import scipy.signal
 
-    def mel(sr, n_fft, n_mels=128, fmin=0.0, fmax=None, **_):
-        fb = torchaudio.functional.melscale_fbanks(n_fft // 2 + 1, float(fmin), float(fmax or sr / 2), n_mels,
-                                                   sr, norm="slaney", mel_scale="slaney")
-        return fb.T.double().numpy()  # (n_mels, n_freq) like librosa
+    def mel(sr, n_fft, n_mels=128, fmin=0.0, fmax=None, htk=False, norm="slaney", **_):
+        assert not htk and norm == "slaney", "the stub implements librosa's default (Slaney) filterbank only"
+        return slaney_mel_filterbank(sr, n_fft, n_mels, float(fmin), float(fmax or sr / 2)).T  # (n_mels, n_freq)
 
     def pad_center(data, size, **_):
         lpad = (size - len(data)) // 2

@@ -7,7 +7,6 @@ legacy Featurizer) runs against them with the compat shims installed.
 """
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,18 +25,11 @@ from mam_clap_plugin.data.audio import NORM_STATS, normalize_fbank, wav_to_fbank
 from mam_clap_plugin.modules.encoder import AudioEncoder
 from upstream.expert import DOWNSAMPLE_RATE, UpstreamExpert, num_steps
 
+from .conftest import PRETRAINED_DEPTH, PRETRAINED_DIM
+
 REPO = Path(__file__).resolve().parents[1]
 SR = 16000
-DIM, DEPTH = 32, 2
-MODEL_CFG = {  # what fairseq writes for the supmam_clap model (cfg as a plain dict)
-    "_name": "supmam_clap", "encoder_embed_dim": DIM, "encoder_layers": DEPTH, "encoder_attention_heads": 4,
-    "mlp_ratio": 4.0, "max_frames": 1024, "mask_ratio": 0.4, "decoder_embed_dim": 16, "decoder_layers": 1,
-    "decoder_attention_heads": 4, "decoder_window_time": 4, "decoder_window_freq": 4, "decoder_shift_time": 2,
-    "decoder_shift_freq": 0, "target": "pixel", "target_dim": 0, "classification_branch": True,
-    "num_classes": 3, "cls_hidden_dim": 32,
-}
-TASK_CFG = {"_name": "mam_clap_pretraining", "data": "/data", "labels": "lbl", "class_list": "classes.txt",
-            "target_store": None, "target_length": 128, "norm_stats": "speech_commands", "skip_bad_files": False}
+DIM, DEPTH = PRETRAINED_DIM, PRETRAINED_DEPTH
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -56,26 +48,15 @@ def _process_state():
 
 
 @pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    """(fairseq-layout checkpoint, encoder export, the encoder) of one tiny random encoder."""
-    root = tmp_path_factory.mktemp("upstream")
-    torch.manual_seed(0)
-    encoder = AudioEncoder.from_model_config(MODEL_CFG).eval()
-    # give the cls token and norm non-trivial values so that mistakes show
-    with torch.no_grad():
-        encoder.norm.weight.normal_(1.0, 0.1)
-        encoder.patch_embed.bias.normal_(0.0, 0.1)
-    model = {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
-    model["decoder.embed.weight"] = torch.zeros(16, DIM)  # pretraining-only keys are ignored
-    model["head.weight"] = torch.zeros(256, 16)
-    state = {"args": None, "cfg": {"model": dict(MODEL_CFG), "task": dict(TASK_CFG), "common": {"seed": 1}},
-             "model": model, "criterion": None, "optimizer_history": [{"num_updates": 10}], "task_state": {},
-             "extra_state": {"epoch": 1}, "last_optimizer_state": None}
-    fairseq_path = root / "checkpoint_last.pt"
-    torch.save(state, fairseq_path)
-    export_path = root / "encoder.pt"
-    export_encoder(str(fairseq_path), str(export_path))
-    return str(fairseq_path), str(export_path), encoder
+def ckpts(pretraining_checkpoint, tmp_path_factory):
+    """(checkpoint written by fairseq-hydra-train, its encoder export, the encoder) of one tiny
+    pretrained encoder."""
+    export_path = tmp_path_factory.mktemp("upstream") / "encoder.pt"
+    export_encoder(pretraining_checkpoint, str(export_path))
+    encoder = load_encoder(pretraining_checkpoint).eval()
+    # 4 updates at lr 0.01 moved the weights off their initial values, so mistakes show
+    assert (encoder.norm.weight - 1).abs().max() > 1e-3 and encoder.patch_embed.bias.abs().max() > 1e-3
+    return pretraining_checkpoint, str(export_path), encoder
 
 
 @pytest.fixture(scope="module")
@@ -130,10 +111,22 @@ def test_export_cli_and_loading_without_fairseq(ckpts, tmp_path):
         "print('steps', up([torch.zeros(16000)])['hidden_states'][0].shape[1])\n"
         "assert 'fairseq' not in sys.modules\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert '"spec": "speech_commands"' in proc.stdout and proc.stdout.split()[-1] == "7"
+
+
+def test_missing_checkpoint_is_an_error_under_python_O(tmp_path):
+    """A real exception, not an assert that ``python -O`` strips."""
+    code = ("from upstream.hubconf import supmam_clap_local\n"
+            "try:\n"
+            f"    supmam_clap_local({str(tmp_path / 'missing.pt')!r})\n"
+            "except FileNotFoundError as e:\n"
+            "    print('refused:', e)\n")
+    proc = subprocess.run([sys.executable, "-O", "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("refused: supmam_clap_local: checkpoint not found") and "missing.pt" in proc.stdout
 
 
 def test_export_cli_errors(tmp_path, capsys):
@@ -236,8 +229,9 @@ def test_options_and_errors(ckpts, tmp_path):
         UpstreamExpert(ckpts[1])([torch.zeros(0)])
     from upstream.hubconf import supmam_clap_local
 
-    with pytest.raises(AssertionError, match="not found"):
-        supmam_clap_local(str(tmp_path / "missing.pt"))
+    for missing in (str(tmp_path / "missing.pt"), tmp_path / "missing.pt", str(tmp_path), None):
+        with pytest.raises(FileNotFoundError, match="supmam_clap_local: checkpoint not found"):
+            supmam_clap_local(missing)
     with pytest.raises(CheckpointError):
         (tmp_path / "junk.pt").write_bytes(b"junk")
         supmam_clap_local(str(tmp_path / "junk.pt"))

@@ -2,7 +2,8 @@
 layout): every public callable here is an upstream entry.
 
 s3prl collects entries from its own ``s3prl/upstream/*/hubconf.py`` only, so register
-this one into ``s3prl.hub`` before use (after :func:`upstream.compat.install_shims`)::
+this one into ``s3prl.hub`` before use (after :func:`upstream.compat.install_shims`); the
+``upstream`` package is installed with this project, so this works from any directory::
 
     from upstream.hubconf import register
     register()                      # setattr(s3prl.hub, "supmam_clap_local", ...)
@@ -25,9 +26,14 @@ def supmam_clap_local(ckpt: str, *args, **kwargs) -> _UpstreamExpert:
         model_config: optional YAML/JSON file of expert options (s3prl's ``-g``).
         kwargs: expert options (``freq_pool``, ``window_frames``, ...); see
             :class:`upstream.expert.UpstreamExpert`.
+
+    Raises:
+        FileNotFoundError: ``ckpt`` is not an existing file (also under ``python -O``).
     """
-    assert isinstance(ckpt, str) and os.path.isfile(ckpt), f"checkpoint not found: {ckpt!r}"
-    return _UpstreamExpert(ckpt, *args, **kwargs)
+    if not isinstance(ckpt, (str, os.PathLike)) or not os.path.isfile(ckpt):
+        raise FileNotFoundError(f"supmam_clap_local: checkpoint not found: {ckpt!r} (pass a pretraining checkpoint "
+                                "or an encoder export of this plugin, s3prl's -k)")
+    return _UpstreamExpert(os.fspath(ckpt), *args, **kwargs)
 
 
 #: The entries this module defines (what :func:`register` adds to ``s3prl.hub``).

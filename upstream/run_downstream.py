@@ -13,7 +13,13 @@ argument parser and ``main`` are used, nothing is copied).  Before handing over 
    root holds only s3prl's 12 class folders, noise files are at least 1 s long, dev is not
    empty and the train set holds at least one batch (with fewer clips than
    ``datarc.batch_size`` s3prl's training loop, whose loader drops the last partial batch,
-   never finishes).
+   never finishes);
+4. picks the device when ``--device`` is not given: s3prl's default ``cuda`` if CUDA is
+   available, else ``cpu`` (said on stderr), so the same command works on a CPU machine
+   (``-m evaluate -e dev-best.ckpt`` included: s3prl never takes the device from a checkpoint).
+
+The ``upstream`` package is installed with this project (``pip install -e .``), so
+``python -m upstream.run_downstream ...`` works from any directory as well.
 
 s3prl's wheel ships no downstream ``config.yaml``: pass ``-c upstream/config/speech_commands.yaml``.
 Overrides (``-o``) are ``,,``-separated ``config.<path>=<python literal>`` or
@@ -26,7 +32,7 @@ Overrides (``-o``) are ``,,``-separated ``config.<path>=<python literal>`` or
     config.downstream_expert.datarc.num_workers=0,,config.runner.total_steps=200,,\\
     config.runner.eval_step=100,,config.runner.save_step=100,,\\
     config.runner.eval_dataloaders=['dev']"
-    python upstream/run_downstream.py -m evaluate -e outputs/ks/fbank/dev-best.ckpt --device cpu
+    python upstream/run_downstream.py -m evaluate -e outputs/ks/fbank/dev-best.ckpt
 """
 from __future__ import annotations
 
@@ -37,7 +43,6 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
 
 #: The hub entry this launcher adds to ``s3prl.hub``.
 ENTRY = "supmam_clap_local"
@@ -48,11 +53,24 @@ SC_CLASSES = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "
 def _fix_sys_path() -> None:
     """``python upstream/run_downstream.py`` puts ``upstream/`` first on ``sys.path``: its
     ``config/`` folder and module names (``expert``, ``hubconf``) would shadow top-level
-    imports, so drop it and make the repository root importable instead."""
+    imports, so drop it (``upstream`` itself is imported from the installed package)."""
     if sys.path and os.path.abspath(sys.path[0] or os.getcwd()) == HERE:
         sys.path.pop(0)
-    if REPO not in sys.path:
-        sys.path.insert(0, REPO)
+
+
+def with_device(argv: List[str], cuda_available: bool) -> List[str]:
+    """``argv`` (without the program name) plus ``--device cpu`` when it gives no ``--device``
+    (in any form s3prl's parser accepts: ``--device X``, ``--device=X``, a unique prefix) and
+    CUDA is not available; otherwise ``argv`` unchanged."""
+    probe = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    probe.add_argument("--device")
+    try:
+        given, _ = probe.parse_known_args(argv)
+    except (argparse.ArgumentError, SystemExit):  # e.g. a bare --device: s3prl's parser reports it
+        return list(argv)
+    if given.device is not None or cuda_available:
+        return list(argv)
+    return [*argv, "--device", "cpu"]
 
 
 def prepare():
@@ -177,6 +195,12 @@ def s3prl_argument_parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     rd = prepare()
+    import torch
+
+    argv = with_device(sys.argv[1:], torch.cuda.is_available())
+    if argv != sys.argv[1:] and not {"-h", "--help"} & set(argv):
+        print("[run_downstream] no CUDA device: running on the CPU (--device cpu)", file=sys.stderr)
+    sys.argv[1:] = argv
     original = rd.get_downstream_args
 
     def get_downstream_args() -> Tuple:

@@ -7,7 +7,8 @@
 
 The label file is named after the manifest (``train.tsv`` -> ``DIR/train.lbl``).  A manifest
 entry without a label is an error naming it; ``--drop-unlabelled`` instead writes the labelled
-entries to ``DIR/{split}.tsv`` (DIR must then not hold the input manifest).  An existing
+entries to ``DIR/{split}.tsv``; if that is the input manifest (``--out-dir`` = its folder) it is
+replaced and the original kept as ``DIR/{split}.unfiltered.tsv``.  An existing
 ``DIR/classes.txt`` with different classes is an error, so all splits share one class list.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import csv
 import os
 import posixpath
+import shutil
 
 from mam_clap_plugin.data.manifest import (
     Manifest,
@@ -163,16 +165,24 @@ def write_class_file(out_dir: str, names: list[str]) -> None:
 
 
 def drop_unlabelled(manifest: Manifest, labels: list, out_dir: str) -> list[list[int]]:
-    """Write DIR/{split}.tsv with the labelled entries only; returns their labels."""
+    """Write DIR/{split}.tsv with the labelled entries only; returns their labels.
+
+    When that is the input manifest itself (``--out-dir`` = the manifest's folder, as in
+    the README), it is replaced atomically and the unfiltered original is kept next to it
+    as ``{split}.unfiltered.tsv`` (written once: a rerun keeps the first original)."""
     out_path = os.path.join(out_dir, os.path.basename(manifest.path))
-    if os.path.exists(out_path) and os.path.samefile(out_path, manifest.path):
-        fail(f"--drop-unlabelled would overwrite the input manifest {manifest.path}; "
-             "use another --out-dir")
     keep = [i for i, ids in enumerate(labels) if ids is not None]
     if not keep:
         fail(f"{manifest.path}: no entry has a label")
-    write_manifest(out_path, manifest.root, [manifest.paths[i] for i in keep],
-                   [manifest.sizes[i] for i in keep])
+    in_place = os.path.exists(out_path) and os.path.samefile(out_path, manifest.path)
+    if in_place:
+        original = os.path.join(out_dir, f"{split_name(manifest.path)}.unfiltered.tsv")
+        if not os.path.exists(original):
+            shutil.copyfile(manifest.path, original)
+            print(f"kept the unfiltered {manifest.path} as {original}")
+    tmp_path = f"{out_path}.tmp"
+    write_manifest(tmp_path, manifest.root, [manifest.paths[i] for i in keep], [manifest.sizes[i] for i in keep])
+    os.replace(tmp_path, out_path)
     print(f"wrote {out_path}: {len(keep)} labelled of {len(labels)} entries")
     return [labels[i] for i in keep]
 
@@ -185,9 +195,9 @@ def finish(args: argparse.Namespace, manifest: Manifest, names: list[str], label
         fail(f"{manifest.where(first)}: no label for {manifest.paths[first]} "
              f"({len(missing)} of {len(labels)} entries unlabelled; see --drop-unlabelled)")
     os.makedirs(args.out_dir, exist_ok=True)
+    write_class_file(args.out_dir, names)  # first: a class-list conflict must leave the manifest alone
     if args.drop_unlabelled:
         labels = drop_unlabelled(manifest, labels, args.out_dir)
-    write_class_file(args.out_dir, names)
     lbl_path = os.path.join(args.out_dir, f"{split_name(manifest.path)}.lbl")
     write_labels(lbl_path, labels)
     print(f"wrote {lbl_path}: {len(labels)} entries, {len(names)} classes")
@@ -207,7 +217,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.add_argument("manifest", help="the split's .tsv manifest")
         p.add_argument("--out-dir", required=True, help="where to write {split}.lbl and classes.txt")
         p.add_argument("--drop-unlabelled", action="store_true",
-                       help="write a filtered DIR/{split}.tsv instead of failing on unlabelled entries")
+                       help="write a filtered DIR/{split}.tsv instead of failing on unlabelled entries "
+                            "(the input manifest itself, if it is there: its original is kept as "
+                            "DIR/{split}.unfiltered.tsv)")
         p.set_defaults(func=func)
         subparsers[name] = p
     subparsers["audioset"].add_argument("--segments", nargs="+", required=True,

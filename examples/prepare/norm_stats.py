@@ -1,10 +1,11 @@
-"""Mean and std of the unnormalised fbank over a manifest, for --norm-mean/--norm-std.
+"""Mean and std of the unnormalised fbank over a manifest, for the task.norm_stats='MEAN,STD' override.
 
     python examples/prepare/norm_stats.py MANIFEST_TSV [--target-length 1024] [--max-clips N] [--seed 0]
 
 Each clip is loaded and padded/cropped exactly like training (``load_audio`` +
 ``wav_to_fbank``), so the zero padding of short clips is part of the statistics.  Prints
-``norm_mean=... norm_std=...`` and then the same numbers as one JSON line.
+``norm_mean=... norm_std=...`` with the ready ``task.norm_stats='MEAN,STD'`` override (training
+normalises with ``(x - mean) / (2 * std)``), then the same numbers as one JSON line.
 """
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
         mean, std = fbank_stats(manifest, indices, args.target_length)
     except (AudioError, ManifestError) as err:
         raise SystemExit(f"error: {err}") from None
-    print(f"norm_mean={mean:.7g} norm_std={std:.7g}")
+    print(f"norm_mean={mean:.7g} norm_std={std:.7g}  (training: task.norm_stats='{mean:.7g},{std:.7g}')")
     print(json.dumps({"norm_mean": mean, "norm_std": std, "num_clips": len(indices),
                       "target_length": args.target_length, "manifest": args.manifest}))
 
