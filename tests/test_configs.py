@@ -120,3 +120,17 @@ def test_readme_command_composes(command):
     assert cfg.task.data == "manifests" and cfg.common.user_dir == "/plugin"
     if cfg.task.target_store is not None:
         assert cfg.task.target_store == "clap_targets"
+
+
+def test_readme_runs_do_not_share_checkpoints():
+    """Two different README commands never write to (and resume from) one checkpoint
+    directory, except the online-teacher alternative to the same variant's store run."""
+    seen = {}
+    for command in README_COMMANDS:
+        if " -m " in command:
+            continue  # a sweep: one directory per job under multirun/
+        words = readme.words(command, {"PATH": os.environ["PATH"], "USER_DIR": "/plugin", "r": "0"})
+        save = next((w.split("=", 1)[1] for w in words if w.startswith("checkpoint.save_dir=")),
+                    f"checkpoints/{readme.config_name(command)}")
+        other = seen.setdefault(save, command)
+        assert other == command or "teacher_checkpoint" in other + command, (save, other, command)

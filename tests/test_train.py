@@ -242,13 +242,13 @@ def test_readme_two_process_command_trains_and_resumes(scratch):
     records = parse_json_log(first[0][1])["train_inner"]
     # each update sees both ranks' batches: 2 x 3 clips
     assert [r["nsentences"] for r in records] == [6, 6] and all(math.isfinite(r["loss"]) for r in records)
-    ckpt = scratch / "checkpoints" / "supmam" / "checkpoint_last.pt"
+    ckpt = scratch / "checkpoints" / "supmam_tiny_2proc" / "checkpoint_last.pt"
     assert ckpt.is_file()
 
     again = _run_ranks(README_DDP, scratch, ["optimization.max_update=4", "dataset.batch_size=3"], "second")
     for rc, text in again:
         assert rc == 0, text[-3000:]
-    assert f"Loaded checkpoint {ckpt}" in again[0][1]
+    assert "Loaded checkpoint checkpoints/supmam_tiny_2proc/checkpoint_last.pt (epoch 2 @ 2 updates)" in again[0][1]
     assert updates(again[0][1]) == [3, 4]
 
 
