@@ -27,6 +27,7 @@ from fairseq.models import BaseFairseqModel, register_model
 
 from ..modules.decoder import WindowDecoder
 from ..modules.encoder import PATCH_SIZE, AudioEncoder
+from ..optim import set_overrides
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +97,7 @@ class SupMamClapModel(BaseFairseqModel):
         super().__init__()
         self.cfg = cfg
         self.encoder = AudioEncoder.from_model_config(cfg)
+        set_overrides(self.encoder.cls_token, weight_decay=0.0)  # no decay on tokens (the position tables are buffers)
         self.decoder = WindowDecoder(
             cfg.encoder_embed_dim,
             cfg.decoder_embed_dim,
