@@ -169,6 +169,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             "speedup = ratio of the medians, speedup_per_round_median = median of the per-round ratios; the target "
             "counts as met when both are >= the target",
         ],
+        "loadavg_at_end": list(os.getloadavg()),
         "wall_s": time.perf_counter() - start,
     }
     out = Path(args.out)

@@ -2,6 +2,7 @@
 update rule, exact resume, per-group lr under the cosine scheduler and fairseq's fp16/bf16
 wrappers, and the refused configurations (flattened fp16, amp)."""
 import io
+import os
 
 import fairseq  # noqa: F401  (must be imported before the plugin's model modules)
 import pytest
@@ -350,3 +351,40 @@ def test_amp_is_refused():
     params = list(make_model().parameters())
     with pytest.raises(ValueError, match=r"unscales the gradients twice.*common\.bf16=true"):
         optim.AMPOptimizer.build_optimizer(cfg, params)
+
+
+# ----------------------------------------------------------------------------- adam checkpoints, end to end
+
+FAST = [
+    "+size=tiny", "task.target_length=64", "common.cpu=true", "common.log_interval=1", "dataset.batch_size=6",
+    "dataset.num_workers=0", "optimization.update_freq=[1]", "optimization.lr=[0.002]",
+    "lr_scheduler.warmup_updates=1", "checkpoint.save_interval_updates=0", "optimization.max_update=4",
+]
+
+
+def test_adam_checkpoint_resumes_under_mam_clap_adamw(tone_set, tmp_path):
+    """A run written with fairseq's adam: refused as is (fairseq's name check), resumed with its moments
+    and schedule after adopt_adam, or restarted from update 0 with checkpoint.reset_optimizer=true."""
+    from mam_clap_plugin.hydra_runs import run_hydra_train
+    from mam_clap_plugin.optim.adopt_adam import main as adopt
+
+    from .conftest import CONFIG_DIR
+
+    save = tmp_path / "ckpt"
+    args = [f"task.data={tone_set}", f"checkpoint.save_dir={save}", *FAST]
+    first = run_hydra_train(CONFIG_DIR, "mam", args + ["optimizer._name=adam", "optimization.max_epoch=1"], tmp_path / "r1")
+    assert "'_name': 'adam'" in first.text and "mam_clap_adamw" not in first.text
+    assert [int(r["num_updates"]) for r in first.records["train_inner"]] == [1, 2]
+    ckpt = str(save / "checkpoint_last.pt")
+
+    refused = run_hydra_train(CONFIG_DIR, "mam", args, tmp_path / "r2", check=False)
+    assert refused.returncode != 0 and "Optimizer does not match" in refused.text
+
+    adopt([ckpt])
+    resumed = run_hydra_train(CONFIG_DIR, "mam", args, tmp_path / "r3")
+    assert "@ 2 updates" in resumed.text and "mam_clap_adamw (fused)" in resumed.text
+    assert [int(r["num_updates"]) for r in resumed.records["train_inner"]] == [3, 4]
+
+    os.replace(ckpt + ".adam.bak", ckpt)
+    restarted = run_hydra_train(CONFIG_DIR, "mam", args + ["checkpoint.reset_optimizer=true"], tmp_path / "r4")
+    assert [int(r["num_updates"]) for r in restarted.records["train_inner"]][0] == 1  # moments and schedule restart
