@@ -132,11 +132,12 @@ class TinyNet(torch.nn.Module):
 
 
 def tiny_steps(model, opt, steps, start=0):
+    dtype = model.token.dtype
     for i in range(start, start + steps):
         g = torch.Generator().manual_seed(i)
-        x, y = torch.randn(6, 5, 8, generator=g), torch.randn(6, 5, 4, generator=g)
+        x, y = torch.randn(6, 5, 8, generator=g).to(dtype), torch.randn(6, 5, 4, generator=g)
         opt.zero_grad()
-        opt.backward((model(x) - y).pow(2).mean())
+        opt.backward((model(x).float() - y).pow(2).mean())
         opt.step()
 
 
@@ -301,6 +302,26 @@ def test_resume_from_fairseq_adam_state():
     tiny_steps(ours, opt, 3, start=3)
     for a, b in zip(params_of(ref), params_of(ours)):
         torch.testing.assert_close(b, a, **TOL)
+
+
+def test_adam_state_loads_through_bf16_wrapper():
+    """Under common.bf16 both optimizers are FP16Optimizer (fairseq's name check passes): adam's state loads."""
+    cfg_adam, cfg_ours = full_cfg("adam", bf16=True), full_cfg(bf16=True)
+    ref = TinyNet().to(torch.bfloat16)
+    ref_opt = build(cfg_adam, ref)
+    tiny_steps(ref, ref_opt, 2)
+    ours = TinyNet().to(torch.bfloat16)
+    ours.load_state_dict(ref.state_dict())
+    opt = build(cfg_ours, ours)
+    assert type(opt).__name__ == type(ref_opt).__name__ == "FP16Optimizer"
+    opt.load_state_dict(save_load(ref_opt.state_dict()), {})
+    ref_state = [ref_opt.optimizer.state[p] for p in ref_opt.fp32_params]
+    by_param = {id(p): i for i, p in enumerate(opt.fp32_params)}
+    for g in opt.param_groups:
+        for p in g["params"]:
+            mine, theirs = opt.optimizer.state[p], ref_state[by_param[id(p)]]
+            assert float(mine["step"]) == theirs["step"] == 2 and torch.equal(mine["exp_avg"], theirs["exp_avg"])
+    tiny_steps(ours, opt, 1, start=2)  # and it steps
 
 
 def test_state_from_another_model_is_refused():
