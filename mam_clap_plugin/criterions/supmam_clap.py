@@ -224,7 +224,7 @@ class SupMamClapCriterion(FairseqCriterion):
             log["ncorrect"] = labels.gather(1, top1[:, None]).gt(0).sum().item()
             if not self.logging_outputs_can_be_summed():
                 log["cls_scores"] = torch.sigmoid(logits.float()).cpu().numpy()
-                log["cls_labels"] = labels.cpu().numpy()
+                log["cls_labels"] = labels.float().cpu().numpy()  # bf16 under common.bf16
         return loss, 1, log
 
     @staticmethod

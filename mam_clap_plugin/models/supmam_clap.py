@@ -27,6 +27,7 @@ from fairseq.models import BaseFairseqModel, register_model
 
 from ..modules.decoder import WindowDecoder
 from ..modules.encoder import PATCH_SIZE, AudioEncoder
+from ..modules.precision import Fp32BatchNorm1d
 from ..optim import set_overrides
 
 logger = logging.getLogger(__name__)
@@ -70,12 +71,12 @@ class SupMamClapConfig(FairseqDataclass):
 
 
 class ClassificationHead(nn.Module):
-    """Global average pool of visible tokens, then Linear -> BatchNorm -> ReLU -> Linear."""
+    """Global average pool of visible tokens, then Linear -> BatchNorm (float32) -> ReLU -> Linear."""
 
     def __init__(self, dim: int, hidden: int, num_classes: int):
         super().__init__()
         self.mlp = nn.Sequential(
-            nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_classes)
+            nn.Linear(dim, hidden), Fp32BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_classes)
         )
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

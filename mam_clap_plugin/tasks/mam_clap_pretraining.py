@@ -35,6 +35,7 @@ from ..data.dataset import MamClapDataset
 from ..data.manifest import read_class_list, read_labels, read_manifest
 from ..data.target_store import TargetStoreError, open_target_store
 from ..modules.encoder import PATCH_SIZE
+from ..modules.precision import exact
 from ..teacher import file_sha256, load_clap_teacher
 
 logger = logging.getLogger(__name__)
@@ -213,6 +214,7 @@ class MamClapPretrainingTask(FairseqTask):
         wav = sample.pop("teacher_wav", None)
         if self.teacher is None or wav is None:
             return sample
+        wav = exact(wav)  # the dataset carries it past fairseq's fp16/bf16 batch cast
         if next(self.teacher.parameters()).device != wav.device:
             self.teacher.to(wav.device)
         sample["target"] = align_tokens(self.teacher(wav), self.alignment)
