@@ -12,8 +12,9 @@ no weight decay on biases and norms (``ndim <= 1``) and on parameters tagged
 :meth:`MamClapAdamW.set_lr` gives each group ``lr * lr_scale`` (fairseq's base class writes
 one lr into every group).
 
-Mixed precision: under ``common.bf16`` and ``common.fp16`` fairseq's FP16Optimizer keeps
-fp32 copies and hands them here. The groups need the individual tensors, so fp16 needs
+float32 runs on a GPU with TF32 (Ampere and newer) turn TF32 matmuls on and log it
+(:func:`enable_tf32_matmuls`). Mixed precision: under ``common.bf16`` and ``common.fp16``
+fairseq's FP16Optimizer keeps fp32 copies and hands them here. The groups need the individual tensors, so fp16 needs
 ``common.fp16_no_flatten_grads=true`` (bf16 never flattens); ``common.amp`` is refused
 (see :data:`AMP_DEFECT`).
 """
@@ -67,6 +68,17 @@ def _enabled(cfg, key: str) -> bool:
     return getattr(cfg, key, False) is True
 
 
+def enable_tf32_matmuls(device: torch.device) -> bool:
+    """On a CUDA GPU with TF32 (compute capability >= 8), let float32 matmuls use it
+    (``torch.set_float32_matmul_precision("high")``) and log it. Returns whether it did."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 8:
+        return False
+    torch.set_float32_matmul_precision("high")
+    logger.info("float32 run on %s: TF32 matmuls enabled (torch.set_float32_matmul_precision('high'))",
+                torch.cuda.get_device_name(device))
+    return True
+
+
 def _is_flat_fp16_buffer(params: List[torch.Tensor]) -> bool:
     """fairseq's flattened FP16Optimizer passes a single 1-D fp32 Parameter with its grad preallocated."""
     return len(params) == 1 and params[0].ndim == 1 and params[0].grad is not None and params[0].numel() > 1
@@ -84,6 +96,8 @@ class MamClapAdamW(FairseqOptimizer):
         params = list(params)
         if _is_flat_fp16_buffer(params):
             raise ValueError(FLAT_PARAMS)
+        if not self._saves_master_params and params:
+            enable_tf32_matmuls(params[0].device)
         config = self.optimizer_config
         groups = param_groups(params, config["weight_decay"])
         # position in fairseq's flat list of each parameter, in this optimizer's state order
