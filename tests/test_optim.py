@@ -380,6 +380,7 @@ FAST = [
     "+size=tiny", "task.target_length=64", "common.cpu=true", "common.log_interval=1", "dataset.batch_size=6",
     "dataset.num_workers=0", "optimization.update_freq=[1]", "optimization.lr=[0.002]",
     "lr_scheduler.warmup_updates=1", "checkpoint.save_interval_updates=0", "optimization.max_update=4",
+    "dataset.disable_validation=true",
 ]
 
 

@@ -83,22 +83,24 @@ def test_variant_under_bf16_autocast(name):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("name", ["supmam", "supmam_clap"])
+@pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_fairseq_model_cast_keeps_batchnorm_and_loss_float32(name, dtype):
     """fairseq's common.bf16/fp16 cast the model and the batch's float32 tensors; BatchNorm stays float32."""
     model, crit, sample = variant_setup(name)
-    model = model.to(dtype)
-    bn = model.classifier.mlp[1]
-    assert isinstance(bn, Fp32BatchNorm1d)
-    assert all(t.dtype == torch.float32 for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var))
+    model = model.half() if dtype == torch.float16 else model.to(dtype)  # as fairseq's Trainer casts
     assert model.encoder.blocks[0].attn.qkv.weight.dtype == dtype
     sample = fairseq_batch_cast(sample, dtype)
     assert sample["net_input"]["source"].dtype == dtype
-    before = bn.running_mean.clone()
+    bn = model.classifier.mlp[1] if model.classifier is not None else None
+    if bn is not None:
+        assert isinstance(bn, Fp32BatchNorm1d)
+        assert all(t.dtype == torch.float32 for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var))
+        before = bn.running_mean.clone()
     loss, log, grads = loss_and_grads(model, crit, sample)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
-    assert bn.running_mean.dtype == torch.float32 and not torch.equal(bn.running_mean, before)
     assert all(torch.isfinite(g).all() for g in grads.values())
+    if bn is not None:
+        assert bn.running_mean.dtype == torch.float32 and not torch.equal(bn.running_mean, before)
 
 
 def test_fairseq_batch_cast_leaves_targets_and_teacher_waveform_exact(tone_set, clap_checkpoint):
@@ -126,10 +128,13 @@ def test_fairseq_batch_cast_leaves_targets_and_teacher_waveform_exact(tone_set, 
     batch = ds.collater([ds[0], ds[1]])
     for dtype in (torch.bfloat16, torch.float16):
         assert torch.equal(exact(fairseq_batch_cast(batch, dtype)["teacher_wav"]), wav)
+    # common.bf16: the teacher's transformer under bf16 autocast, its float32 front end on the exact waveform
     target = online.online_targets(fairseq_batch_cast(batch, torch.bfloat16))["target"]
-    with torch.no_grad():
-        assert torch.equal(target, online.online_targets(ds.collater([ds[0], ds[1]]))["target"])
-    assert target.dtype == torch.float32
+    assert online.teacher.autocast_dtype == torch.bfloat16 and target.dtype == torch.float32
+    reference = online.online_targets(ds.collater([ds[0], ds[1]]))["target"]
+    assert online.teacher.autocast_dtype is None
+    assert not torch.equal(target, reference)
+    assert torch.nn.functional.cosine_similarity(target, reference, dim=-1).min() >= 0.999
 
 
 def test_carry_exact_round_trip():
@@ -203,8 +208,12 @@ FAST = [
 PRECISION = {"bf16": ["common.bf16=true"], "fp16": ["common.fp16=true", "common.fp16_no_flatten_grads=true"]}
 
 
-@pytest.mark.parametrize("precision", sorted(PRECISION))
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
+# every variant under common.bf16; common.fp16 for one pixel and one CLAP variant (each run costs
+# ~10-25 s of fairseq start-up; the model-level fp16 test above covers all four)
+RUNS = [(v, "bf16") for v in sorted(VARIANTS)] + [("supmam", "fp16"), ("mam_clap", "fp16")]
+
+
+@pytest.mark.parametrize("variant,precision", RUNS)
 def test_variant_trains_in_mixed_precision(tone_set, tmp_path, variant, precision):
     args = [f"task.data={tone_set}", f"checkpoint.save_dir={tmp_path / 'ckpt'}", *FAST, *PRECISION[precision]]
     if "clap" in variant:
@@ -212,7 +221,7 @@ def test_variant_trains_in_mixed_precision(tone_set, tmp_path, variant, precisio
     run = run_hydra_train(CONFIG_DIR, variant, args, tmp_path / "run")
     losses = run.losses()
     assert len(losses) == 3 and all(np.isfinite(losses)), losses
-    assert "FP16Optimizer" in run.text or "fp16" in run.text.lower()
+    assert f"'{precision}': True" in run.text  # fairseq's logged config
 
 
 def test_amp_is_refused_with_the_reason(tone_set, tmp_path):
