@@ -100,6 +100,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     start = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
+    machine = machine_info()  # load average at the start
 
     cfg = compose_config(args.variant, args.size)
     torch.manual_seed(0)
@@ -153,7 +154,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             "threads": torch.get_num_threads(),
             "device": "cpu",
         },
-        "machine": machine_info(),
+        "machine": machine,
         "optimizers": results,
         "speedup": speedup,
         "speedup_per_round_median": round_speedup,
