@@ -25,7 +25,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_pretrain.py --out outputs/bench/pretrain.json
 	$(BIN)/python benchmarks/bench_upstream.py --out outputs/bench/upstream.json
-	$(BIN)/python benchmarks/bench_optimizer.py --out outputs/bench/optimizer.json
+	$(BIN)/python -m benchmarks.bench_optimizer --out outputs/bench/optimizer.json
 
 clean:
 	rm -rf outputs

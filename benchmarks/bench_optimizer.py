@@ -9,8 +9,8 @@ random gradients. The model is the variant's (default: MAM, ViT-B with AudioMAE'
 16-block decoder, 136 M parameters). Median over the timed updates, after warm-up updates
 (the first builds the optimizer state), the two optimizers interleaved.
 
-Writes a JSON report (``--out``) and prints a table.
-    python benchmarks/bench_optimizer.py --out outputs/bench/optimizer.json
+Writes a JSON report (``--out``) and prints a table. From the repository root:
+    python -m benchmarks.bench_optimizer --out outputs/bench/optimizer.json
 """
 from __future__ import annotations
 
@@ -33,8 +33,7 @@ from omegaconf import OmegaConf, open_dict
 import mam_clap_plugin  # noqa: F401  (registers mam_clap_adamw)
 from mam_clap_plugin.models.supmam_clap import SupMamClapModel
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from machine import machine_info  # noqa: E402  (benchmarks/machine.py, next to this script)
+from benchmarks.machine import machine_info
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "examples" / "pretraining" / "config"
 OPTIMIZERS = ("adam", "mam_clap_adamw")
