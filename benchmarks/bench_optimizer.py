@@ -64,8 +64,9 @@ def build_model(cfg) -> SupMamClapModel:
     return SupMamClapModel(OmegaConf.create(model_cfg))
 
 
-def optimizer_config(cfg, name: str):
-    """cfg.optimizer as the named optimizer's node (same betas, eps, weight decay), in the full config."""
+def fairseq_config(cfg, name: str, **common):
+    """A full fairseq config holding cfg.optimizer as the named optimizer's node (same betas, eps,
+    weight decay and lr) and the given ``common.*`` flags (e.g. ``bf16=True``)."""
     spec = {k: cfg.optimizer[k] for k in ("adam_betas", "adam_eps", "weight_decay")}
     full = OmegaConf.structured(FairseqConfig())  # for the common.* / optimization.lr interpolations
     with open_dict(full):
@@ -73,7 +74,9 @@ def optimizer_config(cfg, name: str):
         full.optimizer = OmegaConf.merge(
             OmegaConf.structured(optim.OPTIMIZER_DATACLASS_REGISTRY[name]()), {"_name": name, **spec}
         )
-    return full.optimizer
+        for key, value in common.items():
+            full.common[key] = value
+    return full
 
 
 def time_update(opt, clip_norm: float) -> Dict[str, float]:
@@ -114,7 +117,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
     for p_, g in zip(params, grads):
         p_.grad = g
-    opts = {name: optim.build_optimizer(optimizer_config(cfg, name), params) for name in OPTIMIZERS}
+    opts = {name: optim.build_optimizer(fairseq_config(cfg, name).optimizer, params) for name in OPTIMIZERS}
     # interleaved rounds (the order alternating), so that both see the same machine load
     samples: Dict[str, List[Dict[str, float]]] = {name: [] for name in OPTIMIZERS}
     for i in range(args.warmup + args.steps):
