@@ -50,6 +50,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_pretrain --out outputs/bench/pretrain.json
 	$(BIN)/python -m benchmarks.bench_upstream --out outputs/bench/upstream.json
+	$(BIN)/python -m benchmarks.bench_optimizer --out outputs/bench/optimizer.json
 
 # Re-resolve requirements*.txt without the old pins in a scratch venv and rewrite
 # constraints.txt from it; then run `make test` (it reinstalls .venv from the new file).

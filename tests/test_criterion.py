@@ -1,5 +1,6 @@
 """Tests for the supmam_clap criterion: the loss terms (eqs. 1-3) and the logged metrics."""
 import math
+import re
 
 import fairseq  # noqa: F401  (must be imported before the plugin's model/criterion modules)
 import numpy as np
@@ -7,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fairseq import metrics
+from fairseq.nan_detector import NanDetector
 from sklearn.metrics import average_precision_score
 
 from mam_clap_plugin.criterions.supmam_clap import (
@@ -268,10 +270,18 @@ def test_criterion_config_errors():
 
 @pytest.mark.parametrize("target", ["pixel", "clap"])
 def test_criterion_nan_source_raises(target):
+    """Training: no check in the forward (no sync); the NaN surfaces in fairseq's gradient-norm
+    check, whose NanDetector re-run then raises here with the sample ids. Validation checks each batch."""
     model, crit = make_model(target), make_criterion(1e-4)
     sample = make_sample(target=target == "clap")
     sample["net_input"]["source"][1] = float("nan")  # a whole clip of NaNs
-    with pytest.raises(FloatingPointError, match=r"non-finite loss.*\b11\b"):
+    loss, _, log = run(crit, model, sample)
+    assert not torch.isfinite(loss) and torch.is_tensor(log["loss"])
+    with NanDetector(model), pytest.raises(FloatingPointError, match=r"non-finite loss.*\b11\b"):
+        run(crit, model, sample)
+    model.eval()
+    crit.eval()
+    with torch.no_grad(), pytest.raises(FloatingPointError, match=r"non-finite loss.*\b11\b"):
         run(crit, model, sample)
 
 
@@ -280,8 +290,50 @@ def test_criterion_nan_in_one_pixel_patch_raises():
     model, crit = make_model("pixel", branch=False), make_criterion(0.0)
     sample = make_sample(target=False, label=False)
     sample["net_input"]["source"][0, 0, 37, 90] = float("nan")
-    with pytest.raises(FloatingPointError):
+    with NanDetector(model), pytest.raises(FloatingPointError):
         run(crit, model, sample)
+
+
+@pytest.fixture
+def no_syncs(monkeypatch):
+    """Make every host-device sync a Python call can cause raise: scalar reads, lists, truth values,
+    boolean indexing (data-dependent shapes: nonzero / masked_select)."""
+
+    def refuse(what):
+        def fail(*args, **kwargs):
+            raise AssertionError(f"host-device sync in the training forward/backward: {what}")
+        return fail
+
+    for name in ("item", "tolist", "numpy", "__bool__", "__int__", "__float__", "nonzero", "masked_select"):
+        monkeypatch.setattr(torch.Tensor, name, refuse(f"Tensor.{name}"))
+    for name in ("nonzero", "masked_select", "unique", "argwhere"):
+        monkeypatch.setattr(torch, name, refuse(f"torch.{name}"))
+    getitem = torch.Tensor.__getitem__
+
+    def checked_getitem(self, index):
+        parts = index if isinstance(index, tuple) else (index,)
+        if any(torch.is_tensor(i) and i.dtype == torch.bool for i in parts):
+            raise AssertionError("host-device sync in the training forward/backward: boolean indexing")
+        return getitem(self, index)
+
+    monkeypatch.setattr(torch.Tensor, "__getitem__", checked_getitem)
+
+
+@pytest.mark.parametrize("target,branch,lambda_cls", [("pixel", False, 0.0), ("clap", False, 0.0),
+                                                      ("pixel", True, 0.01), ("clap", True, 1e-4)])
+def test_criterion_training_step_has_no_sync(target, branch, lambda_cls, request):
+    """Each variant's criterion forward + backward calls nothing that waits for the device."""
+    model, crit = make_model(target, branch=branch), make_criterion(lambda_cls)
+    sample = make_sample(target=target == "clap", label=branch)
+    keep = torch.ones(3, N, dtype=torch.bool)
+    keep[:, -8:] = False
+    sample["target_mask"] = keep
+    expected, _, _ = run(crit, model, sample)  # builds the cached window mask first (once per device)
+    request.getfixturevalue("no_syncs")
+    loss, _, log = run(crit, model, sample)
+    loss.backward()
+    assert all(torch.is_tensor(log[k]) for k in log if k.startswith("loss"))
+    assert torch.equal(loss.detach(), expected.detach())
 
 
 def test_criterion_eval_logs_classification():
@@ -403,3 +455,21 @@ def test_validation_meters_survive_a_checkpoint_round_trip():
         metrics._aggregators.pop(name, None)
         if previous is not None:
             metrics._aggregators[name] = previous
+
+
+def test_nonfinite_loss_in_training_names_the_sample_ids(tone_set, tmp_path):
+    """Through fairseq-hydra-train: a diverging run (lr 1e30) stops at fairseq's gradient-norm check,
+    and its NanDetector re-run reaches the criterion, which names the batch's sample ids."""
+    from mam_clap_plugin.hydra_runs import run_hydra_train
+
+    from .conftest import CONFIG_DIR
+
+    args = [f"task.data={tone_set}", f"checkpoint.save_dir={tmp_path / 'ckpt'}", "+size=tiny", "task.target_length=64",
+            "common.cpu=true", "common.log_interval=1", "dataset.batch_size=6", "dataset.num_workers=0",
+            "optimization.update_freq=[1]", "optimization.lr=[1e30]", "lr_scheduler.warmup_updates=0",
+            "optimization.max_update=6"]
+    run = run_hydra_train(CONFIG_DIR, "mam", args, tmp_path / "run", check=False)
+    assert run.returncode != 0
+    assert "gradients are Nan/Inf" in run.text
+    assert re.search(r"FloatingPointError: non-finite loss .* on batch with sample ids \[(\d+, ){5}\d+\]", run.text), \
+        run.text[-3000:]

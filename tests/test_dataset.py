@@ -49,7 +49,7 @@ def test_collater_shapes_and_contents(tmp_path):
     assert batch["nsentences"] == batch["ntokens"] == 3 and batch["num_skipped"] == 0
     assert batch["net_input"]["source"].shape == (3, 1, 1024, 128)
     assert batch["label"].shape == (3, 5) and batch["label"].dtype == torch.float32
-    assert batch["target"].shape == (3, 512, 4) and batch["target"].dtype == torch.float32
+    assert batch["target"].shape == (3, 512, 4) and batch["target"].dtype == torch.float16
     assert batch["target"][2].eq(2.0).all()
     # 0.5 s = 48 fbank frames = 3 time patches of real audio; the other 61 are padding
     mask = batch["target_mask"]

@@ -22,7 +22,6 @@ accuracy (the arg-max is one of the clip's labels) and its mAP (macro average
 precision over classes with a positive, from scikit-learn).
 """
 
-import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -33,6 +32,7 @@ from fairseq import metrics
 from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import FairseqDataclass
 from fairseq.logging.meters import Meter
+from fairseq.nan_detector import NanDetector
 
 
 @dataclass
@@ -66,7 +66,8 @@ def clap_target_loss(
 
     pred, target: (B, N, C); mask: (B, N) bool, True = masked; keep: optional (B, N) bool,
     False for tokens left out of both sets (padding, beyond the teacher's clip).
-    Returns (loss_visible, loss_masked); a set with no tokens contributes 0.
+    Returns (loss_visible, loss_masked); a set with no tokens contributes 0. Masked sums
+    over fixed shapes (no boolean indexing): no host-device sync.
     """
     if pred.shape != target.shape:
         raise ValueError(
@@ -74,12 +75,14 @@ def clap_target_loss(
             "(the target store or teacher does not match model.target_dim / task.target_length)"
         )
     err = (pred.float() - target.float()).pow(2).sum(dim=-1)  # (B, N)
-    zero = err.new_zeros(())
-    if keep is None:
-        keep = torch.ones_like(mask)
-    vis = err[~mask & keep]
-    msk = err[mask & keep]
-    return (vis.mean() if vis.numel() else zero), (msk.mean() if msk.numel() else zero)
+    visible = ~mask if keep is None else ~mask & keep
+    masked = mask if keep is None else mask & keep
+
+    def set_mean(members: torch.Tensor) -> torch.Tensor:
+        # where, not a product: a left-out token's error (even NaN) never enters the sum
+        return torch.where(members, err, 0.0).sum() / members.sum().clamp(min=1)
+
+    return set_mean(visible), set_mean(masked)
 
 
 def reconstruction_loss(pred: torch.Tensor, patches: torch.Tensor, mask: torch.Tensor, norm_pix: bool) -> torch.Tensor:
@@ -126,6 +129,20 @@ class AveragePrecisionMeter(Meter):
         return 100.0 * float(average_precision_score(labels[:, present], scores[:, present], average="macro"))
 
 
+def under_nan_detector(model) -> bool:
+    """True while fairseq re-runs an update's forward passes under its NanDetector, which it
+    does after its own check found a non-finite gradient norm (``trainer.train_step``)."""
+    model = getattr(model, "module", model)  # DDP wrappers
+    return any(isinstance(getattr(hook, "__self__", None), NanDetector) for hook in model._forward_hooks.values())
+
+
+def check_finite(terms: Dict[str, torch.Tensor], sample) -> None:
+    """Raise FloatingPointError naming the batch's sample ids if the loss is not finite (syncs)."""
+    values = dict(zip(terms, torch.stack([t.detach().float() for t in terms.values()]).tolist()))
+    if not np.isfinite(values["loss"]):
+        raise FloatingPointError(f"non-finite loss ({values}) on batch with sample ids {sample['id'].tolist()}")
+
+
 def log_average_precision(scores: np.ndarray, labels: np.ndarray) -> None:
     """Feed a validation batch to the "mAP" meter of each aggregator that lives one pass.
 
@@ -153,7 +170,14 @@ class SupMamClapCriterion(FairseqCriterion):
         self.norm_clap_targets = cfg.norm_clap_targets
 
     def forward(self, model, sample, reduce=True):
-        """Returns (loss, sample_size=1, logging_output); the loss is a batch mean."""
+        """Returns (loss, sample_size=1, logging_output); the loss is a batch mean.
+
+        Training runs without a host-device sync: the logged terms stay device tensors
+        until fairseq reduces them once per update. A non-finite loss makes fairseq's own
+        gradient-norm check fail; fairseq then re-runs the update's batches under its
+        NanDetector, and this criterion raises there, naming the batch's sample ids (in
+        validation it checks every batch).
+        """
         net_output = model(**sample["net_input"])
         mask = net_output["mask"]
         terms: Dict[str, torch.Tensor] = {}
@@ -185,12 +209,9 @@ class SupMamClapCriterion(FairseqCriterion):
             loss = loss + self.lambda_cls * terms["loss_cls"]
         terms["loss"] = loss
 
-        # one device sync for every logged term
-        log: Dict[str, float] = dict(zip(terms, torch.stack([t.detach().float() for t in terms.values()]).tolist()))
-        if not math.isfinite(log["loss"]):
-            ids = sample["id"].tolist()
-            raise FloatingPointError(f"non-finite loss ({log}) on batch with sample ids {ids}")
-
+        if not self.training or under_nan_detector(model):
+            check_finite(terms, sample)
+        log: Dict[str, object] = {k: t.detach() for k, t in terms.items()}
         log.update(
             sample_size=1,
             nsentences=sample["nsentences"],
@@ -203,7 +224,7 @@ class SupMamClapCriterion(FairseqCriterion):
             log["ncorrect"] = labels.gather(1, top1[:, None]).gt(0).sum().item()
             if not self.logging_outputs_can_be_summed():
                 log["cls_scores"] = torch.sigmoid(logits.float()).cpu().numpy()
-                log["cls_labels"] = labels.cpu().numpy()
+                log["cls_labels"] = labels.float().cpu().numpy()  # bf16 under common.bf16
         return loss, 1, log
 
     @staticmethod

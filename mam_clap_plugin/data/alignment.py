@@ -107,13 +107,20 @@ def alignment(grid_freq: int, grid_time: int, seconds: float, freq_edges_hz: Seq
                       int(time_patches), int(freq_patches))
 
 
+@functools.lru_cache(maxsize=64)
+def _index_on(align: Alignment, device: torch.device) -> torch.Tensor:
+    return align.index.to(device)
+
+
 def align_tokens(teacher_map: torch.Tensor, align: Alignment) -> torch.Tensor:
     """Gather teacher cells onto the student grid.
 
     teacher_map: (..., grid_freq, grid_time, C) -> (..., N, C) with N = len(align.index).
+    The index is copied to the map's device once per alignment and device (cached).
     """
     flat = teacher_map.flatten(-3, -2)
-    return flat.index_select(-2, align.index.to(flat.device))
+    index = align.index if align.index.device == flat.device else _index_on(align, flat.device)
+    return flat.index_select(-2, index)
 
 
 def real_time_patches(num_samples: int, target_length: int) -> int:

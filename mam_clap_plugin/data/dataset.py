@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from fairseq.data import FairseqDataset
 
+from ..modules.precision import carry_exact
 from .alignment import Alignment, loss_mask, real_time_patches
 from .audio import NORM_STATS, AudioError, load_audio, load_student_and_teacher_audio, normalize_fbank, wav_to_fbank
 from .manifest import Manifest
@@ -132,8 +133,9 @@ class MamClapDataset(FairseqDataset):
             {} if nothing is left, else ``{"id": (B,) long, "nsentences": B, "ntokens": B,
             "num_skipped": int, "net_input": {"source": (B, 1, target_length, 128)}}`` plus
             ``"label"``: (B, num_classes) float, with labels;
-            ``"target"``: (B, N, dim) float, with a target store;
-            ``"teacher_wav"``: (B, num_samples) float, with an online teacher;
+            ``"target"``: (B, N, dim) float16 (the store's values), with a target store;
+            ``"teacher_wav"``: (B, num_samples) float32 carried as int32 bits
+            (:func:`~mam_clap_plugin.modules.precision.exact` restores it), with an online teacher;
             ``"target_mask"``: (B, N) bool, with either: True where a token enters the
             target loss (not pure padding, and inside the teacher's clip).
         """
@@ -152,7 +154,8 @@ class MamClapDataset(FairseqDataset):
         if self.target_store is not None:
             batch["target"] = torch.stack([s["target"] for s in kept])
         if self.teacher_input is not None:
-            batch["teacher_wav"] = torch.stack([s["teacher_wav"] for s in kept])
+            # as int32 bits, so fairseq's fp16/bf16 batch cast leaves the waveform exact (see modules.precision)
+            batch["teacher_wav"] = carry_exact(torch.stack([s["teacher_wav"] for s in kept]))
         if self.alignment is not None:
             real = torch.tensor([s["real_patches"] for s in kept], dtype=torch.long)
             batch["target_mask"] = loss_mask(real, self.alignment.covered, self.freq_patches)

@@ -383,9 +383,13 @@ class TargetStore:
         return np.asarray(self._array()[index])
 
     def aligned(self, index: int, align: Alignment) -> torch.Tensor:
-        """Clip ``index`` mapped onto the student grid: float32 (N, dim)."""
+        """Clip ``index`` mapped onto the student grid: float16 (N, dim), the stored values.
+
+        float16, not float32: fairseq's ``common.bf16`` batch cast (float32 tensors only)
+        then leaves the targets exact; the criterion computes in float32.
+        """
         flat = self[index].reshape(-1, self.header.dim)
-        return torch.from_numpy(flat[align.index.numpy()].astype(np.float32))
+        return torch.from_numpy(np.ascontiguousarray(flat[align.index.numpy()]))
 
     def check_complete(self) -> np.ndarray:
         """Raise TargetStoreError unless every clip is written or marked bad; returns the

@@ -26,6 +26,8 @@ from fairseq.models import BaseFairseqModel, register_model
 
 from ..modules.decoder import WindowDecoder
 from ..modules.encoder import PATCH_SIZE, AudioEncoder
+from ..modules.precision import Fp32BatchNorm1d
+from ..optim import set_overrides
 
 TARGET_CHOICES = ChoiceEnum(["pixel", "clap"])
 
@@ -66,12 +68,12 @@ class SupMamClapConfig(FairseqDataclass):
 
 
 class ClassificationHead(nn.Module):
-    """Global average pool of visible tokens, then Linear -> BatchNorm -> ReLU -> Linear."""
+    """Global average pool of visible tokens, then Linear -> BatchNorm (float32) -> ReLU -> Linear."""
 
     def __init__(self, dim: int, hidden: int, num_classes: int):
         super().__init__()
         self.mlp = nn.Sequential(
-            nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_classes)
+            nn.Linear(dim, hidden), Fp32BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_classes)
         )
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -100,6 +102,7 @@ class SupMamClapModel(BaseFairseqModel):
                 f"grid that the decoder window {window[0]}x{window[1]} (model.decoder_window_time/freq) does not "
                 f"tile: max_frames and task.target_length must be multiples of {PATCH_SIZE * window[0]} frames"
             )
+        set_overrides(self.encoder.cls_token, weight_decay=0.0)  # no decay on tokens (the position tables are buffers)
         self.decoder = WindowDecoder(
             cfg.encoder_embed_dim,
             cfg.decoder_embed_dim,

@@ -17,6 +17,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 
+from ..optim import set_overrides
 from .encoder import gather_tokens
 from .transformer import Block, sincos_pos_embed_2d
 
@@ -57,6 +58,17 @@ def shifted_window_mask(
     return (ids.unsqueeze(1) == ids.unsqueeze(2)).unsqueeze(1).to(device)
 
 
+@functools.lru_cache(maxsize=32)
+def batched_window_mask(
+    t: int, f: int, window: Tuple[int, int], shift: Tuple[int, int], batch: int, device: torch.device
+) -> torch.Tensor:
+    """:func:`shifted_window_mask` repeated for ``batch`` clips: (batch * num_windows, 1, L, L),
+    the layout of :func:`window_partition`'s output. Cached per batch size as well (built once,
+    not every step; do not modify)."""
+    mask = shifted_window_mask(t, f, window, shift, device)
+    return mask.repeat(batch, 1, 1, 1)
+
+
 class WindowBlock(nn.Module):
     """A transformer :class:`Block` applied inside (optionally shifted) local windows."""
 
@@ -75,11 +87,7 @@ class WindowBlock(nn.Module):
         if shifted:
             x = torch.roll(x, shifts=(-self.shift[0], -self.shift[1]), dims=(1, 2))
         windows = window_partition(x, self.window)
-        mask = None
-        if shifted:
-            mask = shifted_window_mask(t, f, self.window, self.shift, x.device)
-            n_win = mask.shape[0]
-            mask = mask.unsqueeze(0).expand(B, -1, -1, -1, -1).reshape(B * n_win, *mask.shape[1:])
+        mask = batched_window_mask(t, f, self.window, self.shift, B, x.device) if shifted else None
         x = window_merge(self.block(windows, mask), self.window, B, t, f)
         if shifted:
             x = torch.roll(x, shifts=self.shift, dims=(1, 2))
@@ -114,7 +122,7 @@ class WindowDecoder(nn.Module):
         super().__init__()
         self.window = tuple(window)
         self.embed = nn.Linear(encoder_dim, embed_dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.mask_token = set_overrides(nn.Parameter(torch.zeros(1, 1, embed_dim)), weight_decay=0.0)
         self.grid_time, self.grid_freq = grid_time, grid_freq
         self.register_buffer("pos_embed", sincos_pos_embed_2d(embed_dim, grid_time, grid_freq).unsqueeze(0))
         self.blocks = nn.ModuleList(

@@ -35,6 +35,7 @@ from ..data.dataset import MamClapDataset
 from ..data.manifest import read_class_list, read_labels, read_manifest
 from ..data.target_store import TargetStoreError, check_one_teacher, open_target_store
 from ..modules.encoder import PATCH_SIZE
+from ..modules.precision import exact
 from ..teacher import file_sha256, load_clap_teacher
 
 logger = logging.getLogger(__name__)
@@ -250,11 +251,16 @@ class MamClapPretrainingTask(FairseqTask):
     def online_targets(self, sample: dict) -> dict:
         """Replace ``teacher_wav`` by the online teacher's aligned ``target`` (B, N, C).
 
-        The teacher runs on the batch's device (frozen, float32, no autocast: see ClapTeacher).
+        The teacher runs on the batch's device (frozen, see ClapTeacher): float32, or with its
+        transformer under autocast to the batch's dtype under common.bf16 / common.fp16.
         """
         wav = sample.pop("teacher_wav", None)
         if self.teacher is None or wav is None:
             return sample
+        wav = exact(wav)  # the dataset carries it past fairseq's fp16/bf16 batch cast
+        # under common.bf16/fp16 (a half-precision batch) the teacher's transformer runs under autocast
+        dtype = sample["net_input"]["source"].dtype
+        self.teacher.autocast_dtype = dtype if dtype in (torch.bfloat16, torch.float16) else None
         if next(self.teacher.parameters()).device != wav.device:
             self.teacher.to(wav.device)
         sample["target"] = align_tokens(self.teacher(wav), self.alignment)

@@ -175,8 +175,12 @@ class AudioBranch(HTSAT):
         x = self.logmel_extractor(self.spectrogram_extractor(wav))
         return self.bn0(x.transpose(1, 3)).transpose(1, 3)
 
+    def encode(self, log_mel: Tensor) -> Tensor:
+        """Normalised log-mel (B, 1, T, mel_bins) -> map (B, grid_freq, grid_time, width)."""
+        return super().forward(fold_spectrogram(log_mel, self.mel_bins))
+
     def forward(self, wav: Tensor) -> Tensor:
-        return super().forward(fold_spectrogram(self.log_mel(wav), self.mel_bins))
+        return self.encode(self.log_mel(wav))
 
 
 class LaionProjection(nn.Sequential):
@@ -213,9 +217,14 @@ class ClapTeacher(nn.Module):
     """A frozen HTS-AT CLAP audio tower: wav (B, num_samples) -> token map (B, grid_freq, grid_time, dim).
 
     Always in eval mode (``train()`` is a no-op) with ``requires_grad=False`` everywhere; the
-    forward runs under ``torch.no_grad()`` in float32 (autocast off) and only the stages it needs.
+    forward runs under ``torch.no_grad()`` and only the stages it needs. The STFT, power, mel,
+    log and first BatchNorm always run in float32 (the power spectrum exceeds fp16's range);
+    the transformer runs in float32, or under autocast to ``autocast_dtype`` (bfloat16 or
+    float16) when that is set. The map is returned in float32.
     Build it with :func:`load_clap_teacher`.
     """
+
+    autocast_dtype: torch.dtype | None = None
 
     def __init__(self, branch: AudioBranch, projection: nn.Module | None, *, name: str, layout: str,
                  layer: str, front_end: FrontEnd):
@@ -266,11 +275,16 @@ class ClapTeacher(nn.Module):
         if wav.dim() != 2 or wav.shape[1] != self.num_samples:
             raise ValueError(f"{self.name} expects (batch, {self.num_samples}) waveforms "
                              f"({self.seconds:g} s at {self.sample_rate} Hz), got {tuple(wav.shape)}")
-        with torch.no_grad(), torch.autocast(wav.device.type, enabled=False):
-            x = self.branch(wav.float())
-            if self.proj is not None:
-                x = self.proj(x)
-        return x
+        device = wav.device.type
+        with torch.no_grad():
+            with torch.autocast(device, enabled=False):
+                log_mel = self.branch.log_mel(wav.float())
+            dtype = self.autocast_dtype
+            with torch.autocast(device, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                x = self.branch.encode(log_mel)
+                if self.proj is not None:
+                    x = self.proj(x)
+        return x.float()
 
     def extra_repr(self) -> str:
         return (f"name={self.name}, layer={self.layer}, projection={self.projection}, grid={self.grid}, "

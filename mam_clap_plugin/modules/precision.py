@@ -1,0 +1,40 @@
+"""Pieces that keep fairseq's mixed precision (``common.fp16`` / ``common.bf16``) exact where it must be.
+
+fairseq casts the whole model with ``model.half()`` / ``model.to(torch.bfloat16)`` and every
+float32 tensor of each batch to the same dtype. :class:`Fp32BatchNorm1d` keeps its statistics
+and affine parameters in float32 through that cast; :func:`carry_exact` / :func:`exact` carry a
+float32 tensor (the online teacher's waveform) past the batch cast bit for bit.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class Fp32BatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d whose running statistics and affine parameters stay float32 whatever the model's
+    dtype; it normalises in float32 and returns the input's dtype."""
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        for t in (*self.parameters(recurse=False), *self.buffers(recurse=False)):
+            if t.is_floating_point() and t.dtype != torch.float32:
+                t.data = t.data.float()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.float()).to(x.dtype)
+
+
+def carry_exact(t: torch.Tensor) -> torch.Tensor:
+    """A float32 tensor as its int32 bit pattern: fairseq's fp16/bf16 batch cast (float32 tensors
+    only) and its device copy leave it as is. :func:`exact` restores it."""
+    if t.dtype != torch.float32:
+        raise TypeError(f"carry_exact expects float32, got {t.dtype}")
+    return t.view(torch.int32)
+
+
+def exact(t: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`carry_exact` (a float32 tensor passes through)."""
+    return t.view(torch.float32) if t.dtype == torch.int32 else t
