@@ -344,3 +344,61 @@ def test_token_masking_in_training_only(data_dir, monkeypatch):
     model.eval()
     model(source)
     assert seen == [1 + 6 * 6, 1 + 8 * 8]  # 8 time columns -> 6, 8 rows -> 6; all 64 tokens in eval
+
+
+def test_sample_weights_script(data_dir, tmp_path):
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    out = tmp_path / "train.weights"
+    subprocess.run([sys.executable, os.path.join(REPO, "examples", "finetuning", "sample_weights.py"), data_dir,
+                    "train", "--out", str(out)], check=True, capture_output=True)
+    expected = clip_weights([[i % 3] for i in range(12)], 3)
+    assert read_weights(str(out), 12) == pytest.approx(expected, rel=1e-8)
+
+
+# ---------------------------------------------------------------- configs
+
+RECIPES = {  # name: (blr, batch, epochs, warmup epochs, weight decay, target_length, loss, freqm, timem, metric)
+    "as20k": (1e-3, 32, 60, 4, 5e-4, 1024, "bce", 48, 192, "mAP"),
+    "as2m": (2e-4, 256, 100, 10, 5e-4, 1024, "bce", 48, 192, "mAP"),
+    "esc50": (1e-3, 64, 50, 5, 0.05, 512, "ce", 48, 96, "accuracy"),
+    "spcv1": (1e-3, 256, 50, 5, 5e-4, 128, "ce", 48, 48, "accuracy"),
+    "spcv2": (1e-3, 256, 50, 5, 5e-4, 128, "ce", 48, 48, "accuracy"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_recipe_configs(name):
+    from mam_clap_plugin.criterions.mam_clap_classification import MamClapClassificationConfig
+    from mam_clap_plugin.models.mam_clap_classifier import MamClapClassifierConfig
+
+    from .conftest import REPO
+
+    cfg_dir = os.path.join(REPO, "examples", "finetuning", "config")
+    base, recipe = OmegaConf.load(f"{cfg_dir}/base.yaml"), OmegaConf.load(f"{cfg_dir}/{name}.yaml")
+    assert list(recipe.defaults) == ["_self_", "base"]
+    both = [(s, k) for s in recipe if s != "defaults" and s in base for k in recipe[s] if k in base[s]]
+    assert not both, both  # base is merged last: a key in both would silently take the base's value
+    cfg = OmegaConf.merge(recipe, base)
+    for section, dc in (("task", MamClapFinetuningConfig), ("model", MamClapClassifierConfig),
+                        ("criterion", MamClapClassificationConfig)):
+        import dataclasses
+
+        fields = {f.name for f in dataclasses.fields(dc) if not f.name.startswith("_")}
+        assert set(cfg[section]) - {"_name"} == fields, (section, fields ^ set(cfg[section]))
+    blr, batch, epochs, warmup, wd, length, loss, freqm, timem, metric = RECIPES[name]
+    eff_batch = cfg.dataset.batch_size * cfg.optimization.update_freq[0]
+    assert eff_batch == batch
+    assert cfg.optimization.lr[0] == pytest.approx(blr * batch / 256)
+    assert cfg.optimization.max_epoch == epochs
+    updates_per_epoch = cfg.optimization.max_update / epochs
+    assert cfg.lr_scheduler.warmup_updates == pytest.approx(warmup * updates_per_epoch, rel=0.01)
+    assert cfg.optimizer.weight_decay == wd and cfg.optimizer._name == "mam_clap_adamw"
+    assert (cfg.task.target_length, cfg.criterion.loss, cfg.task.freqm, cfg.task.timem) == (length, loss, freqm, timem)
+    assert (cfg.model.layer_decay, cfg.model.drop_path, cfg.task.mixup) == (0.75, 0.1, 0.5)
+    assert (cfg.model.mask_t_prob, cfg.model.mask_f_prob) == (0.2, 0.2)
+    assert cfg.checkpoint.best_checkpoint_metric == metric and cfg.checkpoint.maximize_best_checkpoint_metric
+    assert (cfg.task.sample_weights is not None) == (name == "as2m")

@@ -5,6 +5,7 @@ single-process evaluation of the checkpoint, and evaluate.py / predict.py read i
 import json
 import math
 import os
+import runpy
 import socket
 import subprocess
 import sys
@@ -71,10 +72,21 @@ def overrides(data, save_dir, *extra):
     ]
 
 
-def test_single_label_finetune_beats_chance_and_resumes(tones, tmp_path):
+def run_script(capsys, monkeypatch, script, *args) -> str:
+    """Run an examples/ script as __main__ in this process (its imports are already paid); its stdout."""
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(os.path.join(REPO, "examples", script), run_name="__main__")
+    assert done.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_single_label_finetune_beats_chance_and_resumes(tones, tmp_path, capsys, monkeypatch):
     common = ["optimization.max_update=24"]
-    straight = run_hydra_train(FT_CONFIG_DIR, "esc50", overrides(tones, tmp_path / "a", *common), tmp_path / "ra",
-                               env=ONE_THREAD)
+    straight = run_hydra_train(FT_CONFIG_DIR, "esc50", overrides(tones, tmp_path / "a", *common,
+                                                                 "checkpoint.no_epoch_checkpoints=false"),
+                               tmp_path / "ra", env=ONE_THREAD)
     losses = straight.losses()
     assert len(losses) == 24 and all(math.isfinite(x) for x in losses)
     valid = straight.records["valid"]
@@ -82,27 +94,26 @@ def test_single_label_finetune_beats_chance_and_resumes(tones, tmp_path):
     assert "valid_best_accuracy" in valid[-1]
     assert os.path.isfile(tmp_path / "a" / "checkpoint_best.pt")
 
-    first = run_hydra_train(FT_CONFIG_DIR, "esc50", overrides(tones, tmp_path / "b", *common, "optimization.max_epoch=2"),
-                            tmp_path / "rb1", env=ONE_THREAD)
-    resumed = run_hydra_train(FT_CONFIG_DIR, "esc50", overrides(tones, tmp_path / "b", *common), tmp_path / "rb2",
-                              env=ONE_THREAD)
+    # resume from the end of epoch 2 (8 updates) into a fresh save dir: the same trajectory
+    resumed = run_hydra_train(FT_CONFIG_DIR, "esc50", overrides(
+        tones, tmp_path / "b", *common, f"checkpoint.restore_file={tmp_path / 'a' / 'checkpoint2.pt'}"),
+        tmp_path / "rb", env=ONE_THREAD)
     assert "loaded checkpoint" in resumed.text.lower()
-    assert len(first.losses()) == 8
-    assert first.losses() + resumed.losses() == pytest.approx(losses, abs=1e-4)
+    assert resumed.losses() == pytest.approx(losses[8:], abs=1e-4)
+    assert [r["lr"] for r in resumed.records["train_inner"]] == pytest.approx(
+        [r["lr"] for r in straight.records["train_inner"][8:]])
 
     # evaluate.py on the best checkpoint: same accuracy as the best validation
     out = tmp_path / "eval.json"
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "examples", "finetuning", "evaluate.py"),
-                           str(tmp_path / "a" / "checkpoint_best.pt"), tones, "valid", "--json", str(out)],
-                          capture_output=True, text=True, env={**os.environ, **ONE_THREAD})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    stdout = run_script(capsys, monkeypatch, "finetuning/evaluate.py", str(tmp_path / "a" / "checkpoint_best.pt"), tones, "valid",
+                        "--json", str(out), "--no-progress")
     report = json.loads(out.read_text())
     assert report["num_clips"] == 12
     assert report["accuracy"] == pytest.approx(max(r["valid_accuracy"] for r in valid), abs=1e-3)
-    assert "accuracy" in proc.stdout and "mAP" in proc.stdout
+    assert "accuracy" in stdout and "mAP" in stdout
 
 
-def test_two_process_multilabel_finetune_matches_single_process_map(tmp_path):
+def test_two_process_multilabel_finetune_matches_single_process_map(tmp_path, capsys, monkeypatch):
     from mam_clap_plugin.inference import evaluate_split, load_classifier
 
     data = write_chord_set(str(tmp_path / "chords"))
@@ -152,11 +163,8 @@ def test_two_process_multilabel_finetune_matches_single_process_map(tmp_path):
 
     # predict.py: top-k names and scores, as JSON
     wav = os.path.join(data, "audio", "valid_0.wav")
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "examples", "predict.py"), wav, "--checkpoint",
-                           str(tmp_path / "ckpt" / "checkpoint_last.pt"), "--top-k", "2", "--json"],
-                          capture_output=True, text=True, env={**os.environ, **ONE_THREAD})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    pred = json.loads(proc.stdout)
+    pred = json.loads(run_script(capsys, monkeypatch, "predict.py", wav, "--checkpoint", str(tmp_path / "ckpt" / "checkpoint_last.pt"),
+                                 "--top-k", "2", "--json"))
     assert pred[0]["file"] == wav and len(pred[0]["top"]) == 2
     assert {p["class"] for p in pred[0]["top"]} <= {"low", "mid", "high"}
     assert torch.load(tmp_path / "ckpt" / "checkpoint_last.pt", weights_only=True)["task_state"]["class_names"]
