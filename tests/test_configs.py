@@ -44,7 +44,7 @@ def test_paper_settings(name):
         ratio, target, branch, lam, dec)
     # ViT-B encoder, AdamW at 2e-4, total batch 128, AudioMAE's 4x4 window shifted by 2 in time
     assert (m.encoder_embed_dim, m.encoder_layers, m.encoder_attention_heads) == (768, 12, 12)
-    assert cfg.optimizer._name == "adam" and cfg.optimization.lr == [0.0002]
+    assert cfg.optimizer._name == "mam_clap_adamw" and cfg.optimization.lr == [0.0002]
     assert cfg.dataset.batch_size * cfg.optimization.update_freq[0] == 128
     assert (m.decoder_window_time, m.decoder_window_freq, m.decoder_shift_time, m.decoder_shift_freq) == (4, 4, 2, 0)
     assert (cfg.task.labels is not None) == branch

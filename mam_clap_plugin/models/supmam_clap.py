@@ -26,6 +26,7 @@ from fairseq.models import BaseFairseqModel, register_model
 
 from ..modules.decoder import WindowDecoder
 from ..modules.encoder import PATCH_SIZE, AudioEncoder
+from ..optim import set_overrides
 
 TARGET_CHOICES = ChoiceEnum(["pixel", "clap"])
 
@@ -100,6 +101,7 @@ class SupMamClapModel(BaseFairseqModel):
                 f"grid that the decoder window {window[0]}x{window[1]} (model.decoder_window_time/freq) does not "
                 f"tile: max_frames and task.target_length must be multiples of {PATCH_SIZE * window[0]} frames"
             )
+        set_overrides(self.encoder.cls_token, weight_decay=0.0)  # no decay on tokens (the position tables are buffers)
         self.decoder = WindowDecoder(
             cfg.encoder_embed_dim,
             cfg.decoder_embed_dim,

@@ -17,6 +17,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 
+from ..optim import set_overrides
 from .encoder import gather_tokens
 from .transformer import Block, sincos_pos_embed_2d
 
@@ -114,7 +115,7 @@ class WindowDecoder(nn.Module):
         super().__init__()
         self.window = tuple(window)
         self.embed = nn.Linear(encoder_dim, embed_dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.mask_token = set_overrides(nn.Parameter(torch.zeros(1, 1, embed_dim)), weight_decay=0.0)
         self.grid_time, self.grid_freq = grid_time, grid_freq
         self.register_buffer("pos_embed", sincos_pos_embed_2d(embed_dim, grid_time, grid_freq).unsqueeze(0))
         self.blocks = nn.ModuleList(
