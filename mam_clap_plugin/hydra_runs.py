@@ -79,11 +79,15 @@ def run_hydra_train(
     echo: bool = False,
     check: bool = True,
 ) -> TrainRun:
-    """Run ``fairseq-hydra-train --config-dir D --config-name N OVERRIDES`` in ``run_dir``.
+    """Run ``fairseq-hydra-train --config-dir D --config-name N OVERRIDES`` with ``run_dir``
+    as the working directory, as a user does from a shell there.
 
-    Adds ``common.user_dir`` and ``hydra.run.dir``; the full output goes to
-    ``run_dir/train.log`` (and to stdout when ``echo``). With ``check``, a failed run
-    raises RuntimeError carrying the end of the log.
+    Adds only ``common.user_dir``: the configs themselves keep the job in the working
+    directory (see examples/pretraining/config/base.yaml), so relative paths in
+    ``overrides`` resolve against ``run_dir``, checkpoints go to
+    ``run_dir/checkpoints/<config name>`` unless ``checkpoint.save_dir`` is given, and the
+    same call again resumes. The full output goes to ``run_dir/train.log`` (and to stdout
+    when ``echo``). With ``check``, a failed run raises RuntimeError carrying the end of the log.
     """
     os.makedirs(run_dir, exist_ok=True)
     cmd = [
@@ -94,7 +98,6 @@ def run_hydra_train(
         config_name,
         *overrides,
         f"common.user_dir={plugin_dir()}",
-        f"hydra.run.dir={os.path.abspath(run_dir)}",
     ]
     log_path = os.path.join(run_dir, "train.log")
     lines = []
