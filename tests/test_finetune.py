@@ -402,3 +402,36 @@ def test_recipe_configs(name):
     assert (cfg.model.mask_t_prob, cfg.model.mask_f_prob) == (0.2, 0.2)
     assert cfg.checkpoint.best_checkpoint_metric == metric and cfg.checkpoint.maximize_best_checkpoint_metric
     assert (cfg.task.sample_weights is not None) == (name == "as2m")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_layer_decay_reaches_fairseq_optimizer_through_the_scheduler(data_dir, precision):
+    """The per-group lr of the built fairseq optimizer after scheduler steps (fp16: no flattening)."""
+    from fairseq.optim.lr_scheduler import build_lr_scheduler
+
+    from .test_optim import LR, build, full_cfg
+
+    cfg = full_cfg(**({"fp16": True, "fp16_no_flatten_grads": True} if precision == "fp16" else {}))
+    task = MamClapFinetuningTask.setup_task(task_cfg(data_dir))
+    model = task.build_model(model_cfg(layer_decay=0.75))
+    if precision == "fp16":
+        model = model.half()
+    names = {id(p): n for n, p in model.named_parameters()}
+    opt = build(cfg, model)
+    sched = build_lr_scheduler(cfg.lr_scheduler, opt)
+    for update in range(7):
+        lr = sched.step_update(update)
+    assert lr < LR  # past the 4 warmup updates, into the cosine decay
+    expected = {"encoder.patch_embed.weight": 0.75 ** 3, "encoder.cls_token": 0.75 ** 3,
+                "encoder.blocks.0.attn.qkv.weight": 0.75 ** 2, "encoder.blocks.1.mlp.fc1.weight": 0.75,
+                "head.weight": 1.0, "fc_norm.bias": 1.0}
+    fp32_of = dict(zip(map(id, opt.fp32_params), model.parameters())) if precision == "fp16" else {}
+    seen = {}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            name = names[id(fp32_of.get(id(p), p))]
+            seen[name] = (group["lr"] / lr, group["weight_decay"])
+    for name, scale in expected.items():
+        assert seen[name][0] == pytest.approx(scale), name
+    assert seen["encoder.cls_token"][1] == 0.0 and seen["fc_norm.bias"][1] == 0.0
+    assert seen["head.weight"][1] == cfg.optimizer.weight_decay

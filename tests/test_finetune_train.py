@@ -65,7 +65,6 @@ def overrides(data, save_dir, *extra):
         "dataset.num_workers=0",
         "optimization.lr=[0.002]",
         "optimization.max_epoch=0",
-        "optimizer._name=adam",  # TEMP until mam_clap_adamw is merged
         "lr_scheduler.warmup_updates=2",
         f"checkpoint.save_dir={save_dir}",
         *extra,

@@ -37,6 +37,7 @@ from omegaconf import open_dict
 
 from ..checkpoint import load_encoder_with_stats
 from ..modules.encoder import AudioEncoder
+from ..optim import set_overrides
 
 logger = logging.getLogger(__name__)
 
@@ -71,13 +72,6 @@ class MamClapClassifierConfig(FairseqDataclass):
     )
     layer_decay: float = field(default=0.75, metadata={"help": "layer-wise lr decay (1 = off)"})
     head_init_std: float = field(default=2e-5, metadata={"help": "std of the head's truncated-normal init"})
-
-
-def set_optim_overrides(param: nn.Parameter, **settings) -> None:
-    """Tag ``param`` for the optimizer (fairseq's ``optim_overrides`` convention)."""
-    overrides = getattr(param, "optim_overrides", {})
-    overrides.setdefault("optimizer", {}).update(settings)
-    param.optim_overrides = overrides
 
 
 @register_model("mam_clap_classifier", dataclass=MamClapClassifierConfig)
@@ -135,9 +129,9 @@ class MamClapClassifier(BaseFairseqModel):
         for name, param in self.named_parameters():
             scale = self.cfg.layer_decay ** (depth + 1 - self.layer_id(name))
             if param.ndim <= 1 or name == "encoder.cls_token":
-                set_optim_overrides(param, lr_scale=scale, weight_decay=0.0)
+                set_overrides(param, lr_scale=scale, weight_decay=0.0)
             else:
-                set_optim_overrides(param, lr_scale=scale)
+                set_overrides(param, lr_scale=scale)
 
     def forward(self, source: torch.Tensor):
         """source: (B, 1, T, 128) normalised fbank -> {"logits": (B, K)}; token masking in training only."""
