@@ -167,3 +167,36 @@ def test_two_process_multilabel_finetune_matches_single_process_map(tmp_path, ca
     assert pred[0]["file"] == wav and len(pred[0]["top"]) == 2
     assert {p["class"] for p in pred[0]["top"]} <= {"low", "mid", "high"}
     assert torch.load(tmp_path / "ckpt" / "checkpoint_last.pt", weights_only=True)["task_state"]["class_names"]
+
+
+def write_esc50_layout(root, seconds=0.6):
+    """ESC-50's layout (meta/esc50.csv, audio/) with three tone classes, two clips per class and fold."""
+    rng = np.random.default_rng(0)
+    os.makedirs(os.path.join(root, "audio"))
+    os.makedirs(os.path.join(root, "meta"))
+    n = int(seconds * 44100)
+    t = np.arange(n) / 44100
+    lines = ["filename,fold,target,category,esc10,src_file,take"]
+    for fold in range(1, 6):
+        for target, category in enumerate(["low", "mid", "high"]):
+            for i in range(2):
+                name = f"{fold}-{target}{i}-A-{target}.wav"
+                x = 0.3 * np.sin(2 * np.pi * 220 * 2**target * t + rng.uniform(0, 6)) + 0.05 * rng.standard_normal(n)
+                sf.write(os.path.join(root, "audio", name), x.astype(np.float32), 44100)
+                lines.append(f"{name},{fold},{target},{category},False,{target}{i},A")
+    open(os.path.join(root, "meta", "esc50.csv"), "w").write("\n".join(lines) + "\n")
+    return root
+
+
+def test_esc50_cv_runs_a_fold_and_resumes(tmp_path, capsys, monkeypatch):
+    root = write_esc50_layout(str(tmp_path / "ESC-50"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    args = ["--out", str(tmp_path / "cv"), "--folds", "1", *[o for o in overrides(root, "x") if "=" in o and not
+            o.startswith(("task.data", "checkpoint.save_dir"))], "optimization.max_update=8"]
+    run_script(capsys, monkeypatch, "finetuning/esc50_cv.py", root, *args)
+    summary = json.loads((tmp_path / "cv" / "esc50_cv.json").read_text())
+    assert summary["folds"]["1"]["num_clips"] == 6 and 0 <= summary["mean"] <= 100
+    assert (tmp_path / "cv" / "fold1" / "data" / "train.tsv").read_text().count("\n") == 1 + 24
+    assert "| 1 | 6 |" in (tmp_path / "cv" / "esc50_cv.md").read_text()
+    out = run_script(capsys, monkeypatch, "finetuning/esc50_cv.py", root, *args)
+    assert "fold 1: done earlier" in out
