@@ -23,8 +23,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_pretrain.py --out outputs/bench/pretrain.json
-	$(BIN)/python benchmarks/bench_upstream.py --out outputs/bench/upstream.json
+	$(BIN)/python -m benchmarks.bench_pretrain --out outputs/bench/pretrain.json
+	$(BIN)/python -m benchmarks.bench_upstream --out outputs/bench/upstream.json
 
 clean:
 	rm -rf outputs

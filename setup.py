@@ -10,7 +10,7 @@ setup(
     name="mam-clap",
     version="0.1.0",
     description="SupMAM-CLAP: masked audio modeling with CLAP targets and a supervised branch (fairseq plugin)",
-    packages=find_packages(include=["mam_clap_plugin", "mam_clap_plugin.*"]),
+    packages=find_packages(include=["mam_clap_plugin", "mam_clap_plugin.*", "mam_clap_fixtures"]),
     python_requires=">=3.9",
     install_requires=[
         "torch>=2.1",

@@ -1,11 +1,15 @@
 #!/usr/bin/env python
 """CPU pretraining benchmark for the four SupMAM-CLAP variants.
 
-Run (``make bench``)::
+Run from the repository root (``make bench``)::
 
-    .venv/bin/python benchmarks/bench_pretrain.py --out outputs/bench/pretrain.json
+    .venv/bin/python -m benchmarks.bench_pretrain --out outputs/bench/pretrain.json
 
 Smoke run: ``--size tiny --steps 1 --warmup 1 --batch-size 2``.
+
+This entry point runs the parts and writes one report; each part is its own module:
+``student_step`` (the training step), ``teacher`` (the CLAP teacher), ``data_pipeline``,
+with ``flops``, ``matmul``, ``profiling`` and ``measure`` shared.
 
 What is measured, per variant (MAM, MAM-CLAP, SupMAM, SupMAM-CLAP):
 
@@ -39,468 +43,23 @@ mono, its ratio to the model's clips/s per core, the peak RSS and machine inform
 from __future__ import annotations
 
 import argparse
-import ast
-import contextlib
-import gc
 import json
 import os
-import resource
-import statistics
-import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keep the CPU-only profiler quiet (no CUDA device messages)
 
-import numpy as np  # noqa: E402
-import soundfile
-import torch
-from omegaconf import OmegaConf
-from torch.utils.flop_counter import FlopCounterMode
-
-from mam_clap_plugin.criterions.supmam_clap import SupMamClapCriterion, SupMamClapCriterionConfig
-from mam_clap_plugin.data.audio import load_audio, normalize_fbank, resolve_norm_stats, wav_to_fbank
-from mam_clap_plugin.models.supmam_clap import SupMamClapConfig, SupMamClapModel
-from mam_clap_plugin.modules.encoder import num_visible
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from machine import machine_info  # noqa: E402  (benchmarks/machine.py, next to this script)
-
-REPO = Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO / "examples" / "pretraining" / "config"
-VARIANTS = ("mam", "mam_clap", "supmam", "supmam_clap")
-TEACHER_DIM = 768  # teacher token width for target=clap: LAION-CLAP HTSAT-tiny's final map
-NUM_CLASSES = 527  # AudioSet classes for the classification branch
-TARGET_PCT_OF_MATMUL = 85.0
-TARGET_PIPELINE_RATIO = 10.0
-CLIP_SECONDS = 10.0
-PIPELINE_FORMATS = {  # name -> (sample rate, channels)
-    "44k1_stereo": (44100, 2),
-    "48k_stereo": (48000, 2),
-    "16k_mono": (16000, 1),
-}
-MIB = 1024 * 1024
-
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
-
-
-def median(values: List[float]) -> float:
-    return float(statistics.median(values))
-
-
-def peak_rss_mib() -> float:
-    """Peak resident set size of this process (ru_maxrss is in KiB on Linux, bytes on macOS)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / MIB if sys.platform == "darwin" else rss / 1024.0
-
-
-# --------------------------------------------------------------------------------------
-# Configuration
-
-
-def load_variant(name: str, size: Optional[str]) -> Dict[str, Any]:
-    """Read one variant's YAML (and the size override) into plain dicts."""
-    cfg = OmegaConf.load(CONFIG_DIR / f"{name}.yaml")
-    if size:
-        cfg = OmegaConf.merge(cfg, OmegaConf.load(CONFIG_DIR / "size" / f"{size}.yaml"))
-    model = OmegaConf.to_container(cfg.model, resolve=True)
-    model.pop("_name", None)
-    if model.get("target") == "clap":
-        model["target_dim"] = TEACHER_DIM
-    if model.get("classification_branch"):
-        model["num_classes"] = NUM_CLASSES
-    criterion = OmegaConf.to_container(cfg.criterion, resolve=True)
-    criterion.pop("_name", None)
-    betas = cfg.optimizer.get("adam_betas", "(0.9, 0.999)")
-    optimizer = {
-        "lr": float(cfg.optimization.lr[0]),
-        "betas": tuple(float(b) for b in (ast.literal_eval(betas) if isinstance(betas, str) else betas)),
-        "eps": float(cfg.optimizer.get("adam_eps", 1e-8)),
-        "weight_decay": float(cfg.optimizer.get("weight_decay", 0.0)),
-    }
-    return {
-        "model": model,
-        "criterion": criterion,
-        "optimizer": optimizer,
-        "target_length": int(cfg.task.target_length),
-        "norm_stats": str(cfg.task.get("norm_stats", "audioset")),
-    }
-
-
-# --------------------------------------------------------------------------------------
-# FLOP counting
-
-# torch's FlopCounterMode has formulas for the CUDA SDPA kernels but not for the CPU flash
-# kernel that F.scaled_dot_product_attention picks on CPU, which would count attention as
-# 0 FLOPs. These mirror torch's sdpa_flop_count / sdpa_backward_flop_count.
-
-
-def _sdpa_fwd_flops(q, k, v, *args, out_shape=None, **kwargs) -> int:
-    b, h, sq, d = q
-    sk, dv = k[2], v[3]
-    return 2 * b * h * sq * sk * d + 2 * b * h * sq * sk * dv
-
-
-def _sdpa_bwd_flops(grad_out, q, k, v, *args, out_shape=None, **kwargs) -> int:
-    b, h, sq, d = q
-    sk, dv = k[2], v[3]
-    # recompute scores, grad scores, grad V, grad Q, grad K
-    return 2 * b * h * (sq * sk * d + sq * sk * dv + sk * sq * dv + sq * sk * d + d * sq * sk)
-
-
-def cpu_sdpa_flop_mapping() -> Dict[Any, Callable]:
-    aten = torch.ops.aten
-    mapping = {}
-    for op_name, fn in (
-        ("_scaled_dot_product_flash_attention_for_cpu", _sdpa_fwd_flops),
-        ("_scaled_dot_product_flash_attention_for_cpu_backward", _sdpa_bwd_flops),
-    ):
-        if hasattr(aten, op_name):
-            mapping[getattr(aten, op_name)] = fn
-    return mapping
-
-
-def flops_by_module(counts: Dict[str, Dict[Any, int]]) -> Dict[str, float]:
-    """GFLOP per direct child of the model (encoder, decoder, head, classifier).
-
-    ``counts`` is a snapshot of ``FlopCounterMode.get_flop_counts()`` taken after the
-    forward pass: the module attribution of backward ops is not reliable (gradients that
-    flow through shared inputs get credited to whichever module hook ran last).
-    """
-    out = {}
-    for name, ops in counts.items():
-        parts = name.split(".")
-        if len(parts) == 2:
-            out[parts[1]] = sum(ops.values()) / 1e9
-    return out
-
-
-# --------------------------------------------------------------------------------------
-# Matmul reference
-
-
-def matmul_samples(n: int, reps: int) -> List[float]:
-    """GFLOP/s of ``reps`` fp32 torch.mm calls on n x n matrices (after one untimed call)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    out = torch.empty(n, n)
-    torch.mm(a, b, out=out)
-    rates = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        torch.mm(a, b, out=out)
-        rates.append(2.0 * n**3 / (time.perf_counter() - t0) / 1e9)
-    return rates
-
-
-def matmul_gflops(n: int, reps: int) -> float:
-    """Median fp32 torch.mm GFLOP/s over ``reps`` calls."""
-    return median(matmul_samples(n, reps))
-
-
-# --------------------------------------------------------------------------------------
-# Profiling summary
-
-MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addmv", "aten::mv"}
-
-
-def op_group(name: str) -> str:
-    if name in MATMUL_OPS:
-        return "matmul (mm/addmm/bmm)"
-    if "scaled_dot_product" in name:
-        return "attention kernel (sdpa)"
-    if "adam" in name.lower() or name.startswith("Optimizer."):
-        return "optimizer"
-    if "conv" in name:
-        return "patch-embedding conv"
-    if name in ("aten::copy_", "aten::fill_", "aten::zero_", "aten::clone", "aten::contiguous", "aten::cat"):
-        return "copies/fills"
-    return "other (elementwise, norms, autograd glue)"
-
-
-class ProfileTotals:
-    """Self CPU time and call counts per op, summed over several profiled steps."""
-
-    def __init__(self):
-        self.self_us: Dict[str, float] = {}
-        self.calls: Dict[str, int] = {}
-        self.steps = 0
-
-    def add(self, prof) -> None:
-        self.steps += 1
-        for e in prof.key_averages():
-            self.self_us[e.key] = self.self_us.get(e.key, 0.0) + e.self_cpu_time_total
-            self.calls[e.key] = self.calls.get(e.key, 0) + e.count
-
-    def summary(self, top_k: int = 8) -> Dict[str, Any]:
-        items = sorted(((k, v) for k, v in self.self_us.items() if v > 0), key=lambda kv: -kv[1])
-        total_us = sum(v for _, v in items)
-        n = self.steps
-        top = [
-            {
-                "op": k,
-                "self_cpu_ms_per_step": v / 1e3 / n,
-                "share_pct": 100.0 * v / total_us,
-                "calls_per_step": self.calls[k] / n,
-            }
-            for k, v in items[:top_k]
-        ]
-        groups: Dict[str, float] = {}
-        for k, v in items:
-            groups[op_group(k)] = groups.get(op_group(k), 0.0) + v
-        return {
-            "profiled_steps": n,
-            "self_cpu_ms_per_step": total_us / 1e3 / n,
-            "ops_recorded_per_step": sum(self.calls[k] for k, _ in items) / n,
-            "top_ops": top,
-            "groups_share_pct": {g: 100.0 * t / total_us for g, t in sorted(groups.items(), key=lambda kv: -kv[1])},
-        }
-
-
-# --------------------------------------------------------------------------------------
-# Training-step benchmark
-
-
-def make_batch(batch: int, frames: int, num_tokens: int, generator: torch.Generator) -> Dict[str, Any]:
-    source = torch.randn(batch, 1, frames, 128, generator=generator) * 0.5  # ~ (fbank - mean) / (2 std)
-    labels = (torch.rand(batch, NUM_CLASSES, generator=generator) < 0.01).float()
-    labels[torch.arange(batch), torch.randint(NUM_CLASSES, (batch,), generator=generator)] = 1.0
-    return {
-        "id": torch.arange(batch),
-        "nsentences": batch,
-        "net_input": {"source": source},
-        "target": torch.randn(batch, num_tokens, TEACHER_DIM, generator=generator),
-        "label": labels,
-    }
-
-
-def bench_variant(name: str, spec: Dict[str, Any], args) -> Dict[str, Any]:
-    torch.manual_seed(0)
-    model = SupMamClapModel(SupMamClapConfig(**spec["model"]))
-    model.train()
-    criterion = SupMamClapCriterion(SupMamClapCriterionConfig(**spec["criterion"]), task=None)
-    criterion.train()
-    opt_kw = dict(spec["optimizer"])
-    if args.adamw_impl == "fused":
-        opt_kw["fused"] = True
-    elif args.adamw_impl == "foreach":
-        opt_kw["foreach"] = True
-    else:
-        opt_kw["foreach"] = False
-    optimizer = torch.optim.AdamW(model.parameters(), **opt_kw)
-
-    frames = spec["target_length"]
-    t, f = model.encoder.grid(frames)
-    sample = make_batch(args.batch_size, frames, t * f, torch.Generator().manual_seed(1))
-    if model.cfg.target != "clap":
-        del sample["target"]
-    params = sum(p.numel() for p in model.parameters())
-    log(f"[{name}] {params / 1e6:.1f} M params, input {tuple(sample['net_input']['source'].shape)}")
-
-    fwd_counts: Dict[str, Dict[Any, int]] = {}
-
-    def step(flop_counter: Optional[FlopCounterMode] = None):
-        c0 = time.process_time()
-        t0 = time.perf_counter()
-        with flop_counter if flop_counter is not None else contextlib.nullcontext():
-            loss, _, _ = criterion(model, sample)
-            if flop_counter is not None:  # forward-only snapshot (reliable module attribution)
-                fwd_counts.update({k: dict(v) for k, v in flop_counter.get_flop_counts().items()})
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-        t1 = time.perf_counter()
-        optimizer.step()
-        t2 = time.perf_counter()
-        cpu = time.process_time() - c0
-        return t2 - t0, t1 - t0, t2 - t1, float(loss.detach()), cpu
-
-    # Warm-up; the first step counts FLOPs (forward + backward; the optimiser adds none).
-    counter = FlopCounterMode(display=False, custom_mapping=cpu_sdpa_flop_mapping())
-    for i in range(args.warmup):
-        total, _, _, loss, _ = step(counter if i == 0 else None)
-        log(f"[{name}] warm-up {i + 1}/{args.warmup}{' (FLOP count)' if i == 0 else ''}: {total:.2f} s, loss {loss:.4f}")
-    flops = counter.get_total_flops()
-    flops_by_op = {str(k).replace("aten.", "aten::", 1): v for k, v in counter.get_flop_counts().get("Global", {}).items()}
-    fwd_flops = sum(fwd_counts.get("Global", {}).values())
-    by_module = flops_by_module(fwd_counts)
-
-    # Timed steps. torch.mm samples before and between them give a matmul rate under the
-    # same machine load; each step is profiled separately so the samples stay out of it.
-    mm_rates = {n: matmul_samples(n, args.matmul_reps) for n in args.adjacent_sizes}
-    load_before = os.getloadavg()
-    totals, fwd_bwd, opt_times, cpu_times = [], [], [], []
-    profile = ProfileTotals()
-    for i in range(args.steps):
-        if args.profile:
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-                total, fb, op, loss, cpu = step()
-            profile.add(prof)
-        else:
-            total, fb, op, loss, cpu = step()
-        cpu_times.append(cpu)
-        totals.append(total)
-        fwd_bwd.append(fb)
-        opt_times.append(op)
-        log(f"[{name}] step {i + 1}/{args.steps}: {total:.2f} s (fwd+loss+bwd {fb:.2f} s, AdamW {op:.3f} s), loss {loss:.4f}")
-        for n in args.adjacent_sizes:
-            mm_rates[n] += matmul_samples(n, max(2, args.matmul_reps // 2))
-    load_after = os.getloadavg()
-    mm_adjacent_by_size = {str(n): median(r) for n, r in mm_rates.items()}
-    mm_adjacent = max(mm_adjacent_by_size.values())
-
-    step_s = median(totals)
-    achieved = flops / step_s / 1e9
-    threads = torch.get_num_threads()
-    res = {
-        "settings": {
-            "mask_ratio": spec["model"]["mask_ratio"],
-            "target": spec["model"]["target"],
-            "classification_branch": bool(spec["model"]["classification_branch"]),
-            "decoder_layers": spec["model"]["decoder_layers"],
-            "lambda_cls": spec["criterion"].get("lambda_cls", 0.0),
-            "model": spec["model"],
-            "criterion": spec["criterion"],
-            "optimizer": {**spec["optimizer"], "impl": args.adamw_impl},
-        },
-        "params_m": params / 1e6,
-        "tokens": t * f,
-        "visible_tokens": num_visible(t * f, spec["model"]["mask_ratio"]) if spec["model"]["mask_ratio"] > 0 else t * f,
-        "step_ms": step_s * 1e3,
-        "step_ms_all": [x * 1e3 for x in totals],
-        "fwd_loss_bwd_ms": median(fwd_bwd) * 1e3,
-        "optimizer_step_ms": median(opt_times) * 1e3,
-        "clips_per_s": args.batch_size / step_s,
-        "clips_per_s_per_core": args.batch_size / step_s / threads,
-        "gflop_per_step": flops / 1e9,
-        "gflop_forward": fwd_flops / 1e9,
-        "gflop_forward_by_module": by_module,
-        "achieved_gflops": achieved,
-        "matmul_gflops": mm_adjacent,
-        "matmul_gflops_by_size": mm_adjacent_by_size,
-        "matmul_samples": {str(n): len(r) for n, r in mm_rates.items()},
-        "pct_of_matmul": 100.0 * achieved / mm_adjacent,
-        "target_pct": TARGET_PCT_OF_MATMUL,
-        "target_met": 100.0 * achieved / mm_adjacent >= TARGET_PCT_OF_MATMUL,
-        # pct_of_best_matmul / target_met_vs_best: filled in by apply_matmul_reference() at the end of the run
-        "cpu_utilisation_pct": 100.0 * sum(cpu_times) / sum(totals) / threads,
-        "loadavg_1min_before_after": [load_before[0], load_after[0]],
-        "peak_rss_mib_so_far": peak_rss_mib(),
-    }
-    if args.profile:
-        res["profile"] = profile.summary()
-        # FLOP rate inside the matmul and attention kernels: counted FLOPs / profiled self time.
-        rates = {}
-        for group in ("matmul (mm/addmm/bmm)", "attention kernel (sdpa)"):
-            ops = [k for k in profile.self_us if op_group(k) == group]
-            g_flops = sum(flops_by_op.get(k, 0) for k in ops)
-            g_s = sum(profile.self_us[k] for k in ops) / 1e6 / profile.steps
-            if g_flops > 0 and g_s > 0:
-                rates[group] = {
-                    "gflop_per_step": g_flops / 1e9,
-                    "self_s_per_step": g_s,
-                    "gflops": g_flops / 1e9 / g_s,
-                    "pct_of_matmul": 100.0 * g_flops / 1e9 / g_s / mm_adjacent,
-                }
-        res["profile"]["kernel_rates"] = rates
-    del model, optimizer, criterion, sample
-    gc.collect()
-    return res
-
-
-# --------------------------------------------------------------------------------------
-# Data pipeline benchmark
-
-
-def bench_pipeline(clips: int, passes: int, frames: int, norm: tuple) -> Dict[str, Any]:
-    """Per-clip time of load_audio + wav_to_fbank + normalize_fbank with 1 torch thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    rng = np.random.default_rng(0)
-    out = {}
-    try:
-        with tempfile.TemporaryDirectory(prefix="bench_pipeline_") as tmp:
-            for fmt, (rate, channels) in PIPELINE_FORMATS.items():
-                paths = []
-                for i in range(clips):
-                    path = os.path.join(tmp, f"{fmt}_{i}.wav")
-                    n = int(CLIP_SECONDS * rate)
-                    tone = 0.3 * np.sin(2 * np.pi * (220.0 * (i + 1)) * np.arange(n) / rate)
-                    data = tone[:, None] + 0.05 * rng.standard_normal((n, channels))
-                    soundfile.write(path, data.astype(np.float32), rate, subtype="PCM_16")
-                    paths.append(path)
-
-                def one(path):
-                    fb = normalize_fbank(wav_to_fbank(load_audio(path, max_frames=frames), frames), *norm)
-                    assert fb.shape == (frames, 128)
-
-                one(paths[0])  # warm-up
-                times = []
-                for _ in range(passes):
-                    for path in paths:
-                        t0 = time.perf_counter()
-                        one(path)
-                        times.append(time.perf_counter() - t0)
-                per_clip = median(times)
-                out[fmt] = {
-                    "sample_rate": rate,
-                    "channels": channels,
-                    "clip_seconds": CLIP_SECONDS,
-                    "ms_per_clip": per_clip * 1e3,
-                    "clips_per_s_per_worker": 1.0 / per_clip,
-                    "timed_clips": len(times),
-                }
-                log(f"[pipeline] {fmt}: {per_clip * 1e3:.1f} ms/clip, {1.0 / per_clip:.1f} clips/s per worker")
-    finally:
-        torch.set_num_threads(threads)
-    return out
-
-
-# --------------------------------------------------------------------------------------
-# CLAP teacher
-
-
-def bench_teacher(batch: int, steps: int, size: str) -> Dict[str, Any]:
-    """Forward throughput of the frozen CLAP teacher on 10 s clips (random weights, real shapes)."""
-    from mam_clap_plugin.teacher import load_clap_teacher, save_random_clap_checkpoint
-
-    small = dict(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1]) if size == "small" else {}
-    with tempfile.TemporaryDirectory() as tmp:
-        path = save_random_clap_checkpoint(os.path.join(tmp, "clap.pt"), "laion", "tiny", **small)
-        teacher = load_clap_teacher(path, "final")
-    wav = torch.randn(batch, teacher.num_samples, generator=torch.Generator().manual_seed(0)) * 0.1
-    times = []
-    with torch.no_grad():
-        teacher(wav)  # warm-up
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            teacher(wav)
-            times.append(time.perf_counter() - t0)
-    batch_s = median(times)
-    return {
-        "teacher": teacher.name,
-        "layer": teacher.layer,
-        "grid": list(teacher.grid),
-        "dim": teacher.dim,
-        "params_m": sum(p.numel() for p in teacher.parameters()) / 1e6,
-        "batch_size": batch,
-        "clip_seconds": teacher.seconds,
-        "sample_rate": teacher.sample_rate,
-        "batch_ms_all": [1e3 * t for t in times],
-        "batch_ms": 1e3 * batch_s,
-        "clips_per_s": batch / batch_s,
-    }
-
-
-def online_teacher_cost(teacher: Dict[str, Any], variants: Dict[str, Any], batch: int) -> Dict[str, Any]:
-    """Teacher time per student batch as a fraction of (teacher + student step), CLAP variants."""
-    teacher_ms = 1e3 * batch / teacher["clips_per_s"]
-    return {
-        name: {"teacher_ms_per_batch": teacher_ms, "step_ms": v["step_ms"],
-               "fraction_of_step": teacher_ms / (teacher_ms + v["step_ms"])}
-        for name, v in variants.items() if v["settings"]["target"] == "clap"
-    }
+import torch  # noqa: E402
+
+from benchmarks.data_pipeline import TARGET_PIPELINE_RATIO, bench_pipeline, pipeline_report  # noqa: E402
+from benchmarks.machine import machine_info  # noqa: E402
+from benchmarks.matmul import TARGET_PCT_OF_MATMUL, apply_matmul_reference, matmul_gflops, matmul_verdict  # noqa: E402
+from benchmarks.measure import log, peak_rss_mib  # noqa: E402
+from benchmarks.student_step import NUM_CLASSES, TEACHER_DIM, VARIANTS, bench_variant, load_variant  # noqa: E402
+from benchmarks.teacher import bench_teacher, online_teacher_cost  # noqa: E402
+from mam_clap_plugin.data.audio import resolve_norm_stats  # noqa: E402
 
 
 def print_table(report: Dict[str, Any]) -> None:
@@ -572,37 +131,6 @@ def print_table(report: Dict[str, Any]) -> None:
     log(f"matmul target: {report['summary']['matmul_target_verdict']}")
     log(f"               {report['summary']['matmul_target_verdict_vs_best']}")
     log(f"peak RSS {report['peak_rss_mib']:.0f} MiB; total wall {report['wall_s']:.0f} s")
-
-
-def apply_matmul_reference(report: Dict[str, Any]) -> None:
-    """Set the run's best fp32 matmul rate and the percentages relative to it.
-
-    The best rate is the highest median torch.mm rate seen anywhere in the run (size sweeps
-    at the start and the end, samples next to each variant's timed steps). Other load on
-    the machine can only lower a measured rate, so this is the conservative ceiling.
-    """
-    mm = report["matmul_reference"]
-    candidates = {f"start {n}^2": g for n, g in mm["gflops_by_size"].items()}
-    candidates.update({f"end {n}^2": g for n, g in mm.get("gflops_by_size_end", {}).items()})
-    for name, v in report["variants"].items():
-        candidates.update({f"next to {name} {n}^2": g for n, g in v["matmul_gflops_by_size"].items()})
-    source = max(candidates, key=candidates.get)
-    best = candidates[source]
-    mm["best_gflops"], mm["best_source"] = best, source
-    for v in report["variants"].values():
-        v["pct_of_best_matmul"] = 100.0 * v["achieved_gflops"] / best
-        v["target_met_vs_best"] = v["pct_of_best_matmul"] >= TARGET_PCT_OF_MATMUL
-
-
-def matmul_verdict(variants: Dict[str, Any], key: str, what: str) -> str:
-    pct = {n: v[key] for n, v in variants.items()}
-    met = [n for n, p in pct.items() if p >= TARGET_PCT_OF_MATMUL]
-    best, worst = max(pct, key=pct.get), min(pct, key=pct.get)
-    head = f"met by {len(met)} of {len(pct)} variants" + (f" ({', '.join(met)})" if met else "")
-    return (
-        f"{head} against {what} (target >= {TARGET_PCT_OF_MATMUL:.0f}%): best {best} {pct[best]:.1f}%, "
-        f"worst {worst} {pct[worst]:.1f}%"
-    )
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
@@ -730,18 +258,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     report["matmul_reference"]["gflops_by_size_end"] = mm_end
     apply_matmul_reference(report)
 
-    ratios = {}
-    for name, v in report["variants"].items():
-        ratios[name] = {fmt: pf["clips_per_s_per_worker"] / v["clips_per_s_per_core"] for fmt, pf in pipeline.items()}
-    min_ratio = min(r for per in ratios.values() for r in per.values())
-    report["pipeline"] = {
-        "formats": pipeline,
-        "threads": 1,
-        "ratio_to_model_per_core": ratios,
-        "min_ratio": min_ratio,
-        "target_ratio": TARGET_PIPELINE_RATIO,
-        "target_met": min_ratio >= TARGET_PIPELINE_RATIO,
-    }
+    report["pipeline"] = pipeline_report(pipeline, report["variants"])
+    min_ratio = report["pipeline"]["min_ratio"]
     report["summary"] = {
         "target_pct_of_matmul": TARGET_PCT_OF_MATMUL,
         "pct_of_matmul": {n: v["pct_of_matmul"] for n, v in report["variants"].items()},

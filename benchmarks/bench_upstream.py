@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """CPU throughput of the s3prl upstream (``upstream/expert.py``): seconds of audio per second.
 
-    .venv/bin/python benchmarks/bench_upstream.py --out outputs/bench/upstream.json
-    .venv/bin/python benchmarks/bench_upstream.py --quick --out /tmp/u.json   # tiny config, for tests
+    .venv/bin/python -m benchmarks.bench_upstream --out outputs/bench/upstream.json
+    .venv/bin/python -m benchmarks.bench_upstream --quick --out /tmp/u.json   # tiny config, for tests
+
+(from the repository root, where ``upstream`` and this checkout's ``mam_clap_plugin`` import).
 
 The encoder is the ViT-B config (768 dims, 12 layers, 12 heads, max_frames 1024) with
 random weights, saved as an encoder export and loaded through ``UpstreamExpert``, so the
@@ -17,8 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,17 +26,12 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-# upstream/ is not an installed package, and this checkout's mam_clap_plugin must win over
-# any other installed copy: the repository root goes first on sys.path.
-sys.path.insert(0, str(REPO))
-
-from mam_clap_plugin.checkpoint import save_encoder  # noqa: E402
-from mam_clap_plugin.data.audio import NORM_STATS  # noqa: E402
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from machine import machine_info  # noqa: E402  (benchmarks/machine.py, next to this script)
-from mam_clap_plugin.modules.encoder import AudioEncoder  # noqa: E402
-from upstream.expert import UpstreamExpert  # noqa: E402
+from benchmarks.machine import machine_info
+from benchmarks.measure import log, median
+from mam_clap_plugin.checkpoint import save_encoder
+from mam_clap_plugin.data.audio import NORM_STATS
+from mam_clap_plugin.modules.encoder import AudioEncoder
+from upstream.expert import UpstreamExpert
 
 SAMPLE_RATE = 16000
 CONFIGS = {
@@ -48,10 +43,6 @@ CASES = {  # name -> (clip seconds, batch size); --quick uses QUICK_CASES
     "10s_b8": (10.0, 8),
 }
 QUICK_CASES = {"1s_b4": (1.0, 4), "10s_b2": (10.0, 2)}
-
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
 
 
 def build_upstream(config: Dict[str, Any], workdir: str, seed: int = 0) -> UpstreamExpert:
@@ -75,17 +66,17 @@ def time_case(upstream: UpstreamExpert, seconds: float, batch: int, warmup: int,
             dt = time.perf_counter() - t0
             if i >= warmup:
                 times.append(dt)
-    median = statistics.median(times)
+    per_forward = median(times)
     audio_s = seconds * batch
     return {
         "clip_seconds": seconds,
         "batch_size": batch,
         "output_shape": list(out["hidden_states"][-1].shape),
         "num_hidden_states": len(out["hidden_states"]),
-        "forward_s_median": median,
+        "forward_s_median": per_forward,
         "forward_s_all": times,
-        "audio_seconds_per_second": audio_s / median,
-        "clips_per_second": batch / median,
+        "audio_seconds_per_second": audio_s / per_forward,
+        "clips_per_second": batch / per_forward,
     }
 
 

@@ -69,7 +69,7 @@ SMALL_TEACHER = dict(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1])
 @pytest.fixture(scope="session")
 def clap_checkpoint(tmp_path_factory) -> str:
     """A randomly initialised small teacher saved in LAION-CLAP's checkpoint layout."""
-    from mam_clap_plugin.teacher import save_random_clap_checkpoint
+    from mam_clap_fixtures.clap import save_random_clap_checkpoint
 
     path = tmp_path_factory.mktemp("clap") / "small-laion-clap.pt"
     return save_random_clap_checkpoint(str(path), "laion", seed=0, **SMALL_TEACHER)

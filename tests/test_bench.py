@@ -1,4 +1,5 @@
-"""Smoke test of benchmarks/bench_pretrain.py: a tiny run, and the JSON it writes."""
+"""Smoke test of ``python -m benchmarks.bench_pretrain`` (student step, teacher and data
+pipeline modules together): a tiny run, and the JSON it writes."""
 import json
 import math
 import subprocess
@@ -8,7 +9,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "benchmarks" / "bench_pretrain.py"
 VARIANTS = ("mam", "mam_clap", "supmam", "supmam_clap")
 
 VARIANT_FIELDS = (
@@ -36,7 +36,7 @@ def positive_finite(value) -> bool:
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "pretrain.json"
     cmd = [
-        sys.executable, str(SCRIPT), "--size", "tiny", "--steps", "1", "--warmup", "1", "--batch-size", "2",
+        sys.executable, "-m", "benchmarks.bench_pretrain", "--size", "tiny", "--steps", "1", "--warmup", "1", "--batch-size", "2",
         "--matmul-sizes", "256", "512", "--adjacent-sizes", "256", "512", "--matmul-reps", "3", "--pipeline-clips", "1", "--pipeline-passes", "2",
         "--teacher-batch", "2", "--teacher-steps", "1", "--teacher-size", "small",
         "--out", str(out),

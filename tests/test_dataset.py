@@ -122,7 +122,7 @@ def test_skip_bad_files(tmp_path, caplog):
     dataset = MamClapDataset(make_manifest(tmp_path, missing=("b.wav",)), skip_bad_files=True)
     with caplog.at_level(logging.WARNING, logger="mam_clap_plugin.data"):
         samples = [dataset[i] for i in range(3)]
-    assert samples[1] is None and dataset.num_skipped == 1
+    assert samples[1] is None
     assert "b.wav" in caplog.text and "train.tsv:3" in caplog.text
     batch = dataset.collater(samples)
     assert batch["id"].tolist() == [0, 2] and batch["num_skipped"] == 1

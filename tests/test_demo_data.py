@@ -1,4 +1,5 @@
-"""Tests for examples/prepare/make_demo_data.py (the built-in demo audio set)."""
+"""Tests for examples/prepare/make_demo_data.py (the built-in demo audio set) and its eSpeak NG
+speech (mam_clap_fixtures.speech)."""
 import hashlib
 import importlib.util
 import json
@@ -9,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from mam_clap_fixtures import speech
 
 pytest.importorskip("espeakng_loader")
 sf = pytest.importorskip("soundfile")
@@ -96,7 +99,7 @@ def test_speech_is_audible_and_varied(demo):
 
     # the same word with two voices (same rate/pitch) gives different audio
     job = {"text": "yes", "rate": 170, "pitch": 50, "pitch_range": 50, "noise_seed": 1}
-    (male, female), sr = mdd.synthesize_speech([{**job, "voice": "en+m1"}, {**job, "voice": "en+f2"}])
+    (male, female), sr = speech.synthesize_speech([{**job, "voice": "en+m1"}, {**job, "voice": "en+f2"}])
     assert sr > 0
     for x in (male, female):
         assert x.dtype == np.int16 and np.sqrt(np.mean(x.astype(np.float64) ** 2)) > 300
@@ -147,6 +150,6 @@ def test_cli_prints_summary(tmp_path):
 
 def test_clear_errors():
     with pytest.raises(RuntimeError, match="no_such_libespeak"):
-        mdd.ESpeakEngine(library_path="/nonexistent/no_such_libespeak.so", data_path="/nonexistent")
+        speech.ESpeakEngine(library_path="/nonexistent/no_such_libespeak.so", data_path="/nonexistent")
     with pytest.raises(RuntimeError, match="no-such-voice"):
-        mdd.synthesize_speech([{"text": "yes", "voice": "no-such-voice"}])
+        speech.synthesize_speech([{"text": "yes", "voice": "no-such-voice"}])

@@ -111,7 +111,7 @@ def test_command_line(data, tmp_path, clap_checkpoint):
 def test_ms_clap_layout_store(data, tmp_path):
     """MS-CLAP 2023: 7 s at 44.1 kHz; its bands sit where its 32 kHz filterbank lands in 44.1 kHz audio,
     and student patches after 7 s are not covered."""
-    from mam_clap_plugin.teacher import save_random_clap_checkpoint
+    from mam_clap_fixtures.clap import save_random_clap_checkpoint
 
     ckpt = save_random_clap_checkpoint(str(tmp_path / "msclap.pt"), "msclap", seed=1, embed_dim=16,
                                        depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1])

@@ -1,5 +1,7 @@
-"""upstream/compat.py: each shim's error happens without it (checked in a fresh subprocess,
-where the environment lacks the piece) and the behaviour with it (in this process)."""
+"""upstream/compat: each shim's error happens without it (checked in a fresh subprocess,
+where the environment lacks the piece) and the behaviour with it (in this process, for this
+module only: the shims are installed with ``compat.shims_installed()`` and the process state
+they touch is checked to be restored afterwards)."""
 import argparse
 import fractions
 import json
@@ -57,13 +59,23 @@ print('PROBES ' + json.dumps({'env': env, 'errors': out}))
 """
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _restore_torch_safe_globals():
-    """install_shims() widens torch's weights-only allow-list for the process; undo it."""
-    before = list(torch.serialization.get_safe_globals())
-    yield
-    torch.serialization.clear_safe_globals()
-    torch.serialization.add_safe_globals(before)
+def _process_state() -> dict:
+    """Everything the shims change: torchaudio's and huggingface_hub's attributes, the modules
+    they add (and s3prl's, which are built on them), Namespace on torch's weights-only allow-list."""
+    import huggingface_hub
+    import torchaudio
+
+    return {
+        "torchaudio": {n: vars(torchaudio).get(n) for n in ("set_audio_backend", "get_audio_backend",
+                                                            "list_audio_backends", "load", "save", "info",
+                                                            "sox_effects")},
+        "huggingface_hub": {n: vars(huggingface_hub).get(n) for n in ("HfFolder", "Repository")},
+        "modules": sorted(n for n in sys.modules
+                          if n == "torchaudio.sox_effects" or n.split(".")[0] in ("tensorboardX", "catalyst", "s3prl")),
+        # (torch's own modules imported meanwhile may add their classes to the allow-list)
+        "namespace_allowed": argparse.Namespace in torch.serialization.get_safe_globals(),
+        "installed": compat.installed_shims(),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +93,11 @@ def unshimmed(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def shims():
-    compat.install_shims()
-    return compat
+    """The shims for this module's tests only; afterwards the process is as it was."""
+    before = _process_state()
+    with compat.shims_installed():
+        yield compat
+    assert _process_state() == before, "the shims leaked out of tests/test_s3prl_compat.py"
 
 
 def _needs(condition: bool, why: str):
@@ -131,6 +146,34 @@ def test_docstring_table_names_every_shim():
     for name, fn in compat.SHIMS.items():
         assert f"``{fn.__name__}``" in doc, fn.__name__
         assert fn.__doc__ and ("Error" in fn.__doc__ or "error" in fn.__doc__), fn.__name__
+    # one module per shim
+    modules = [fn.__module__ for fn in compat.SHIMS.values()]
+    assert len(set(modules)) == len(modules) and all(m.startswith("upstream.compat.") for m in modules)
+
+
+# ---------------------------------------------------------------------------- scoped installation
+
+
+def test_shims_are_scoped_and_reversible():
+    """``shims_installed()`` undoes what it did, s3prl imported inside included, and can be
+    entered again; ``uninstall_shims()`` undoes ``install_shims()``."""
+    import torchaudio
+
+    before = _process_state()
+    for _ in range(2):  # a second round re-installs and re-imports s3prl
+        with compat.shims_installed() as names:
+            assert names == ([] if before["installed"] else list(compat.SHIMS))
+            import s3prl.downstream.runner  # noqa: F401
+
+            assert torchaudio.load is compat.soundfile_load and "tensorboardX" in sys.modules
+            assert argparse.Namespace in torch.serialization.get_safe_globals()
+        assert _process_state() == before
+    assert "s3prl.downstream.runner" not in sys.modules
+    if not before["installed"]:
+        compat.install_shims()
+        assert _process_state() != before
+        compat.uninstall_shims()
+        assert _process_state() == before and compat.installed_shims() == []
 
 
 # ---------------------------------------------------------------------------- with the shims

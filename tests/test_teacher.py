@@ -14,10 +14,9 @@ import torch
 import torch.nn.functional as F
 import torchaudio
 
-from mam_clap_plugin.teacher import (ClapCheckpointError, ClapTeacher, file_sha256, load_clap_teacher,
-                                     save_random_clap_checkpoint)
-from mam_clap_plugin.teacher.clap import (AudioBranch, _infer_architecture, dft_weights, hz_to_mel, mel_filterbank,
-                                          mel_to_hz)
+from mam_clap_fixtures.clap import dft_weights, save_random_clap_checkpoint
+from mam_clap_plugin.teacher import ClapCheckpointError, ClapTeacher, file_sha256, load_clap_teacher
+from mam_clap_plugin.teacher.clap import AudioBranch, _infer_architecture, hz_to_mel, mel_filterbank, mel_to_hz
 
 # Shifted blocks in stages 0 and 2; widths 16, 32, 64, 128.
 SMALL = dict(embed_dim=16, depths=[2, 1, 2, 1], num_heads=[1, 2, 2, 4])

@@ -22,7 +22,8 @@ import torch
 import torchaudio
 from torch import nn
 
-from mam_clap_plugin.teacher import load_clap_teacher, save_random_clap_checkpoint
+from mam_clap_fixtures.clap import save_random_clap_checkpoint
+from mam_clap_plugin.teacher import load_clap_teacher
 
 TOL = 1e-4
 # The reference HTS-AT calls torch.meshgrid without indexing=.

@@ -2,8 +2,8 @@
 """Generate a small Speech-Commands-like keyword set in the layout s3prl's SUPERB KS task reads.
 
 Offline and deterministic for a seed (same arguments, same bytes).  Words are spoken by
-eSpeak NG voices (the library of the ``espeakng-loader`` wheel, driven by the functions
-of ``make_demo_data.py``); noise is synthesised with numpy.
+eSpeak NG voices (:mod:`mam_clap_fixtures.speech`, the library of the ``espeakng-loader``
+wheel, as for ``make_demo_data.py``); noise is synthesised with numpy.
 
 Every eSpeak voice (``<language>+<variant>``) is one "speaker" and names its files
 ``<language>_<variant>_nohash_<k>.wav``.  s3prl splits the train root into train and
@@ -30,10 +30,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -41,38 +38,16 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from mam_clap_fixtures.signals import bandpass_noise, finish, place_speech, quantize
+from mam_clap_fixtures.speech import ESPEAK_LANGUAGES, ESPEAK_VARIANTS, SAMPLE_RATE, espeak_job, render_words
+from mam_clap_plugin.data.audio import write_wav
+from mam_clap_plugin.data.speech_commands import KEYWORDS, s3prl_bucket
 
-from make_demo_data import (  # noqa: E402  (reused, not duplicated)
-    ESPEAK_LANGUAGES,
-    ESPEAK_VARIANTS,
-    SAMPLE_RATE,
-    _bandpass_noise,
-    _finish,
-    _place_speech,
-    _quantize,
-    _write_wav,
-    espeak_job,
-    render_words,
-)
-
-#: The 10 SUPERB keywords (s3prl's ``CLASSES`` without ``_unknown_`` / ``_silence_``).
-KEYWORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
 #: Auxiliary words of Speech Commands v0.01 used here; s3prl maps them to ``_unknown_``.
 UNKNOWN_WORDS = ("bed", "bird", "cat", "dog", "happy", "house", "tree", "wow")
 WORDS = KEYWORDS + UNKNOWN_WORDS
 NOISE_KINDS = ("white_noise", "pink_noise", "brown_noise", "hum", "running_tap", "fan")
 SUMMARY = "keywords.json"
-
-#: s3prl's ``split_dataset``: ``max_uttr_per_class`` and the dev / dropped percentages.
-_MAX_UTTR = 2 ** 27 - 1
-
-
-def s3prl_bucket(filename: str) -> str:
-    """``"dev"``, ``"test"`` (dropped by s3prl) or ``"train"``: s3prl's hash split of a file name."""
-    speaker = re.sub(r"_nohash_.*$", "", filename)
-    percent = (int(hashlib.sha1(speaker.encode("utf-8")).hexdigest(), 16) % (_MAX_UTTR + 1)) * (100.0 / _MAX_UTTR)
-    return "dev" if percent < 10 else "test" if percent < 20 else "train"
 
 
 def all_speakers() -> List[dict]:
@@ -124,12 +99,12 @@ def make_noise(kind: str, rng: np.random.Generator, n: int) -> np.ndarray:
         x = sum(h ** -1.0 * np.sin(2 * np.pi * h * f0 * t + rng.uniform(0, 2 * np.pi)) for h in range(1, 8))
         x = x + 0.05 * _shaped_noise(rng, n, 1.0) / (np.std(_shaped_noise(rng, n, 1.0)) + 1e-12)
     elif kind == "running_tap":
-        x = _bandpass_noise(rng, n, SAMPLE_RATE, rng.uniform(600, 1500), rng.uniform(4000, 7000))
-        wobble = _bandpass_noise(rng, n, SAMPLE_RATE, 1.0, 12.0)  # slow level changes
+        x = bandpass_noise(rng, n, SAMPLE_RATE, rng.uniform(600, 1500), rng.uniform(4000, 7000))
+        wobble = bandpass_noise(rng, n, SAMPLE_RATE, 1.0, 12.0)  # slow level changes
         x = x * (0.6 + 0.4 * wobble / (np.max(np.abs(wobble)) + 1e-12))
     elif kind == "fan":
         blade = rng.uniform(20.0, 60.0)
-        x = _bandpass_noise(rng, n, SAMPLE_RATE, 30.0, rng.uniform(300, 900))
+        x = bandpass_noise(rng, n, SAMPLE_RATE, 30.0, rng.uniform(300, 900))
         x = x / (np.std(x) + 1e-12) * (1.0 + 0.3 * np.sin(2 * np.pi * blade * t))
         x = x + 0.3 * np.sin(2 * np.pi * blade * 3 * t)
     else:
@@ -138,7 +113,7 @@ def make_noise(kind: str, rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 def _to_int16(x: np.ndarray, peak: float) -> np.ndarray:
-    return _quantize(x / (np.max(np.abs(x)) + 1e-12) * peak)
+    return quantize(x / (np.max(np.abs(x)) + 1e-12) * peak)
 
 
 # --------------------------------------------------------------------------- main API
@@ -151,14 +126,14 @@ def _clip_job(seed: int, spk: dict, word: str, k: int):
 
 
 def _word_clip(rng: np.random.Generator, word: np.ndarray, n: int) -> np.ndarray:
-    x = _place_speech(rng, word, n)
+    x = place_speech(rng, word, n)
     if rng.random() < 0.5:  # half of the clips over a noise floor at 10..35 dB SNR
         kind = NOISE_KINDS[int(rng.integers(len(NOISE_KINDS)))]
         noise = make_noise(kind, rng, n)
         snr_db = rng.uniform(10.0, 35.0)
         speech_rms = np.sqrt(np.mean(word ** 2)) + 1e-12
         x = x + noise / (np.sqrt(np.mean(noise ** 2)) + 1e-12) * speech_rms * 10 ** (-snr_db / 20.0)
-    return _finish(rng, x)
+    return finish(rng, x)
 
 
 def _prepare_out(out_dir: Path) -> None:
@@ -216,7 +191,7 @@ def make_demo_keywords(out_dir, seed: int = 0, voices: int = 80, clips_per_word:
     for (spk, word, k, rel), rng, w in zip(plan, rngs, words):
         path = out_dir / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_wav(path, _word_clip(rng, w, n), SAMPLE_RATE)
+        write_wav(path, _word_clip(rng, w, n), SAMPLE_RATE)
         bar.update(1)
     bar.close()
 
@@ -226,7 +201,7 @@ def make_demo_keywords(out_dir, seed: int = 0, voices: int = 80, clips_per_word:
     n_noise = int(round(noise_seconds * SAMPLE_RATE))
     for i, kind in enumerate(NOISE_KINDS):
         rng = np.random.default_rng([seed, 8, i])
-        _write_wav(noise_dir / f"{kind}.wav", _to_int16(make_noise(kind, rng, n_noise), rng.uniform(0.1, 0.6)),
+        write_wav(noise_dir / f"{kind}.wav", _to_int16(make_noise(kind, rng, n_noise), rng.uniform(0.1, 0.6)),
                    SAMPLE_RATE)
     # test/_silence_: fresh 1 s noise clips, as many as a keyword class has clips.
     silence_dir = test_root / "_silence_"
@@ -236,7 +211,7 @@ def make_demo_keywords(out_dir, seed: int = 0, voices: int = 80, clips_per_word:
         rng = np.random.default_rng([seed, 9, j])
         kind = NOISE_KINDS[j % len(NOISE_KINDS)]
         peak = 10 ** rng.uniform(-3.0, np.log10(0.5))  # -60 .. -6 dBFS, from near silence to loud
-        _write_wav(silence_dir / f"{kind}_{j}_nohash_0.wav", _to_int16(make_noise(kind, rng, n), peak),
+        write_wav(silence_dir / f"{kind}_{j}_nohash_0.wav", _to_int16(make_noise(kind, rng, n), peak),
                    SAMPLE_RATE)
 
     folder_counts = {

@@ -32,8 +32,7 @@ import soundfile as sf
 from tqdm import tqdm
 
 from mam_clap_plugin.data.manifest import write_class_list, write_labels, write_manifest
-
-KEYWORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
+from mam_clap_plugin.data.speech_commands import KEYWORDS
 SPC1_CLASSES = KEYWORDS + ("_unknown_", "_silence_")
 NOISE = "_background_noise_"
 SAMPLE_RATE = 16000

@@ -36,16 +36,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tarfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from make_demo_keywords import KEYWORDS, s3prl_bucket  # noqa: E402  (s3prl's hash split, tested against s3prl)
+from mam_clap_plugin.data.speech_commands import KEYWORDS, s3prl_bucket  # s3prl's hash split, tested against s3prl
 
 TEST_CLASSES = KEYWORDS + ("_unknown_", "_silence_")
 NOISE = "_background_noise_"

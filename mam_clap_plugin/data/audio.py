@@ -6,6 +6,8 @@ Pipeline used for training, evaluation and normalisation statistics:
     wav_to_fbank(wav, target_length)        -> (target_length, 128) log-mel, zero-padded/cropped
     normalize_fbank(fbank, mean, std)       -> (fbank - mean) / (2 * std)
 
+``write_wav(path, samples, rate)`` writes 16-bit PCM WAV files (generated data sets, benchmarks).
+
 Frames are 25 ms windows every 10 ms (Kaldi ``snip_edges`` framing), so ``n`` frames need
 ``(n - 1) * 10 + 25`` ms of audio.
 """
@@ -187,3 +189,8 @@ def resolve_norm_stats(name_or_pair: str) -> tuple[float, float]:
     if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
         raise ValueError(f"normalisation stats need a finite mean and std > 0, got {name_or_pair!r}")
     return mean, std
+
+
+def write_wav(path, samples, sample_rate: int) -> None:
+    """Write ``samples`` ((S,) or (S, channels); int16, or float in [-1, 1]) as a 16-bit PCM WAV file."""
+    soundfile.write(os.fspath(path), samples, sample_rate, subtype="PCM_16", format="WAV")

@@ -80,9 +80,6 @@ class MamClapDataset(FairseqDataset):
         self.freq_patches = freq_patches
         self.skip_bad_files = skip_bad_files
         self.shuffle = shuffle
-        #: Items dropped by this process (DataLoader workers keep their own count; the
-        #: per-batch ``num_skipped`` from ``collater`` is the reliable total).
-        self.num_skipped = 0
 
     def __len__(self) -> int:
         return len(self.manifest)
@@ -120,7 +117,6 @@ class MamClapDataset(FairseqDataset):
         except AudioError as err:
             if not self.skip_bad_files:
                 raise
-            self.num_skipped += 1
             logger.warning("skipping bad audio file: %s", err)
             return None
         if self.labels is not None and "label" not in item:  # augmented items bring their mixed label

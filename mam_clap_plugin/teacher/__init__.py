@@ -1,5 +1,4 @@
 """Frozen CLAP (HTS-AT) audio towers as teachers producing token maps; see :mod:`.clap`."""
-from .clap import (ClapCheckpointError, ClapTeacher, file_sha256, load_clap_teacher,  # noqa: F401
-                   save_random_clap_checkpoint)
+from .clap import ClapCheckpointError, ClapTeacher, file_sha256, load_clap_teacher  # noqa: F401
 
-__all__ = ["ClapCheckpointError", "ClapTeacher", "file_sha256", "load_clap_teacher", "save_random_clap_checkpoint"]
+__all__ = ["ClapCheckpointError", "ClapTeacher", "file_sha256", "load_clap_teacher"]

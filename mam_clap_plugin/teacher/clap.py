@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -54,10 +53,8 @@ LAYERS = ("final", "stage3")
 #: HTS-AT tagging-head keys present in CLAP checkpoints and deliberately not loaded.
 IGNORED_AUDIO_KEYS = ("tscam_conv.weight", "tscam_conv.bias", "head.weight", "head.bias")
 _FUSION_KEY = re.compile(r"(^|\.)(mel_conv1d|mel_conv2d|fusion_model)\.")
-_SIZES = {"tiny": (96, (2, 2, 6, 2)), "base": (128, (2, 2, 12, 2)), "large": (256, (2, 2, 12, 2))}
-_HEADS = (4, 8, 16, 32)
-_NUM_CLASSES = 527
-_FRONT_END_KEYS = ("spectrogram_extractor.", "logmel_extractor.", "bn0.")
+SIZES = {"tiny": (96, (2, 2, 6, 2)), "base": (128, (2, 2, 12, 2)), "large": (256, (2, 2, 12, 2))}
+HEADS = (4, 8, 16, 32)
 
 
 class ClapCheckpointError(CheckpointError):
@@ -93,7 +90,7 @@ LAYOUTS = {
 
 
 # --------------------------------------------------------------------------------------------
-# Mel scale and DFT weights
+# Mel scale
 
 
 def hz_to_mel(f: float | Tensor) -> float | Tensor:
@@ -118,18 +115,6 @@ def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, fmin: float, fmax:
     as ``librosa.filters.mel(sr, n_fft, n_mels, fmin, fmax).T`` (torchaudio's ``melscale_fbanks``)."""
     return torchaudio.functional.melscale_fbanks(n_fft // 2 + 1, float(fmin), float(fmax), n_mels, sample_rate,
                                                 norm="slaney", mel_scale="slaney")
-
-
-def dft_weights(n_fft: int) -> tuple[Tensor, Tensor]:
-    """Hann-windowed (periodic) DFT rows as conv1d weights, each (n_fft // 2 + 1, 1, n_fft) float32:
-    real = cos(2 pi k n / N) w[n], imag = -sin(2 pi k n / N) w[n] (torchlibrosa's ``STFT``)."""
-    n = torch.arange(n_fft, dtype=torch.float64)
-    window = 0.5 - 0.5 * torch.cos(2 * math.pi * n / n_fft)
-    k = torch.arange(n_fft // 2 + 1, dtype=torch.float64)
-    phase = 2 * math.pi * ((k[:, None] * n[None, :]) % n_fft) / n_fft
-    real = (torch.cos(phase) * window)[:, None, :].float()
-    imag = (-torch.sin(phase) * window)[:, None, :].float()
-    return real, imag
 
 
 # --------------------------------------------------------------------------------------------
@@ -367,8 +352,8 @@ class Architecture:
 
     @property
     def size(self) -> str:
-        for size, (embed, depths) in _SIZES.items():
-            if (self.embed_dim, self.depths, self.num_heads) == (embed, depths, _HEADS):
+        for size, (embed, depths) in SIZES.items():
+            if (self.embed_dim, self.depths, self.num_heads) == (embed, depths, HEADS):
                 return size
         return (f"e{self.embed_dim}-d{''.join(map(str, self.depths))}"
                 f"-h{'.'.join(map(str, self.num_heads))}")
@@ -474,109 +459,3 @@ def _check_filterbank(path: str, layout: Layout, branch: AudioBranch, arch: Arch
         warnings.warn(f"{path}: the mel filterbank differs from a {fe.fmin:g}-{fe.fmax:g} Hz Slaney filterbank "
                       f"at {fe.filterbank_rate} Hz (relative max difference {err:.2g}); freq_edges_hz may be off",
                       stacklevel=3)
-
-
-# --------------------------------------------------------------------------------------------
-# Random checkpoints in the real layouts (tests, demos)
-
-
-def _random_audio_state(arch: Architecture, fe: FrontEnd, gen: torch.Generator) -> dict[str, Tensor]:
-    """State dict of a randomly initialised AudioBranch plus the tagging head, real front end."""
-    branch = AudioBranch(arch.embed_dim, arch.depths, arch.num_heads, arch.window, arch.patch_size,
-                         arch.n_fft, fe.hop, arch.mel_bins)
-    state = branch.state_dict()
-
-    def randn(shape, std):
-        return torch.randn(shape, generator=gen) * std
-
-    for k, v in state.items():
-        if not v.is_floating_point() or k.endswith("attn_mask") or k.startswith(_FRONT_END_KEYS):
-            continue  # index buffers, shift masks and the front end (below) are not random
-        if k.endswith("relative_position_bias_table"):
-            state[k] = randn(v.shape, 0.5)  # large enough that the bias visibly shapes the attention
-        elif v.dim() == 1 and "norm" in k:  # LayerNorm
-            state[k] = (1.0 + randn(v.shape, 0.1)) if k.endswith("weight") else randn(v.shape, 0.05)
-        elif k.endswith("bias"):
-            state[k] = randn(v.shape, 0.02)
-        else:  # Linear / Conv weights, unit-variance outputs
-            state[k] = randn(v.shape, v[0].numel() ** -0.5)
-    real, imag = dft_weights(arch.n_fft)
-    state["spectrogram_extractor.stft.conv_real.weight"] = real
-    state["spectrogram_extractor.stft.conv_imag.weight"] = imag
-    state["logmel_extractor.melW"] = mel_filterbank(fe.filterbank_rate, arch.n_fft, arch.mel_bins, fe.fmin, fe.fmax)
-    M = arch.mel_bins
-    state["bn0.weight"] = 1.0 + randn(M, 0.1)
-    state["bn0.bias"] = randn(M, 0.1)
-    state["bn0.running_mean"] = -20.0 + randn(M, 5.0)
-    state["bn0.running_var"] = 100.0 + 50.0 * torch.rand(M, generator=gen)
-    state["bn0.num_batches_tracked"] = torch.tensor(100000, dtype=torch.long)
-    C = branch.num_features
-    freq_cells = branch.stage_shape(len(arch.depths) - 1)[0]
-    state["tscam_conv.weight"] = randn((_NUM_CLASSES, C, freq_cells, 3), 0.01)
-    state["tscam_conv.bias"] = torch.zeros(_NUM_CLASSES)
-    state["head.weight"] = randn((_NUM_CLASSES, _NUM_CLASSES), 0.01)
-    state["head.bias"] = torch.zeros(_NUM_CLASSES)
-    return state
-
-
-def save_random_clap_checkpoint(path: str, layout: str = "laion", size: str = "tiny", seed: int = 0, *,
-                                embed_dim: int | None = None, depths=None, num_heads=None) -> str:
-    """Write a randomly initialised CLAP checkpoint in the real ``layout`` ("laion" | "msclap").
-
-    Audio keys and shapes are those of the real HTSAT-``size`` ("tiny" | "base"; embed_dim,
-    depths, num_heads override them for small test teachers), with the real STFT and mel weights
-    and valid BatchNorm statistics; a few small text-branch tensors stand in for the text tower.
-    Returns ``path``.
-    """
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {tuple(LAYOUTS)}, got {layout!r}")
-    if size not in _SIZES:
-        raise ValueError(f"size must be one of {tuple(_SIZES)}, got {size!r}")
-    embed, size_depths = _SIZES[size]
-    arch = Architecture(embed_dim=embed_dim or embed, depths=tuple(depths or size_depths),
-                        num_heads=tuple(num_heads or _HEADS), window=8, patch_size=4, n_fft=1024, mel_bins=64)
-    lay = LAYOUTS[layout]
-    gen = torch.Generator().manual_seed(seed)
-    state = {lay.audio_prefix + k: v for k, v in _random_audio_state(arch, lay.front_end, gen).items()}
-    C = arch.embed_dim << (len(arch.depths) - 1)
-
-    def normal(*shape, std=0.02, mean=0.0):
-        return mean + std * torch.randn(shape, generator=gen)
-
-    if layout == "laion":
-        state.update({
-            "audio_projection.0.weight": normal(512, C, std=C ** -0.5), "audio_projection.0.bias": normal(512),
-            "audio_projection.2.weight": normal(512, 512, std=512 ** -0.5), "audio_projection.2.bias": normal(512),
-            "audio_transform.sequential.0.weight": normal(512, 512), "audio_transform.sequential.0.bias": normal(512),
-            "audio_transform.sequential.3.weight": normal(512, 512), "audio_transform.sequential.3.bias": normal(512),
-            "text_branch.embeddings.word_embeddings.weight": normal(16, 768),
-            "text_branch.embeddings.position_embeddings.weight": normal(16, 768),
-            "text_branch.encoder.layer.0.attention.self.query.weight": normal(768, 768),
-            "text_branch.pooler.dense.weight": normal(768, 768),
-            "text_transform.sequential.0.weight": normal(512, 512), "text_transform.sequential.0.bias": normal(512),
-            "text_projection.0.weight": normal(512, 768), "text_projection.0.bias": normal(512),
-            "text_projection.2.weight": normal(512, 512), "text_projection.2.bias": normal(512),
-            "logit_scale_a": torch.tensor(math.log(1 / 0.07)), "logit_scale_t": torch.tensor(math.log(1 / 0.07)),
-        })
-        ckpt = {"epoch": 0, "name": f"random-htsat-{size}-seed{seed}",
-                "state_dict": {"module." + k: v for k, v in state.items()}}
-    else:
-        state.update({
-            "audio_encoder.projection.linear1.weight": normal(1024, C, std=C ** -0.5),
-            "audio_encoder.projection.linear2.weight": normal(1024, 1024, std=1024 ** -0.5),
-            "audio_encoder.projection.layer_norm.weight": normal(1024, std=0.1, mean=1.0),
-            "audio_encoder.projection.layer_norm.bias": normal(1024),
-            "caption_encoder.base.wte.weight": normal(16, 768),
-            "caption_encoder.base.wpe.weight": normal(16, 768),
-            "caption_encoder.base.h.0.attn.c_attn.weight": normal(768, 2304),
-            "caption_encoder.base.ln_f.weight": normal(768, mean=1.0),
-            "caption_encoder.projection.linear1.weight": normal(1024, 768),
-            "caption_encoder.projection.linear2.weight": normal(1024, 1024),
-            "caption_encoder.projection.layer_norm.weight": normal(1024, mean=1.0),
-            "caption_encoder.projection.layer_norm.bias": normal(1024),
-            "logit_scale": torch.tensor(math.log(1 / 0.07)),
-        })
-        ckpt = {"model": state}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save(ckpt, path)
-    return path

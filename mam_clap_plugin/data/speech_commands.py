@@ -1,0 +1,26 @@
+"""Speech Commands v0.01 as SUPERB keyword spotting (s3prl's ``speech_commands``) uses it.
+
+Shared by the real-data layout script (``examples/prepare/speech_commands_s3prl.py``) and
+the generated demo keyword set (``examples/prepare/make_demo_keywords.py``).
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+
+#: The 10 SUPERB keywords (s3prl's ``CLASSES`` without ``_unknown_`` / ``_silence_``).
+KEYWORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
+
+#: s3prl's ``split_dataset``: ``max_uttr_per_class`` and the dev / dropped percentages.
+_MAX_UTTR = 2 ** 27 - 1
+
+
+def s3prl_bucket(filename: str) -> str:
+    """``"dev"``, ``"test"`` (dropped by s3prl) or ``"train"``: s3prl's hash split of a file name.
+
+    The SHA-1 of the name before ``_nohash_`` (the speaker) picks the bucket, so all clips of
+    a speaker share one: about 10 % dev, 10 % dropped, the rest train.
+    """
+    speaker = re.sub(r"_nohash_.*$", "", filename)
+    percent = (int(hashlib.sha1(speaker.encode("utf-8")).hexdigest(), 16) % (_MAX_UTTR + 1)) * (100.0 / _MAX_UTTR)
+    return "dev" if percent < 10 else "test" if percent < 20 else "train"
