@@ -25,6 +25,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_pretrain --out outputs/bench/pretrain.json
 	$(BIN)/python -m benchmarks.bench_upstream --out outputs/bench/upstream.json
+	$(BIN)/python -m benchmarks.bench_finetune --out outputs/bench/finetune.json
 
 clean:
 	rm -rf outputs
