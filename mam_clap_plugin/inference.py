@@ -19,7 +19,7 @@ from tqdm import tqdm
 from .checkpoint import CheckpointError, load_checkpoint
 from .data.audio import FRAME_SHIFT_MS, SAMPLE_RATE, WINDOW_SAMPLES, load_audio, normalize_fbank, wav_to_fbank
 from .data.manifest import read_class_list, read_labels, read_manifest
-from .metrics import classification_metrics
+from .metrics import classification_metrics, per_class_ap
 
 
 class Classifier(NamedTuple):
@@ -92,7 +92,7 @@ def evaluate_split(clf: Classifier, data_dir: str, split: str, labels_ext: str =
     wavs = (load_audio(manifest.full_path(i), where=manifest.where(i)) for i in range(len(manifest)))
     scores = score_waveforms(clf, tqdm(wavs, total=len(manifest), desc=f"{split}", disable=not progress))
     res = classification_metrics(scores, target)
-    per_class = {n: float(ap) for n, ap in zip(clf.class_names, res.per_class_ap) if np.isfinite(ap)}
+    per_class = per_class_ap(res, clf.class_names)
     out = {"split": split, "data": data_dir, "num_clips": res.num_clips, "mAP": res.mAP, "accuracy": res.accuracy,
            "classes_left_out": res.left_out, "per_class_ap": per_class}
     if clf.loss == "bce":  # multi-label: the classes to look at first

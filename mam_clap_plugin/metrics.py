@@ -117,10 +117,12 @@ def log_clip_scores(ids: torch.Tensor, scores: torch.Tensor, labels: torch.Tenso
     """Feed a validation batch to the ``key`` meter (and its derived ``accuracy`` and
     ``{key}_classes_left_out``) of each temporary aggregator that is active.
 
-    fairseq's validation loop runs under a temporary root aggregator, read once at the
-    end. Named aggregators ("valid", "default") are persistent and saved in checkpoints
-    (an array-holding meter there would grow forever and could not be restored), and the
-    per-step aggregator of ``reduce_metrics`` would gather on every batch: both are left out.
+    Call it from the criterion's forward, not from ``reduce_metrics``: fairseq's validation
+    loop runs under a temporary root aggregator that it reads once at the end, while
+    ``reduce_metrics`` also runs under a per-batch aggregator that is read (and would
+    gather) after every batch. Named aggregators ("valid", "default") are persistent and
+    saved in checkpoints (an array-holding meter there would grow forever and could not be
+    restored): they are left out.
     """
     named = {id(agg) for agg in metrics._aggregators.values()}
     rows = (ids.cpu().numpy(), scores.detach().float().cpu().numpy(), labels.detach().float().cpu().numpy())
@@ -135,6 +137,6 @@ def log_clip_scores(ids: torch.Tensor, scores: torch.Tensor, labels: torch.Tenso
         agg[key].update(*rows)
 
 
-def rows_to_dict(result: ClassificationResult, class_names: List[str]) -> Dict[str, float]:
+def per_class_ap(result: ClassificationResult, class_names: List[str]) -> Dict[str, float]:
     """Per-class AP (percent) by class name; classes without a positive are omitted."""
     return {name: float(ap) for name, ap in zip(class_names, result.per_class_ap) if np.isfinite(ap)}

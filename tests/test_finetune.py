@@ -16,7 +16,7 @@ import fairseq  # noqa: F401  (registers the plugin's components on import below
 from mam_clap_plugin.checkpoint import CheckpointError, export_encoder
 from mam_clap_plugin.criterions.mam_clap_classification import classification_loss
 from mam_clap_plugin.data.augment import mix_labels, mix_waveforms, spec_augment
-from mam_clap_plugin.data.manifest import ManifestError, write_class_list, write_labels, write_manifest
+from mam_clap_plugin.data.manifest import ManifestError
 from mam_clap_plugin.data.sampling import clip_weights, draw_epoch, read_weights, write_weights
 from mam_clap_plugin.metrics import classification_metrics, gather_clips, log_clip_scores
 from mam_clap_plugin.models.mam_clap_classifier import MamClapClassifier
@@ -24,7 +24,6 @@ from mam_clap_plugin.modules.encoder import AudioEncoder, time_freq_masking
 from mam_clap_plugin.modules.transformer import Block
 from mam_clap_plugin.tasks.mam_clap_finetuning import MamClapFinetuningConfig, MamClapFinetuningTask
 
-from .conftest import CLASSES
 
 TINY = dict(encoder_embed_dim=32, encoder_layers=2, encoder_attention_heads=4, mlp_ratio=4.0, max_frames=1024)
 

@@ -66,8 +66,9 @@ class MamClapFinetuningConfig(FairseqDataclass):
                           "to the weights (AudioSet-2M); unset = a permutation of the split"},
     )
     epoch_size: int = field(default=0, metadata={"help": "clips per epoch with sample_weights (0 = the split's size)"})
-    train_subset: str = II("dataset.train_subset")
-    seed: int = II("common.seed")
+    # filled from the run's config (the YAML base lists them as ${dataset.train_subset} / ${common.seed})
+    train_subset: str = II("dataset.train_subset")  # the split that gets augmentations and weighted sampling
+    seed: int = II("common.seed")  # seeds the per-clip augmentation draws
 
 
 @register_task("mam_clap_finetuning", dataclass=MamClapFinetuningConfig)
