@@ -6,10 +6,31 @@ Pass this directory to fairseq as ``common.user_dir``. fairseq's
 criterions and the ``mam_clap_adamw`` optimizer here when it is imported under
 fairseq. Without fairseq loaded (the s3prl upstream, the data tools), importing the
 package stays light: only the encoder and data modules are used.
+
+Torch-only API (no fairseq, no s3prl)::
+
+    from mam_clap_plugin import load_encoder, load_encoder_with_stats
+    encoder = load_encoder("encoder.safetensors")   # an AudioEncoder in eval mode
+
+Both accept an encoder export, a converted AudioMAE file and a pretraining or fine-tuning
+checkpoint (see :mod:`mam_clap_plugin.checkpoint`); they are imported on first use.
 """
 import sys
 
 __version__ = "0.1.0"
+
+#: Names served lazily from :mod:`mam_clap_plugin.checkpoint` (PEP 562).
+_CHECKPOINT_API = ("load_encoder", "load_encoder_with_stats", "EncoderBundle", "CheckpointError")
+__all__ = list(_CHECKPOINT_API)
+
+
+def __getattr__(name):
+    if name in _CHECKPOINT_API:
+        from . import checkpoint
+
+        return getattr(checkpoint, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 if "fairseq" in sys.modules:
     from . import criterions, models, tasks  # noqa: F401,E402

@@ -1,22 +1,32 @@
-"""Loading this plugin's checkpoints on torch >= 2.6, where ``torch.load`` defaults to
-``weights_only=True``.
+"""Every loader of this project's encoder files, on torch >= 2.6 (``torch.load`` defaults
+to ``weights_only=True``).
 
-The choice is deliberate: checkpoints written by this plugin's fairseq runs hold only
-tensors and plain containers (fairseq stores the config as a dict), so they load with
-``weights_only=True`` and no code from the file is ever executed. A file that needs
-more (an older fairseq checkpoint whose ``args`` is an ``argparse.Namespace``, say)
-is refused with a clear error; pass ``trusted=True`` only for files you trust, which
-loads them with ``weights_only=False``.
+Files :func:`load_encoder` / :func:`load_encoder_with_stats` read (nothing here imports
+fairseq or s3prl):
 
-Encoder-only export: :func:`export_encoder` writes a small file holding the encoder's
-constructor arguments, its weights and the fbank normalisation stats of its pretraining
-(plain dicts, floats and tensors, so it also loads with ``weights_only=True``).
-:func:`load_encoder` and :func:`load_encoder_with_stats` accept both kinds of file.
+* an **encoder export** (``examples/export_encoder.py``): ``ENCODER.safetensors`` holding the
+  weights, with the JSON config (:func:`export_config`) in its header metadata under
+  ``"mam_clap_config"`` and the same JSON written next to it as ``ENCODER.json``. The older
+  torch export (``.pt``, version 1) stays readable and is still written for a ``.pt`` name;
+* a converted AudioMAE file (``examples/convert/audiomae_to_mam_clap.py``): an encoder
+  export whose config names the AudioMAE source, and which keeps a fine-tuned file's
+  ``fc_norm.*`` / ``head.*`` weights (``config["head"]``);
+* a fairseq **pretraining** checkpoint of this plugin (model ``supmam_clap``): the encoder
+  is ``model["encoder.*"]``, built from ``cfg.model``;
+* a fairseq **fine-tuning** checkpoint (model ``mam_clap_classifier``): the encoder is
+  ``model["encoder.*"]`` too; its architecture is read from the weights' shapes, the head
+  count from ``cfg.model.encoder_attention_heads`` (or ``num_heads``).
 
-Nothing here imports fairseq, so the encoder loads without it.
+The choice of ``weights_only=True`` is deliberate: checkpoints written by this plugin's
+fairseq runs hold only tensors and plain containers (fairseq stores the config as a dict),
+so no code from the file is ever executed. A file that needs more (an older fairseq
+checkpoint whose ``args`` is an ``argparse.Namespace``, say) is refused with a clear error;
+pass ``trusted=True`` only for files you trust, which loads them with ``weights_only=False``.
+Safetensors files hold no code at all.
 """
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import struct
@@ -24,14 +34,24 @@ from typing import Any, Dict, NamedTuple, Optional
 
 import torch
 
-from .data.audio import resolve_norm_stats
-from .modules.encoder import AudioEncoder
+from .data.audio import FBANK_OPTIONS, NUM_MEL_BINS, SAMPLE_RATE, resolve_norm_stats
+from .modules.encoder import PATCH_SIZE, AudioEncoder
 
-#: ``format`` entry of an encoder-only export; ``version`` is EXPORT_VERSION.
+#: ``format`` entry of an encoder export.
 EXPORT_FORMAT = "mam_clap_encoder"
-EXPORT_VERSION = 1
+#: Version of the safetensors export (:func:`save_encoder` with a ``.safetensors`` name).
+EXPORT_VERSION = 2
+#: Version of the older torch export (``.pt``), still read and written.
+TORCH_EXPORT_VERSION = 1
+#: Header-metadata key of a safetensors export that holds its JSON config.
+CONFIG_KEY = "mam_clap_config"
+#: fairseq model names whose checkpoints hold the encoder under ``encoder.``.
+PRETRAINING_MODEL = "supmam_clap"
+FINETUNING_MODEL = "mam_clap_classifier"
 #: Default of the pretraining task's ``norm_stats`` (used when a checkpoint lacks it).
 DEFAULT_NORM_STATS = "audioset"
+#: What an export's front end applies to the fbank.
+NORMALISATION = "(fbank - mean) / (2 * std)"
 
 
 class CheckpointError(ValueError):
@@ -58,37 +78,148 @@ def read_torch_file(path: str, trusted: bool = False, *, safe_globals: tuple = (
         raise error(f"{path}: not a readable torch checkpoint ({err})") from err
 
 
+def is_safetensors(path: str) -> bool:
+    """True if ``path`` starts like a safetensors file (8-byte header length, then ``{``)."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def read_safetensors(path: str, error=CheckpointError) -> tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """(tensors on the CPU, header metadata) of a safetensors file; failures raise ``error``."""
+    from safetensors import SafetensorError, safe_open
+
+    if not os.path.isfile(path):
+        raise error(f"{path}: file not found")
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as err:
+        raise error(f"{path}: not a readable safetensors file ({err})") from err
+
+
+def file_sha256(path: str) -> str:
+    """Hex SHA-256 of a file (the teacher's helper; one implementation)."""
+    from .teacher.clap import file_sha256 as sha
+
+    return sha(path)
+
+
+def _read_export(path: str) -> Dict[str, Any]:
+    """A safetensors export as ``{"format", "version", "config", "model"}`` (``config``: see
+    :func:`export_config`)."""
+    tensors, meta = read_safetensors(path)
+    if CONFIG_KEY not in meta:
+        raise CheckpointError(
+            f"{path}: a safetensors file without a '{CONFIG_KEY}' config, so not an encoder export of this "
+            "project; an AudioMAE or timm file is converted with examples/convert/audiomae_to_mam_clap.py")
+    try:
+        config = json.loads(meta[CONFIG_KEY])
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: '{CONFIG_KEY}' metadata is not valid JSON ({err})") from err
+    state = {"format": config.get("format"), "version": config.get("version"), "config": config, "model": tensors}
+    _export_version(state, path)
+    return state
+
+
+def _from_torch_export(state: Dict[str, Any]) -> Dict[str, Any]:
+    """A version-1 torch export in the shape of a safetensors export (its config has no
+    front-end options or head)."""
+    config = {"format": EXPORT_FORMAT, "version": TORCH_EXPORT_VERSION, "encoder": dict(state["encoder_config"]),
+              "frontend": {"target_length": state.get("target_length"), "norm_stats": dict(state["norm_stats"])},
+              "source": {"file": state.get("source")}, "head": None}
+    return {"format": EXPORT_FORMAT, "version": TORCH_EXPORT_VERSION, "config": config, "model": state["model"]}
+
+
 def load_checkpoint(path: str, trusted: bool = False) -> Dict[str, Any]:
-    """Read a checkpoint onto the CPU (``weights_only=True`` unless ``trusted``)."""
+    """Read an encoder export (safetensors or torch) or a fairseq checkpoint onto the CPU
+    (torch files with ``weights_only=True`` unless ``trusted``). Returns a dict with a
+    ``model`` entry (the weights); an export of either version comes as ``{"format",
+    "version", "config", "model"}`` (``config``: see :func:`export_config`)."""
+    if os.path.isfile(path) and is_safetensors(path):
+        return _read_export(path)
     state = read_torch_file(path, trusted)
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path}: no 'model' entry; not a fairseq or exported checkpoint")
+    if is_exported(state) and _export_version(state, path) == TORCH_EXPORT_VERSION:
+        return _from_torch_export(state)
     return state
 
 
 def model_config(state: Dict[str, Any], path: str = "<checkpoint>") -> Dict[str, Any]:
-    """The ``supmam_clap`` model config stored in a checkpoint, as a dict."""
+    """The model config stored in a fairseq checkpoint of this plugin (``supmam_clap`` or
+    ``mam_clap_classifier``), as a dict."""
     cfg = state.get("cfg") or {}
     model_cfg = cfg.get("model") if isinstance(cfg, dict) else None
-    if not model_cfg or model_cfg.get("_name") != "supmam_clap":
+    if not model_cfg or model_cfg.get("_name") not in (PRETRAINING_MODEL, FINETUNING_MODEL):
         name = model_cfg.get("_name") if model_cfg else None
-        raise CheckpointError(f"{path}: model is {name!r}, expected a 'supmam_clap' checkpoint")
+        hint = ""
+        if name is None and isinstance(state.get("model"), dict) and "patch_embed.proj.weight" in state["model"]:
+            hint = "; it looks like an AudioMAE file: convert it with examples/convert/audiomae_to_mam_clap.py"
+        raise CheckpointError(
+            f"{path}: model is {name!r}, expected a '{PRETRAINING_MODEL}' (pretraining) or "
+            f"'{FINETUNING_MODEL}' (fine-tuning) checkpoint{hint}")
     return dict(model_cfg)
 
 
 def is_exported(state: Dict[str, Any]) -> bool:
-    """True for a file written by :func:`export_encoder`."""
+    """True for a file written by :func:`save_encoder` (either version)."""
     return state.get("format") == EXPORT_FORMAT
 
 
+def _export_version(state: Dict[str, Any], path: str) -> int:
+    version = state.get("version")
+    if version not in (EXPORT_VERSION, TORCH_EXPORT_VERSION):
+        raise CheckpointError(f"{path}: encoder export version {version!r}; this code reads versions "
+                              f"{TORCH_EXPORT_VERSION} (.pt) and {EXPORT_VERSION} (.safetensors)")
+    return version
+
+
+def infer_encoder_config(weights: Dict[str, torch.Tensor], num_heads: int, path: str = "<checkpoint>",
+                         num_mel_bins: int = NUM_MEL_BINS) -> Dict[str, Any]:
+    """:class:`AudioEncoder` arguments read from an encoder state dict's shapes (this
+    encoder's key names); the head count is not in the shapes, so it is given.
+
+    ``embed_dim`` from ``cls_token`` (1, 1, D); ``depth`` from the ``blocks.{i}`` indices;
+    ``mlp_ratio`` from ``blocks.0.mlp.fc1.weight`` (hidden, D); ``max_frames`` from
+    ``pos_embed`` (1, 1 + t * F/16, D): 16 * t; ``final_norm`` from the presence of ``norm.*``.
+    """
+    missing = [k for k in ("cls_token", "pos_embed", "blocks.0.mlp.fc1.weight") if k not in weights]
+    if missing:
+        raise CheckpointError(f"{path}: encoder weights lack {missing}; cannot read the architecture")
+    dim = int(weights["cls_token"].shape[-1])
+    depth = 1 + max(int(k.split(".")[1]) for k in weights if k.startswith("blocks."))
+    grid_freq = num_mel_bins // PATCH_SIZE
+    positions = int(weights["pos_embed"].shape[1]) - 1
+    if positions <= 0 or positions % grid_freq:
+        raise CheckpointError(f"{path}: pos_embed has {positions + 1} rows; expected 1 + t * {grid_freq}")
+    if num_heads <= 0 or dim % num_heads:
+        raise CheckpointError(f"{path}: {num_heads} attention heads do not divide the width {dim}")
+    return {
+        "embed_dim": dim,
+        "depth": depth,
+        "num_heads": int(num_heads),
+        "mlp_ratio": weights["blocks.0.mlp.fc1.weight"].shape[0] / dim,
+        "max_frames": positions // grid_freq * PATCH_SIZE,
+        "num_mel_bins": num_mel_bins,
+        "final_norm": "norm.weight" in weights or "norm.bias" in weights,
+    }
+
+
+def _prefixed(weights: Dict[str, torch.Tensor], prefix: str = "encoder.") -> Dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+
+
 def encoder_config(state: Dict[str, Any], path: str = "<checkpoint>") -> Dict[str, Any]:
-    """:class:`AudioEncoder` constructor arguments of a pretraining checkpoint or an export."""
+    """:class:`AudioEncoder` constructor arguments of any file :func:`load_checkpoint` reads."""
     if is_exported(state):
-        version = state.get("version")
-        if version != EXPORT_VERSION:
-            raise CheckpointError(f"{path}: encoder export version {version!r}; this code reads version {EXPORT_VERSION}")
-        return dict(state["encoder_config"])
+        return dict(state["config"]["encoder"])
     cfg = model_config(state, path)
+    if cfg["_name"] == FINETUNING_MODEL:
+        heads = cfg.get("encoder_attention_heads", cfg.get("num_heads"))
+        if heads is None:
+            raise CheckpointError(f"{path}: fine-tuning config has no model.encoder_attention_heads (or num_heads)")
+        return infer_encoder_config(_prefixed(state["model"]), int(heads), path)
     return {
         "embed_dim": cfg["encoder_embed_dim"],
         "depth": cfg["encoder_layers"],
@@ -98,11 +229,17 @@ def encoder_config(state: Dict[str, Any], path: str = "<checkpoint>") -> Dict[st
     }
 
 
+def head_keys(state: Dict[str, Any]) -> list:
+    """Names of the classifier weights an export keeps next to the encoder (``config["head"]``)."""
+    head = state["config"].get("head") if is_exported(state) else None
+    return list(head["keys"]) if head else []
+
+
 def _encoder_weights(state: Dict[str, Any]) -> Dict[str, torch.Tensor]:
     if is_exported(state):
-        return dict(state["model"])
-    prefix = "encoder."
-    return {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
+        skip = set(head_keys(state))
+        return {k: v for k, v in state["model"].items() if k not in skip}
+    return _prefixed(state["model"])
 
 
 def _build_encoder(state: Dict[str, Any], path: str) -> AudioEncoder:
@@ -120,18 +257,31 @@ def _task_config(state: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _norm_spec(state: Dict[str, Any]) -> str:
-    """A pretraining checkpoint's ``task.norm_stats`` (name or 'mean,std'), default audioset."""
+    """A fairseq checkpoint's ``task.norm_stats`` (name or 'mean,std'), default audioset."""
     return str(_task_config(state).get("norm_stats") or DEFAULT_NORM_STATS)
 
 
-def norm_stats(state: Dict[str, Any], path: str = "<checkpoint>") -> tuple[float, float]:
-    """(mean, std) of the fbank normalisation the encoder was pretrained with.
+def _frontend(state: Dict[str, Any], path: str) -> Dict[str, Any]:
+    """An export's front end; a safetensors export's is checked against this code's fbank
+    (the torch export of version 1 records none)."""
+    frontend = state["config"]["frontend"]
+    if state["version"] == TORCH_EXPORT_VERSION:
+        return frontend
+    if frontend.get("sample_rate") != SAMPLE_RATE or frontend.get("fbank_options") != FBANK_OPTIONS:
+        raise CheckpointError(
+            f"{path}: the encoder expects another front end (sample_rate {frontend.get('sample_rate')}, fbank "
+            f"{frontend.get('fbank_options')}) than this code computes (sample_rate {SAMPLE_RATE}, fbank {FBANK_OPTIONS})")
+    return frontend
 
-    Exports store them; pretraining checkpoints store ``cfg.task.norm_stats`` (a name from
+
+def norm_stats(state: Dict[str, Any], path: str = "<checkpoint>") -> tuple[float, float]:
+    """(mean, std) of the fbank normalisation the encoder was trained with.
+
+    Exports store them; fairseq checkpoints store ``cfg.task.norm_stats`` (a name from
     ``NORM_STATS`` or ``'mean,std'``), or the task default ``audioset`` when absent.
     """
     if is_exported(state):
-        stats = state["norm_stats"]
+        stats = _frontend(state, path)["norm_stats"]
         return float(stats["mean"]), float(stats["std"])
     try:
         return resolve_norm_stats(_norm_spec(state))
@@ -139,10 +289,24 @@ def norm_stats(state: Dict[str, Any], path: str = "<checkpoint>") -> tuple[float
         raise CheckpointError(f"{path}: {err}") from err
 
 
+def _norm_spec_of(state: Dict[str, Any], mean: float, std: float) -> str:
+    if is_exported(state):
+        return state["config"]["frontend"]["norm_stats"].get("spec", f"{mean},{std}")
+    return _norm_spec(state)
+
+
+def _target_length(state: Dict[str, Any]) -> Optional[int]:
+    if is_exported(state):
+        value = state["config"]["frontend"]["target_length"]
+    else:
+        value = _task_config(state).get("target_length")
+    return None if value is None else int(value)
+
+
 class EncoderBundle(NamedTuple):
     """What an upstream needs from a checkpoint: the encoder (eval mode), the fbank
     normalisation ``(fbank - norm_mean) / (2 * norm_std)``, and the clip length in frames
-    the encoder was pretrained on (``task.target_length``; None if unknown)."""
+    the encoder was trained on (``task.target_length``; None if unknown)."""
 
     encoder: AudioEncoder
     norm_mean: float
@@ -151,70 +315,140 @@ class EncoderBundle(NamedTuple):
 
 
 def load_encoder(path: str, trusted: bool = False) -> AudioEncoder:
-    """The pretrained :class:`AudioEncoder` of a pretraining checkpoint or an encoder export,
-    in eval mode (strict load)."""
-    state = load_checkpoint(path, trusted)
-    return _build_encoder(state, path)
+    """The :class:`AudioEncoder` of an encoder export (safetensors or ``.pt``), a converted
+    AudioMAE file, or a pretraining or fine-tuning checkpoint, in eval mode (strict load)."""
+    return _build_encoder(load_checkpoint(path, trusted), path)
 
 
 def load_encoder_with_stats(path: str, trusted: bool = False) -> EncoderBundle:
-    """:func:`load_encoder` plus the normalisation stats and pretraining clip length."""
+    """:func:`load_encoder` plus the normalisation stats and training clip length."""
     return _bundle(load_checkpoint(path, trusted), path)
 
 
 def _bundle(state: Dict[str, Any], path: str) -> EncoderBundle:
     encoder = _build_encoder(state, path)
     mean, std = norm_stats(state, path)
+    return EncoderBundle(encoder, mean, std, _target_length(state))
+
+
+def _source_kind(state: Dict[str, Any]) -> str:
     if is_exported(state):
-        target_length = state.get("target_length")
-    else:
-        target_length = _task_config(state).get("target_length")
-    return EncoderBundle(encoder, mean, std, None if target_length is None else int(target_length))
+        return EXPORT_FORMAT
+    return f"fairseq:{model_config(state)['_name']}"
 
 
 def export_encoder(checkpoint_path: str, out_path: str, trusted: bool = False) -> Dict[str, Any]:
-    """Write the encoder of a pretraining checkpoint (or of an export) as an encoder-only file.
-
-    The file is a dict of plain values and tensors (loads with ``weights_only=True``, no
-    fairseq needed)::
-
-        {"format": "mam_clap_encoder", "version": 1,
-         "encoder_config": {AudioEncoder kwargs: embed_dim, depth, num_heads, mlp_ratio,
-                            max_frames, num_mel_bins},
-         "model": {encoder state dict, no "encoder." prefix},
-         "norm_stats": {"mean": float, "std": float, "spec": str},
-         "target_length": int or None, "source": str (basename of the checkpoint)}
-
-    Returns the written dict's metadata (everything except the weights).
-    """
+    """Write the encoder of any file :func:`load_encoder` reads as an encoder export:
+    ``OUT.safetensors`` (+ ``OUT.json``) for a ``.safetensors`` name, the torch export
+    (version 1) otherwise; see :func:`save_encoder`. A head kept by an export (a converted
+    fine-tuned AudioMAE file) is kept. Returns the written metadata."""
     state = load_checkpoint(checkpoint_path, trusted)
     bundle = _bundle(state, checkpoint_path)
-    enc = bundle.encoder
     config = encoder_config(state, checkpoint_path)
-    config.setdefault("num_mel_bins", enc.num_mel_bins)
-    if is_exported(state):
-        spec = state["norm_stats"].get("spec", f"{bundle.norm_mean},{bundle.norm_std}")
-    else:
-        spec = _norm_spec(state)
-    return save_encoder(out_path, enc, config, bundle.norm_mean, bundle.norm_std, spec, bundle.target_length,
-                        os.path.basename(checkpoint_path))
+    config.setdefault("num_mel_bins", bundle.encoder.num_mel_bins)
+    head = None
+    if head_keys(state):
+        head = {"config": dict(state["config"]["head"]), "weights": {k: state["model"][k] for k in head_keys(state)}}
+    return save_encoder(out_path, bundle.encoder, config, bundle.norm_mean, bundle.norm_std,
+                        _norm_spec_of(state, bundle.norm_mean, bundle.norm_std), bundle.target_length,
+                        os.path.basename(checkpoint_path), source_sha256=file_sha256(checkpoint_path),
+                        source_kind=_source_kind(state), head=head)
+
+
+def export_config(encoder: AudioEncoder, config: Dict[str, Any], norm_mean: float, norm_std: float, norm_spec: str,
+                  target_length: Optional[int], source: Dict[str, Any], head: Optional[Dict[str, Any]] = None
+                  ) -> Dict[str, Any]:
+    """The JSON config of a safetensors export::
+
+        {"format": "mam_clap_encoder", "version": 2,
+         "encoder": {AudioEncoder kwargs: embed_dim, depth, num_heads, mlp_ratio, max_frames,
+                     num_mel_bins, final_norm},
+         "frontend": {"sample_rate": 16000, "fbank": "torchaudio.compliance.kaldi.fbank",
+                      "fbank_options": {...}, "waveform_mean_removed": true,
+                      "target_length": frames or null,
+                      "norm_stats": {"mean", "std", "spec"}, "normalisation": "(fbank - mean) / (2 * std)"},
+         "source": {"file": basename, "sha256": hex, "kind": str, ...},
+         "head": null, or {"num_classes": C, "pooling": "mean", "keys": [names]} for a kept
+                 classifier: fc_norm.weight / fc_norm.bias (D,), head.weight (C, D), head.bias (C,)}
+    """
+    arch = {**config, "num_mel_bins": encoder.num_mel_bins,
+            "final_norm": isinstance(encoder.norm, torch.nn.LayerNorm)}
+    return {
+        "format": EXPORT_FORMAT,
+        "version": EXPORT_VERSION,
+        "encoder": arch,
+        "frontend": {
+            "sample_rate": SAMPLE_RATE,
+            "fbank": "torchaudio.compliance.kaldi.fbank",
+            "fbank_options": dict(FBANK_OPTIONS),
+            "waveform_mean_removed": True,
+            "target_length": target_length,
+            "norm_stats": {"mean": float(norm_mean), "std": float(norm_std), "spec": norm_spec},
+            "normalisation": NORMALISATION,
+        },
+        "source": dict(source),
+        "head": head,
+    }
+
+
+def sidecar_path(out_path: str) -> str:
+    """``ENCODER.json`` next to ``ENCODER.safetensors``."""
+    return os.path.splitext(out_path)[0] + ".json"
 
 
 def save_encoder(out_path: str, encoder: AudioEncoder, config: Dict[str, Any], norm_mean: float, norm_std: float,
-                 norm_spec: str, target_length: Optional[int], source: str) -> Dict[str, Any]:
-    """Write ``encoder`` in the export format of :func:`export_encoder` (atomically);
-    ``config`` holds its constructor arguments. Returns the metadata (all but the weights)."""
-    meta = {
-        "format": EXPORT_FORMAT,
-        "version": EXPORT_VERSION,
-        "encoder_config": dict(config),
-        "norm_stats": {"mean": norm_mean, "std": norm_std, "spec": norm_spec},
-        "target_length": target_length,
-        "source": source,
-    }
+                 norm_spec: str, target_length: Optional[int], source: str, *, source_sha256: Optional[str] = None,
+                 source_kind: Optional[str] = None, source_extra: Optional[Dict[str, Any]] = None,
+                 head: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Write ``encoder`` (constructor arguments ``config``) as an encoder export, atomically.
+
+    * ``OUT.safetensors``: the encoder's state dict (no prefix) plus any ``head["weights"]``,
+      with :func:`export_config` as header metadata ``"mam_clap_config"``; the same JSON is
+      written to ``OUT.json`` for reading.
+    * any other name: the torch export of version 1, a dict of plain values and tensors
+      ``{"format", "version": 1, "encoder_config", "model", "norm_stats": {"mean", "std",
+      "spec"}, "target_length", "source"}`` (no head).
+
+    ``head`` is ``{"config": {"num_classes", "pooling", ...}, "weights": {name: tensor}}``.
+    Returns the metadata (everything except the weights).
+    """
     weights = {k: v.detach().clone().contiguous() for k, v in encoder.state_dict().items()}
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     tmp = f"{out_path}.tmp"
-    torch.save({**meta, "model": weights}, tmp)
+    if not out_path.endswith(".safetensors"):
+        if head is not None:
+            raise CheckpointError(f"{out_path}: a classifier head is kept only in a .safetensors export")
+        meta = {
+            "format": EXPORT_FORMAT,
+            "version": TORCH_EXPORT_VERSION,
+            "encoder_config": dict(config),
+            "norm_stats": {"mean": norm_mean, "std": norm_std, "spec": norm_spec},
+            "target_length": target_length,
+            "source": source,
+        }
+        torch.save({**meta, "model": weights}, tmp)
+        os.replace(tmp, out_path)
+        return meta
+    from safetensors.torch import save_file
+
+    head_config = None
+    if head is not None:
+        head_weights = {k: v.detach().clone().contiguous() for k, v in head["weights"].items()}
+        clash = sorted(set(head_weights) & set(weights))
+        if clash:
+            raise CheckpointError(f"{out_path}: head weights {clash} clash with encoder keys")
+        weights.update(head_weights)
+        head_config = {**head["config"], "keys": sorted(head_weights)}
+    src = {"file": source, "sha256": source_sha256, "kind": source_kind, **(source_extra or {})}
+    meta = export_config(encoder, config, norm_mean, norm_std, norm_spec, target_length, src, head_config)
+    text = json.dumps(meta, indent=2)
+    save_file(weights, tmp, metadata={CONFIG_KEY: text})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates the file owner-only; give it the usual mode
     os.replace(tmp, out_path)
+    side = sidecar_path(out_path)
+    with open(f"{side}.tmp", "w") as f:
+        f.write(text + "\n")
+    os.replace(f"{side}.tmp", side)
     return meta

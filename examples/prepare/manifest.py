@@ -18,7 +18,7 @@ import sys
 import soundfile
 from tqdm import tqdm
 
-from mam_clap_plugin.data.manifest import write_manifest
+from mam_clap_plugin.data.manifest import find_audio, write_manifest
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,17 +35,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not 0 <= args.valid_percent < 1:
         parser.error(f"--valid-percent must be in [0, 1), got {args.valid_percent}")
     return args
-
-
-def find_audio(root: str, extensions: set[str]) -> list[str]:
-    """Relative paths (posix separators) of files under ``root`` with these extensions, sorted."""
-    found = []
-    for dirpath, _, filenames in os.walk(root, followlinks=True):
-        for name in filenames:
-            if os.path.splitext(name)[1].lower().lstrip(".") in extensions:
-                rel = os.path.relpath(os.path.join(dirpath, name), root)
-                found.append(rel.replace(os.sep, "/"))
-    return sorted(found)
 
 
 def read_sizes(root: str, relpaths: list[str]) -> tuple[list[str], list[int]]:

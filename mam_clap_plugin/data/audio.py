@@ -26,6 +26,19 @@ FRAME_SHIFT_MS = 10
 WINDOW_MS = 25
 WINDOW_SAMPLES = SAMPLE_RATE * WINDOW_MS // 1000  # 400
 
+#: Keyword arguments of ``torchaudio.compliance.kaldi.fbank`` in :func:`wav_to_fbank`
+#: (recorded in encoder exports as the front end the encoder expects).
+FBANK_OPTIONS = {
+    "htk_compat": True,
+    "sample_frequency": SAMPLE_RATE,
+    "use_energy": False,
+    "window_type": "hanning",
+    "num_mel_bins": NUM_MEL_BINS,
+    "dither": 0.0,
+    "frame_length": WINDOW_MS,
+    "frame_shift": FRAME_SHIFT_MS,
+}
+
 #: Dataset name -> (mean, std) of the unnormalised, padded fbank (AudioMAE values).
 NORM_STATS = {
     "audioset": (-4.2677393, 4.5689974),
@@ -156,16 +169,7 @@ def wav_to_fbank(wav: torch.Tensor, target_length: int = 1024) -> torch.Tensor:
     wav = wav.float() - wav.float().mean()
     if wav.shape[0] < WINDOW_SAMPLES:
         wav = torch.nn.functional.pad(wav, (0, WINDOW_SAMPLES - wav.shape[0]))
-    fbank = torchaudio.compliance.kaldi.fbank(
-        wav[None],
-        htk_compat=True,
-        sample_frequency=SAMPLE_RATE,
-        use_energy=False,
-        window_type="hanning",
-        num_mel_bins=NUM_MEL_BINS,
-        dither=0.0,
-        frame_shift=FRAME_SHIFT_MS,
-    )
+    fbank = torchaudio.compliance.kaldi.fbank(wav[None], **FBANK_OPTIONS)
     return pad_or_crop(fbank, target_length)
 
 

@@ -46,6 +46,18 @@ class Manifest:
         return f"{self.path}:{i + 2}"
 
 
+def find_audio(root: str, extensions: set[str]) -> list[str]:
+    """Relative paths (posix separators) of files under ``root`` with these extensions
+    (lower case, no dot), sorted."""
+    found = []
+    for dirpath, _, filenames in os.walk(root, followlinks=True):
+        for name in filenames:
+            if os.path.splitext(name)[1].lower().lstrip(".") in extensions:
+                rel = os.path.relpath(os.path.join(dirpath, name), root)
+                found.append(rel.replace(os.sep, "/"))
+    return sorted(found)
+
+
 def _read_lines(path: str, what: str) -> list[str]:
     """Lines of a text file without their line endings; ManifestError if it is missing."""
     if not os.path.isfile(path):

@@ -11,7 +11,7 @@ Layout:
       -> optional masking (same kept count for every clip): unstructured random masking
          (pretraining, ``mask_ratio``) or whole time columns / frequency rows of tokens
          (fine-tuning, ``mask_t_prob`` / ``mask_f_prob``, AudioMAE's SpecAugment on tokens)
-      -> [cls] + visible tokens -> ViT blocks -> LayerNorm
+      -> [cls] + visible tokens -> ViT blocks -> LayerNorm (Identity if ``final_norm=False``)
 """
 from __future__ import annotations
 
@@ -105,6 +105,8 @@ class AudioEncoder(nn.Module):
         num_mel_bins: fbank bins (128 -> 8 frequency patches).
         drop_path: stochastic-depth rate of the last block (see :meth:`set_drop_path`);
             0 (pretraining) disables it.
+        final_norm: end with a LayerNorm (True); False leaves the last block's output as
+            it is, as AudioMAE's fine-tuned encoders do (they pool, then apply ``fc_norm``).
     """
 
     def __init__(
@@ -116,6 +118,7 @@ class AudioEncoder(nn.Module):
         max_frames: int = 1024,
         num_mel_bins: int = 128,
         drop_path: float = 0.0,
+        final_norm: bool = True,
     ):
         super().__init__()
         for name, value in (("max_frames", max_frames), ("num_mel_bins", num_mel_bins)):
@@ -123,7 +126,7 @@ class AudioEncoder(nn.Module):
                 raise ValueError(f"{name}={value} must be a multiple of the patch size {PATCH_SIZE}")
         #: Constructor arguments (without drop_path, which holds no weights).
         self.config = dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
-                           max_frames=max_frames, num_mel_bins=num_mel_bins)
+                           max_frames=max_frames, num_mel_bins=num_mel_bins, final_norm=final_norm)
         self.embed_dim = embed_dim
         self.num_mel_bins = num_mel_bins
         self.grid_time = max_frames // PATCH_SIZE
@@ -135,7 +138,7 @@ class AudioEncoder(nn.Module):
         table = sincos_pos_embed_2d(embed_dim, self.grid_time, self.grid_freq)
         self.register_buffer("pos_embed", torch.cat([torch.zeros(1, embed_dim), table]).unsqueeze(0))
         self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth)])
-        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6) if final_norm else nn.Identity()
         self.set_drop_path(drop_path)
         self._init_weights()
 

@@ -1,0 +1,283 @@
+"""AudioMAE checkpoints into this encoder (mam_clap_plugin/convert.py,
+examples/convert/audiomae_to_mam_clap.py).
+
+Random weights are written in AudioMAE's released key layout and shapes (ViT-B: 768 wide,
+12 blocks, pos_embed (1, 513, 768); a fine-tuned file without norm.* but with fc_norm.*
+and a 527-class head) and in timm's (bare state dict, safetensors). The reference forward
+pass below is written from the checkpoint's tensors alone with plain torch ops (conv patch
+embedding, + positions, cls, pre-norm blocks with qkv attention and a GELU MLP, final
+norm); no AudioMAE code is used.
+"""
+import argparse
+import json
+import runpy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from mam_clap_plugin import load_encoder, load_encoder_with_stats
+from mam_clap_plugin.checkpoint import CheckpointError, sidecar_path
+from mam_clap_plugin.convert import ConversionError, convert_audiomae, convert_state_dict
+from mam_clap_plugin.data.audio import NORM_STATS
+from upstream.expert import UpstreamExpert
+
+REPO = Path(__file__).resolve().parents[1]
+CLI = REPO / "examples" / "convert" / "audiomae_to_mam_clap.py"
+BLOCK_KEYS = [f"{m}.{p}" for m in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
+              for p in ("weight", "bias")]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: on a busy 2-core machine extra threads only add contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def audiomae_encoder(dim, depth, positions=513, seed=0):
+    """An encoder state dict in AudioMAE's key layout with random values (LayerNorm
+    weights near 1; a random, non-sin-cos position table so that a recomputed one shows)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, mean=0.0, std=0.02):
+        return mean + std * torch.randn(*shape, generator=g)
+
+    sd = {"cls_token": rnd(1, 1, dim), "pos_embed": rnd(1, positions, dim, std=0.5),
+          "patch_embed.proj.weight": rnd(dim, 1, 16, 16, std=0.05), "patch_embed.proj.bias": rnd(dim)}
+    hidden = 4 * dim
+    shapes = {"norm1": (dim,), "attn.qkv": (3 * dim, dim), "attn.proj": (dim, dim), "norm2": (dim,),
+              "mlp.fc1": (hidden, dim), "mlp.fc2": (dim, hidden)}
+    for i in range(depth):
+        for key in BLOCK_KEYS:
+            module, param = key.rsplit(".", 1)
+            shape = shapes[module] if param == "weight" else shapes[module][:1]
+            if module.startswith("norm"):
+                sd[f"blocks.{i}.{key}"] = rnd(*shape, mean=1.0 if param == "weight" else 0.0, std=0.1)
+            else:
+                sd[f"blocks.{i}.{key}"] = rnd(*shape)
+    sd["norm.weight"], sd["norm.bias"] = rnd(dim, mean=1.0, std=0.1), rnd(dim, std=0.1)
+    return sd
+
+
+def decoder_keys(dim, dec=512, positions=513):
+    """AudioMAE's pretraining-only tensors (mask token, decoder embedding, one decoder block,
+    norm and pixel prediction), zeros: they are dropped."""
+    sd = {"mask_token": torch.zeros(1, 1, dec), "decoder_pos_embed": torch.zeros(1, positions, dec),
+          "decoder_embed.weight": torch.zeros(dec, dim), "decoder_embed.bias": torch.zeros(dec),
+          "decoder_norm.weight": torch.ones(dec), "decoder_norm.bias": torch.zeros(dec),
+          "decoder_pred.weight": torch.zeros(256, dec), "decoder_pred.bias": torch.zeros(256)}
+    for key in BLOCK_KEYS:
+        sd[f"decoder_blocks.0.{key}"] = torch.zeros(1)
+    return sd
+
+
+def finetuned(encoder_sd, classes=527, seed=1):
+    """The fine-tuned layout: no norm.*, plus fc_norm.* and head.*."""
+    g = torch.Generator().manual_seed(seed)
+    dim = encoder_sd["cls_token"].shape[-1]
+    sd = {k: v for k, v in encoder_sd.items() if not k.startswith("norm.")}
+    sd.update({"fc_norm.weight": 1 + 0.1 * torch.randn(dim, generator=g), "fc_norm.bias": 0.1 * torch.randn(dim, generator=g),
+               "head.weight": 0.02 * torch.randn(classes, dim, generator=g), "head.bias": torch.zeros(classes)})
+    return sd
+
+
+def released(model, **extra):
+    """What AudioMAE's training script saves: {'model', 'optimizer', 'epoch', 'scaler', 'args'}."""
+    return {"model": model, "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4}]}, "epoch": 32,
+            "scaler": {"scale": 65536.0}, "args": argparse.Namespace(model="mae_vit_base_patch16", norm_pix_loss=False),
+            **extra}
+
+
+def reference_forward(sd, fbank, num_heads):
+    """Tokens of every layer from the checkpoint's tensors: (B, 1, T, 128) -> list of
+    depth + 1 (B, 1 + N, D) tensors and the final output (norm.* if present)."""
+    dim = sd["cls_token"].shape[-1]
+    x = F.conv2d(fbank, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=16)
+    x = x.flatten(2).transpose(1, 2)  # (B, t * 8, D), time-major
+    b, n, _ = x.shape
+    x = x + sd["pos_embed"][:, 1:1 + n]
+    x = torch.cat([(sd["cls_token"] + sd["pos_embed"][:, :1]).expand(b, -1, -1), x], dim=1)
+    layers = [x]
+    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    hd = dim // num_heads
+    for i in range(depth):
+        p = {k: sd[f"blocks.{i}.{k}"] for k in BLOCK_KEYS}
+        h = F.layer_norm(x, (dim,), p["norm1.weight"], p["norm1.bias"], eps=1e-6)
+        qkv = F.linear(h, p["attn.qkv.weight"], p["attn.qkv.bias"]).reshape(b, n + 1, 3, num_heads, hd)
+        q, k, v = (qkv[:, :, j].transpose(1, 2) for j in range(3))  # (B, heads, N+1, hd)
+        att = ((q @ k.transpose(-2, -1)) / hd ** 0.5).softmax(dim=-1)
+        o = (att @ v).transpose(1, 2).reshape(b, n + 1, dim)
+        x = x + F.linear(o, p["attn.proj.weight"], p["attn.proj.bias"])
+        h = F.layer_norm(x, (dim,), p["norm2.weight"], p["norm2.bias"], eps=1e-6)
+        x = x + F.linear(F.gelu(F.linear(h, p["mlp.fc1.weight"], p["mlp.fc1.bias"])),
+                         p["mlp.fc2.weight"], p["mlp.fc2.bias"])
+        layers.append(x)
+    out = F.layer_norm(x, (dim,), sd["norm.weight"], sd["norm.bias"], eps=1e-6) if "norm.weight" in sd else x
+    return layers, out
+
+
+def assert_tokens_match(encoder, sd, fbank, num_heads):
+    with torch.no_grad():
+        got = encoder.extract_features(fbank)
+        layers, out = reference_forward(sd, fbank, num_heads)
+    assert len(got["layer_results"]) == len(layers)
+    for i, (a, b) in enumerate(zip(got["layer_results"], layers)):
+        assert (a - b).abs().max().item() <= 1e-5, f"layer {i}"
+    assert (got["x"] - out).abs().max().item() <= 1e-5
+
+
+def test_vit_b_layout_parity():
+    """AudioMAE's exact ViT-B layout and shapes (12 blocks, pos_embed (1, 513, 768), 527-class
+    head), pretraining and fine-tuned, converted in memory (writing 350 MB files would only
+    time the disk: the file path is the same code, tested below on narrow files saved as
+    AudioMAE saves them); a short input keeps the forward passes fast."""
+    enc = audiomae_encoder(768, 12)
+    conv = convert_state_dict({**enc, **decoder_keys(768)}, num_heads=None)
+    assert conv.config == {"embed_dim": 768, "depth": 12, "num_heads": 12, "mlp_ratio": 4.0, "max_frames": 1024,
+                           "num_mel_bins": 128, "final_norm": True}
+    assert conv.kind == "pretraining" and conv.head is None and len(conv.dropped) == 20
+    assert torch.equal(conv.encoder.pos_embed, enc["pos_embed"])  # kept as stored, not recomputed
+    torch.manual_seed(0)
+    assert_tokens_match(conv.encoder, enc, torch.randn(1, 1, 32, 128), 12)
+    ft = finetuned(enc)
+    conv = convert_state_dict(ft)
+    assert conv.kind == "finetuning" and conv.config["final_norm"] is False and conv.dropped == []
+    assert sorted(conv.head) == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
+    assert conv.head["head.weight"].shape == (527, 768)
+    # no final norm: the output is the last block's tokens, as in AudioMAE's fine-tuned model
+    assert_tokens_match(conv.encoder, ft, torch.randn(1, 1, 32, 128), 12)
+
+
+@pytest.fixture(scope="module")
+def released_files(tmp_path_factory):
+    """AudioMAE-layout files as AudioMAE's training script saves them (narrow: 64 wide,
+    2 blocks, all 513 positions), pretraining and fine-tuned, and their conversions."""
+    root = tmp_path_factory.mktemp("audiomae")
+    enc = audiomae_encoder(64, 2, seed=7)
+    pre_path, ft_path = root / "pretrained.pth", root / "finetuned.pth"
+    torch.save(released({**enc, **decoder_keys(64)}), pre_path)
+    ft = finetuned(enc)
+    torch.save(released(ft), ft_path)
+    pre_meta = convert_audiomae(str(pre_path), str(root / "pretrained.safetensors"), num_heads=4)
+    ft_meta = convert_audiomae(str(ft_path), str(root / "finetuned.safetensors"), num_heads=4)
+    return {"enc": enc, "ft": ft, "pre": str(root / "pretrained.safetensors"), "ftout": str(root / "finetuned.safetensors"),
+            "pre_meta": pre_meta, "ft_meta": ft_meta, "pre_src": str(pre_path)}
+
+
+def test_released_pretraining_file(released_files):
+    meta = released_files["pre_meta"]
+    assert meta["encoder"] == {"embed_dim": 64, "depth": 2, "num_heads": 4, "mlp_ratio": 4.0, "max_frames": 1024,
+                               "num_mel_bins": 128, "final_norm": True}
+    assert meta["kind"] == "pretraining" and meta["head"] is None
+    assert "mask_token" in meta["dropped"] and "decoder_pred.weight" in meta["dropped"]
+    assert all(k == "mask_token" or k.startswith("decoder_") for k in meta["dropped"]) and len(meta["dropped"]) == 20
+    encoder = load_encoder(released_files["pre"])
+    assert torch.equal(encoder.pos_embed, released_files["enc"]["pos_embed"])
+    torch.manual_seed(0)
+    # the full 1024 frames (all 512 positions) and a shorter clip (its first 8 * t rows)
+    assert_tokens_match(encoder, released_files["enc"], torch.randn(2, 1, 1024, 128), 4)
+    assert_tokens_match(encoder, released_files["enc"], torch.randn(1, 1, 96, 128), 4)
+
+
+def test_released_finetuned_file_keeps_head(released_files):
+    meta = released_files["ft_meta"]
+    assert meta["kind"] == "finetuning" and meta["encoder"]["final_norm"] is False and meta["dropped"] == []
+    assert meta["head"] == {"num_classes": 527, "pooling": "mean", "fc_norm": True, "source": "audiomae",
+                            "keys": ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]}
+    tensors = load_file(released_files["ftout"])
+    for k in ("fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"):
+        assert torch.equal(tensors[k], released_files["ft"][k]), k
+    assert not any(k.startswith("norm.") for k in tensors)
+    bundle = load_encoder_with_stats(released_files["ftout"])
+    assert (bundle.norm_mean, bundle.norm_std) == NORM_STATS["audioset"] and bundle.target_length == 1024
+    torch.manual_seed(1)
+    assert_tokens_match(bundle.encoder, released_files["ft"], torch.randn(1, 1, 128, 128), 4)
+
+
+def test_export_config_names_the_source(released_files):
+    cfg = json.loads(Path(sidecar_path(released_files["pre"])).read_text())
+    from mam_clap_plugin.teacher import file_sha256
+
+    assert cfg["source"]["sha256"] == file_sha256(released_files["pre_src"])
+    assert cfg["source"]["kind"] == "audiomae:pretraining"
+    assert cfg["source"]["file"] == "pretrained.pth" and len(cfg["source"]["dropped"]) == 20
+    assert cfg["frontend"]["norm_stats"]["spec"] == "audioset" and cfg["frontend"]["target_length"] == 1024
+
+
+def test_timm_layout(tmp_path):
+    """timm's bare state dict as safetensors and as a torch file (under state_dict, with a
+    DDP prefix) give the same encoder; the latter written as the torch export."""
+    enc = audiomae_encoder(64, 2, seed=3)
+    save_file(enc, str(tmp_path / "model.safetensors"))
+    torch.save({"state_dict": {f"module.{k}": v for k, v in enc.items()}}, tmp_path / "timm.pth")
+    convert_audiomae(str(tmp_path / "model.safetensors"), str(tmp_path / "a.safetensors"), num_heads=4)
+    convert_audiomae(str(tmp_path / "timm.pth"), str(tmp_path / "b.pt"), num_heads=4)  # torch export
+    a, b = load_encoder(str(tmp_path / "a.safetensors")), load_encoder(str(tmp_path / "b.pt"))
+    torch.manual_seed(2)
+    fbank = torch.randn(2, 1, 256, 128)
+    assert_tokens_match(a, enc, fbank, 4)
+    assert_tokens_match(b, enc, fbank, 4)
+
+
+def test_strict_mapping_errors(tmp_path):
+    enc = audiomae_encoder(64, 2)
+    broken = {k: v for k, v in enc.items() if k != "blocks.1.attn.qkv.bias"}
+    broken["blocks.0.ls1.gamma"] = torch.ones(64)
+    torch.save({"model": broken}, tmp_path / "broken.pth")
+    with pytest.raises(ConversionError) as err:
+        convert_audiomae(str(tmp_path / "broken.pth"), str(tmp_path / "x.safetensors"), num_heads=4)
+    msg = str(err.value)
+    assert "broken.pth" in msg and "missing keys ['blocks.1.attn.qkv.bias']" in msg
+    assert "unexpected keys ['blocks.0.ls1.gamma']" in msg
+    # a pretraining file without norm.* (and without a head) misses it
+    torch.save({"model": {k: v for k, v in enc.items() if not k.startswith("norm.")}}, tmp_path / "nonorm.pth")
+    with pytest.raises(ConversionError, match=r"missing keys \['norm.bias', 'norm.weight'\]"):
+        convert_audiomae(str(tmp_path / "nonorm.pth"), str(tmp_path / "x.safetensors"), num_heads=4)
+    bad = dict(enc, **{"patch_embed.proj.weight": torch.zeros(64, 3, 16, 16)})  # an RGB ImageNet patch conv
+    torch.save({"model": bad}, tmp_path / "rgb.pth")
+    with pytest.raises(ConversionError, match=r"patch_embed.proj.weight \(64, 3, 16, 16\) \(expected \(64, 1, 16, 16\)\)"):
+        convert_audiomae(str(tmp_path / "rgb.pth"), str(tmp_path / "x.safetensors"), num_heads=4)
+    half_head = dict(finetuned(enc, classes=5))
+    del half_head["fc_norm.bias"]
+    torch.save({"model": half_head}, tmp_path / "head.pth")
+    with pytest.raises(ConversionError, match=r"missing \['fc_norm.bias'\]"):
+        convert_audiomae(str(tmp_path / "head.pth"), str(tmp_path / "x.safetensors"), num_heads=4)
+    assert not (tmp_path / "x.safetensors").exists()
+    # an unconverted AudioMAE file given to the loader says what to do
+    with pytest.raises(CheckpointError, match="audiomae_to_mam_clap.py"):
+        load_encoder(str(tmp_path / "broken.pth"))
+
+
+def test_cli_and_upstream(tmp_path, capsys):
+    """The CLI's report (dropped keys), then the file as the s3prl upstream's -k."""
+    enc = audiomae_encoder(64, 2, seed=5)
+    torch.save(released({**enc, **decoder_keys(64)}), tmp_path / "pretrained.pth")
+    main = runpy.run_path(str(CLI))["main"]
+    out = tmp_path / "audiomae.safetensors"
+    assert main([str(tmp_path / "pretrained.pth"), str(out), "--num-heads", "4"]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert report["encoder"]["depth"] == 2 and len(report["source"]["dropped"]) == 20
+    assert ("dropped 20 decoder keys: decoder_blocks.* (12), decoder_embed.* (2), decoder_norm.* (2), "
+            "decoder_pos_embed, decoder_pred.* (2), mask_token") in captured.err
+    assert main([str(tmp_path / "missing.pth"), str(tmp_path / "y.safetensors")]) == 1
+    assert "missing.pth" in capsys.readouterr().err
+
+    from upstream.hubconf import supmam_clap_local
+
+    expert = supmam_clap_local(str(out)).eval()
+    assert isinstance(expert, UpstreamExpert)
+    g = torch.Generator().manual_seed(0)
+    wav = 0.1 * torch.randn(16000, generator=g)
+    with torch.no_grad():
+        hs = expert([wav])["hidden_states"]
+        fbank = expert.clip_fbank(wav)[None, None]
+        layers, _ = reference_forward(enc, fbank, 4)
+    assert len(hs) == 3 and hs[-1].shape == (1, 7, 64)
+    want = layers[-1][:, 1:].reshape(1, 7, 8, 64).mean(dim=2)
+    assert (hs[-1] - want).abs().max().item() <= 1e-5
