@@ -434,3 +434,24 @@ def test_layer_decay_reaches_fairseq_optimizer_through_the_scheduler(data_dir, p
         assert seen[name][0] == pytest.approx(scale), name
     assert seen["encoder.cls_token"][1] == 0.0 and seen["fc_norm.bias"][1] == 0.0
     assert seen["head.weight"][1] == cfg.optimizer.weight_decay
+
+
+def test_converted_audiomae_file_as_model_path(data_dir, tmp_path):
+    """A converted AudioMAE file (pretraining and fine-tuned layouts) starts a 128-frame fine-tune."""
+    from mam_clap_plugin.convert import convert_audiomae
+
+    from .test_convert_audiomae import audiomae_encoder, decoder_keys, finetuned, released
+
+    enc = audiomae_encoder(64, 2, seed=7)
+    torch.save(released({**enc, **decoder_keys(64)}), tmp_path / "pretrained.pth")
+    torch.save(released(finetuned(enc)), tmp_path / "finetuned.pth")
+    task = MamClapFinetuningTask.setup_task(task_cfg(data_dir, target_length=128))
+    for name in ("pretrained", "finetuned"):
+        out = str(tmp_path / f"{name}.safetensors")
+        convert_audiomae(str(tmp_path / f"{name}.pth"), out, num_heads=4)
+        cfg = model_cfg(model_path=out)
+        model = task.build_model(cfg).eval()
+        assert (cfg.encoder_embed_dim, cfg.encoder_layers, cfg.encoder_attention_heads) == (64, 2, 4)
+        assert torch.equal(model.encoder.blocks[1].attn.qkv.weight, enc["blocks.1.attn.qkv.weight"])
+        assert torch.equal(model.encoder.cls_token, enc["cls_token"])
+        assert model(torch.randn(2, 1, 128, 128))["logits"].shape == (2, 3)

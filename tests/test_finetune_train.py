@@ -168,6 +168,14 @@ def test_two_process_multilabel_finetune_matches_single_process_map(tmp_path, ca
     assert {p["class"] for p in pred[0]["top"]} <= {"low", "mid", "high"}
     assert torch.load(tmp_path / "ckpt" / "checkpoint_last.pt", weights_only=True)["task_state"]["class_names"]
 
+    # a fine-tuned checkpoint is a model_path too (its encoder; the head starts afresh)
+    from .test_finetune import model_cfg, task_cfg
+    from mam_clap_plugin.tasks.mam_clap_finetuning import MamClapFinetuningTask
+
+    task = MamClapFinetuningTask.setup_task(task_cfg(data))
+    again = task.build_model(model_cfg(model_path=str(tmp_path / "ckpt" / "checkpoint_last.pt")))
+    assert torch.equal(again.encoder.blocks[0].attn.qkv.weight, clf.model.encoder.blocks[0].attn.qkv.weight)
+
 
 def write_esc50_layout(root, seconds=0.6):
     """ESC-50's layout (meta/esc50.csv, audio/) with three tone classes, two clips per class and fold."""
