@@ -455,3 +455,32 @@ def test_converted_audiomae_file_as_model_path(data_dir, tmp_path):
         assert torch.equal(model.encoder.blocks[1].attn.qkv.weight, enc["blocks.1.attn.qkv.weight"])
         assert torch.equal(model.encoder.cls_token, enc["cls_token"])
         assert model(torch.randn(2, 1, 128, 128))["logits"].shape == (2, 3)
+
+
+def _readme_finetune_commands():
+    from . import readme
+
+    return readme.commands(readme.section("## Fine-tuning")) + readme.commands(readme.section("## Reproducing the paper"))
+
+
+def test_readme_finetune_commands_compose(monkeypatch):
+    """The README's fairseq-hydra-train commands of the fine-tuning sections compose as written."""
+    import shlex
+
+    from fairseq.dataclass.initialize import hydra_init
+    from hydra import compose, initialize_config_dir
+
+    from .conftest import REPO
+
+    commands = _readme_finetune_commands()
+    assert len(commands) >= 5
+    monkeypatch.setenv("USER_DIR", "/plugin")
+    for command in commands:
+        words = shlex.split(os.path.expandvars(command))
+        config_dir = os.path.join(REPO, words[words.index("--config-dir") + 1])
+        overrides = [w for w in words if "=" in w and not w.startswith("-")]
+        name = words[words.index("--config-name") + 1]
+        hydra_init(name)
+        with initialize_config_dir(config_dir=config_dir, version_base=None):
+            cfg = compose(config_name=name, overrides=overrides)
+        assert cfg.common.user_dir == "/plugin" and not os.path.isabs(cfg.task.data), command
