@@ -38,8 +38,12 @@ NUM_CLASSES = 527  # AudioSet classes for the classification branch
 
 
 def load_variant(name: str, size: Optional[str]) -> Dict[str, Any]:
-    """Read one variant's YAML (and the size override) into plain dicts."""
+    """Read one variant's YAML, the configs of its defaults list (merged after it, as
+    ``defaults: [_self_, base]`` does) and the size override into plain dicts."""
     cfg = OmegaConf.load(CONFIG_DIR / f"{name}.yaml")
+    for entry in cfg.pop("defaults", []):
+        if entry != "_self_":
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(CONFIG_DIR / f"{entry}.yaml"))
     if size:
         cfg = OmegaConf.merge(cfg, OmegaConf.load(CONFIG_DIR / "size" / f"{size}.yaml"))
     model = OmegaConf.to_container(cfg.model, resolve=True)
