@@ -37,6 +37,7 @@ from benchmarks.matmul import matmul_samples
 from benchmarks.measure import log, median, peak_rss_mib
 from mam_clap_plugin.criterions.mam_clap_classification import classification_loss
 from mam_clap_plugin.data.manifest import write_class_list, write_labels, write_manifest
+from mam_clap_plugin.hydra_runs import compose_config
 from mam_clap_plugin.inference import Classifier, evaluate_split
 from mam_clap_plugin.models.mam_clap_classifier import MamClapClassifier, MamClapClassifierConfig
 from mam_clap_plugin.modules.encoder import AudioEncoder
@@ -48,8 +49,8 @@ QUICK = dict(encoder_embed_dim=32, encoder_layers=2, encoder_attention_heads=4)
 
 
 def recipe(quick: bool) -> Dict[str, Any]:
-    """as20k.yaml merged with base.yaml (model, optimizer, task), tiny sizes with ``quick``."""
-    cfg = OmegaConf.merge(OmegaConf.load(f"{CONFIG_DIR}/as20k.yaml"), OmegaConf.load(f"{CONFIG_DIR}/base.yaml"))
+    """as20k's composed config (model, optimizer, task), tiny sizes with ``quick``."""
+    cfg = compose_config(CONFIG_DIR, "as20k", ["task.data=unused"])
     model = {k: v for k, v in OmegaConf.to_container(cfg.model).items() if k != "_name"}
     model.update(QUICK if quick else {})
     model["num_classes"] = 527

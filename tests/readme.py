@@ -3,6 +3,7 @@ what it shows (README and tests cannot drift apart)."""
 import os
 import re
 import shlex
+import subprocess
 
 from .conftest import REPO
 
@@ -39,6 +40,13 @@ def commands(text: str, program: str = "fairseq-hydra-train") -> list:
             if line.startswith(program + " "):
                 found.append(re.sub(r"\s+", " ", line))
     return found
+
+
+def words(command: str, env: dict) -> list:
+    """``command``'s words as bash expands them with ``env`` (variables, ``${X:-default}``)."""
+    out = subprocess.run(["bash", "-c", f'set -- {command}; printf "%s\\0" "$@"'], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    return out.split("\0")[:-1]
 
 
 def config_name(command: str) -> str:

@@ -3,16 +3,14 @@ what differs; every plugin field is listed (so any can be overridden on the comm
 without `+`); the variant settings are the paper's; every README command composes."""
 import dataclasses
 import os
-import shlex
 
 import fairseq  # noqa: F401  (registers the plugin's components)
 import pytest
-from fairseq.dataclass.initialize import hydra_init
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import mam_clap_plugin  # noqa: F401
 from mam_clap_plugin.criterions.supmam_clap import SupMamClapCriterionConfig
+from mam_clap_plugin.hydra_runs import compose_config
 from mam_clap_plugin.models.supmam_clap import SupMamClapConfig
 from mam_clap_plugin.tasks.mam_clap_pretraining import MamClapPretrainingConfig
 
@@ -28,10 +26,7 @@ PAPER = {  # variant: (mask ratio, target, classification branch, lambda_cls, de
 
 
 def load(name, overrides=("task.data=manifests",)):
-    """The config as fairseq-hydra-train composes it (its schema registered under the name)."""
-    hydra_init(name)
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        return compose(config_name=name, overrides=list(overrides))
+    return compose_config(CONFIG_DIR, name, overrides)
 
 
 def leaves(cfg, prefix=""):
@@ -114,11 +109,10 @@ def test_readme_shows_every_variant():
 
 
 @pytest.mark.parametrize("command", README_COMMANDS)
-def test_readme_command_composes(command, monkeypatch):
+def test_readme_command_composes(command):
     """Each README command's overrides apply to its config as written (no `+` needed,
     relative data paths, no hydra.run.dir); sweeps are checked with their first value."""
-    monkeypatch.setenv("USER_DIR", "/plugin")
-    words = shlex.split(os.path.expandvars(command))
+    words = readme.words(command, {"PATH": os.environ["PATH"], "USER_DIR": "/plugin", "r": "1"})
     assert words[words.index("--config-dir") + 1] == "examples/pretraining/config"
     overrides = [w.split(",")[0] if "," in w else w for w in words if "=" in w and not w.startswith("-")]
     assert not [o for o in overrides if o.startswith("hydra.")]
@@ -126,3 +120,17 @@ def test_readme_command_composes(command, monkeypatch):
     assert cfg.task.data == "manifests" and cfg.common.user_dir == "/plugin"
     if cfg.task.target_store is not None:
         assert cfg.task.target_store == "clap_targets"
+
+
+def test_readme_runs_do_not_share_checkpoints():
+    """Two different README commands never write to (and resume from) one checkpoint
+    directory, except the online-teacher alternative to the same variant's store run."""
+    seen = {}
+    for command in README_COMMANDS:
+        if " -m " in command:
+            continue  # a sweep: one directory per job under multirun/
+        words = readme.words(command, {"PATH": os.environ["PATH"], "USER_DIR": "/plugin", "r": "0"})
+        save = next((w.split("=", 1)[1] for w in words if w.startswith("checkpoint.save_dir=")),
+                    f"checkpoints/{readme.config_name(command)}")
+        other = seen.setdefault(save, command)
+        assert other == command or "teacher_checkpoint" in other + command, (save, other, command)

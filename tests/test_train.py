@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -19,7 +20,7 @@ from mam_clap_plugin.checkpoint import load_checkpoint, load_encoder, model_conf
 from mam_clap_plugin.hydra_runs import hydra_train_executable, parse_json_log, plugin_dir, run_hydra_train
 
 from . import readme
-from .conftest import CONFIG_DIR, REPO, TEACHER_DIM
+from .conftest import CONFIG_DIR, TEACHER_DIM
 
 VARIANTS = ["mam", "mam_clap", "supmam", "supmam_clap"]
 
@@ -120,18 +121,19 @@ def test_readme_command_trains_and_resumes(scratch, variant):
     assert rc == 0, text[-3000:]
     assert f"Loaded checkpoint {ckpt} (epoch 7 @ 12 updates)" in text
     assert updates(text) == [13, 14]
+    if variant == "supmam_clap":
+        check_fairseq_loading_without_data(scratch, str(ckpt))
 
 
-def test_checkpoint_loads_the_fairseq_way_without_its_data(scratch):
+def check_fairseq_loading_without_data(scratch, ckpt):
     """README "Loading a checkpoint the fairseq way": load_model_ensemble_and_task on a
     checkpoint whose data directory, class list and stores are gone; with arg_overrides the
     task loads data from a new place."""
     import torch
     from fairseq import checkpoint_utils
 
-    rc, text = run_readme(README_COMMAND["supmam_clap"], scratch, "optimization.max_update=2")
-    assert rc == 0, text[-3000:]
-    ckpt = str(scratch / "checkpoints" / "supmam_clap" / "checkpoint_last.pt")
+    from mam_clap_plugin import criterions, models, tasks  # noqa: F401  (the README's imports)
+
     moved = shutil.move(str(scratch / "manifests"), str(scratch / "elsewhere"))
     shutil.rmtree(scratch / "clap_targets")
     models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([ckpt])
@@ -148,15 +150,19 @@ def test_checkpoint_loads_the_fairseq_way_without_its_data(scratch):
 
 
 def test_resume_follows_uninterrupted_run(tone_set, tmp_path):
-    """Stop after epoch 1 (2 updates), resume to 8 updates: same losses as a straight run."""
+    """Stop after epoch 1 (2 updates), resume to 8 updates: same losses as a straight run.
+    The interrupted run goes through hydra_runs as a user would: relative task.data, the
+    configs' own checkpoint directory, the same call again in the same directory."""
     common = ["optimization.max_update=8"]
     straight = run_hydra_train(CONFIG_DIR, "supmam", overrides(tone_set, "supmam", tmp_path / "a", *common), tmp_path / "ra")
-    first = run_hydra_train(
-        CONFIG_DIR, "supmam", overrides(tone_set, "supmam", tmp_path / "b", *common, "optimization.max_epoch=1"),
-        tmp_path / "rb1",
-    )
-    resumed = run_hydra_train(CONFIG_DIR, "supmam", overrides(tone_set, "supmam", tmp_path / "b", *common), tmp_path / "rb2")
-    assert "loaded checkpoint" in resumed.text.lower()
+    run_dir = tmp_path / "rb"
+    run_dir.mkdir()
+    os.symlink(tone_set, run_dir / "data")
+    args = FAST + ["task.data=data", *common]
+    first = run_hydra_train(CONFIG_DIR, "supmam", args + ["optimization.max_epoch=1"], run_dir)
+    assert (run_dir / "checkpoints" / "supmam" / "checkpoint_last.pt").is_file()
+    resumed = run_hydra_train(CONFIG_DIR, "supmam", args, run_dir)
+    assert f"Loaded checkpoint {run_dir / 'checkpoints' / 'supmam' / 'checkpoint_last.pt'}" in resumed.text
     n_first = len(first.losses())
     assert 0 < n_first < 8
     records = {int(r["num_updates"]): r for r in straight.records["train_inner"]}
@@ -167,22 +173,10 @@ def test_resume_follows_uninterrupted_run(tone_set, tmp_path):
     assert first.losses() + resumed.losses() == pytest.approx(straight.losses(), abs=1e-4)
 
 
-def test_run_hydra_train_runs_where_a_user_would(tone_set, tmp_path):
-    """hydra_runs adds no hydra.run.dir: relative paths resolve in run_dir, checkpoints go to
-    run_dir/checkpoints/<config>, the same call again resumes."""
-    os.symlink(tone_set, tmp_path / "data")
-    args = [o for o in FAST] + ["task.data=data", "optimization.max_update=2"]
-    run = run_hydra_train(CONFIG_DIR, "mam", args, tmp_path)
-    assert len(run.losses()) == 2 and (tmp_path / ".hydra" / "config.yaml").is_file()
-    assert (tmp_path / "checkpoints" / "mam" / "checkpoint_last.pt").is_file()
-    again = run_hydra_train(CONFIG_DIR, "mam", args[:-1] + ["optimization.max_update=3"], tmp_path)
-    assert "Loaded checkpoint" in again.text and len(again.losses()) == 1
-
-
 def test_readme_sweep_keeps_jobs_apart_and_resumes(scratch):
     """The README's -m sweep: each job its own checkpoints under multirun/<date>/<time>/<n>/,
     data read through the relative task.data; rerun with hydra.sweep.dir resumes every job."""
-    rc, text = run_readme(README_SWEEP, scratch, "optimization.max_update=1", log="sweep.log")
+    rc, text = run_readme(README_SWEEP, scratch, "optimization.max_update=2", log="sweep.log")
     assert rc == 0, text[-3000:]
     (sweep_dir,) = glob.glob(str(scratch / "multirun" / "*" / "*"))
     values = [float(v) for v in README_SWEEP.split("criterion.lambda_cls=")[1].split()[0].split(",")]
@@ -190,10 +184,10 @@ def test_readme_sweep_keeps_jobs_apart_and_resumes(scratch):
         state = load_checkpoint(os.path.join(sweep_dir, str(job), "checkpoints", "supmam", "checkpoint_last.pt"))
         assert state["cfg"]["criterion"]["lambda_cls"] == value and state["cfg"]["task"]["data"] == "manifests"
     rel = os.path.relpath(sweep_dir, scratch)
-    rc, text = run_readme(README_SWEEP, scratch, "optimization.max_update=2", f"hydra.sweep.dir={rel}",
+    rc, text = run_readme(README_SWEEP, scratch, "optimization.max_update=3", f"hydra.sweep.dir={rel}",
                           log="sweep2.log")
     assert rc == 0, text[-3000:]
-    assert text.count("(epoch 2 @ 1 updates)") == len(values)
+    assert text.count("(epoch 2 @ 2 updates)") == len(values)
     assert len(glob.glob(str(scratch / "multirun" / "*" / "*"))) == 1
 
 
@@ -207,7 +201,7 @@ def _run_ranks(command, cwd, extra, log):
     """Start the README's per-rank command for ranks 0 and 1 (as its loop does), each
     writing to its own log file (no pipe to fill). A port taken between choosing it and
     rank 0 binding it is retried with another; returns [(returncode, text)] per rank."""
-    for attempt in range(3):
+    for _ in range(3):
         env = shell_env(PORT=str(_free_port()))
         procs, logs = [], []
         for rank in (0, 1):
@@ -217,9 +211,14 @@ def _run_ranks(command, cwd, extra, log):
                 procs.append(subprocess.Popen(["bash", "-c", with_fast(command, *extra)], cwd=cwd,
                                               env={**env, "r": str(rank)}, stdout=out, stderr=subprocess.STDOUT,
                                               start_new_session=True))
+        deadline = time.monotonic() + 300
         try:
-            for p in procs:
-                p.wait(timeout=300)
+            # a rank that fails (e.g. rank 0 finding the port taken) ends the attempt at once,
+            # instead of leaving the other waiting for it
+            while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+                if any(p.poll() not in (None, 0) for p in procs):
+                    break
+                time.sleep(0.5)
         finally:
             for p in procs:
                 if p.poll() is None:
@@ -243,13 +242,13 @@ def test_readme_two_process_command_trains_and_resumes(scratch):
     records = parse_json_log(first[0][1])["train_inner"]
     # each update sees both ranks' batches: 2 x 3 clips
     assert [r["nsentences"] for r in records] == [6, 6] and all(math.isfinite(r["loss"]) for r in records)
-    ckpt = scratch / "checkpoints" / "supmam" / "checkpoint_last.pt"
+    ckpt = scratch / "checkpoints" / "supmam_tiny_2proc" / "checkpoint_last.pt"
     assert ckpt.is_file()
 
     again = _run_ranks(README_DDP, scratch, ["optimization.max_update=4", "dataset.batch_size=3"], "second")
     for rc, text in again:
         assert rc == 0, text[-3000:]
-    assert f"Loaded checkpoint {ckpt}" in again[0][1]
+    assert "Loaded checkpoint checkpoints/supmam_tiny_2proc/checkpoint_last.pt (epoch 2 @ 2 updates)" in again[0][1]
     assert updates(again[0][1]) == [3, 4]
 
 
@@ -327,6 +326,8 @@ def test_clap_variants_offline_and_online_teacher(tone_set, clap_checkpoint, ext
     assert load_encoder(str(tmp_path / "on" / "checkpoint_last.pt")).embed_dim == 64
     # fairseq's loader rebuilds the task without loading (or finding) the teacher
     from fairseq import checkpoint_utils
+
+    from mam_clap_plugin import criterions, models, tasks  # noqa: F401
 
     models, _, task = checkpoint_utils.load_model_ensemble_and_task(
         [str(tmp_path / "on" / "checkpoint_last.pt")], arg_overrides={"teacher_checkpoint": str(tmp_path / "gone.pt")})

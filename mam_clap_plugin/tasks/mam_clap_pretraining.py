@@ -174,26 +174,28 @@ class MamClapPretrainingTask(FbankTask):
         return self._alignment
 
     def _read_store_header(self):
-        """Header shared by every ``*.tgt`` store in task.target_store, checked against the task's teacher fields."""
+        """Header shared by every ``*.tgt`` store in task.target_store, checked against task.teacher_*."""
         root = self.cfg.target_store
         if not os.path.isdir(root):
             raise FileNotFoundError(f"task.target_store: directory {root!r} does not exist")
         first = check_one_teacher(root)
         if first is None:
             raise FileNotFoundError(f"task.target_store: no *.tgt files in {root!r}")
-        path = os.path.join(root, sorted(n for n in os.listdir(root) if n.endswith(".tgt"))[0])
+        where = f"task.target_store={root}"
         cfg = self.cfg
         if first.layer != cfg.teacher_layer:
-            raise TargetStoreError(f"{path}: store holds the {first.layer!r} map but task.teacher_layer={cfg.teacher_layer}")
+            raise TargetStoreError(
+                f"{where}: stores hold the {first.layer!r} map but task.teacher_layer={cfg.teacher_layer}"
+            )
         if first.projection != cfg.teacher_projection:
             raise TargetStoreError(
-                f"{path}: store has projection={first.projection} but task.teacher_projection={cfg.teacher_projection}"
+                f"{where}: stores have projection={first.projection} but task.teacher_projection={cfg.teacher_projection}"
             )
         if cfg.teacher_checkpoint:
             sha = file_sha256(cfg.teacher_checkpoint)
             if sha != first.checkpoint_sha256:
                 raise TargetStoreError(
-                    f"{path}: extracted from a checkpoint with sha256 {first.checkpoint_sha256[:12]}..., "
+                    f"{where}: extracted from a checkpoint with sha256 {first.checkpoint_sha256[:12]}..., "
                     f"but task.teacher_checkpoint={cfg.teacher_checkpoint} has sha256 {sha[:12]}..."
                 )
         return first
