@@ -51,6 +51,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_pretrain --out outputs/bench/pretrain.json
 	$(BIN)/python -m benchmarks.bench_upstream --out outputs/bench/upstream.json
 	$(BIN)/python -m benchmarks.bench_optimizer --out outputs/bench/optimizer.json
+	$(BIN)/python -m benchmarks.bench_finetune --out outputs/bench/finetune.json
 
 # Re-resolve requirements*.txt without the old pins in a scratch venv and rewrite
 # constraints.txt from it; then run `make test` (it reinstalls .venv from the new file).

@@ -13,7 +13,11 @@
 5. Pretrains a tiny SupMAM-CLAP model from those targets.
 6. Evaluates: a linear probe (logistic regression) on mean-pooled features of each
    frozen pretrained encoder, against the same probe on a randomly initialised encoder.
-7. SUPERB keyword spotting through s3prl (``upstream/run_downstream.py``) on a generated
+7. Fine-tunes each pretrained encoder and a randomly initialised one on the demo set
+   (``examples/finetuning/config/spcv2.yaml`` +size=tiny: the Speech Commands recipe for
+   1 s clips, through ``fairseq-hydra-train``; fixed train / valid split) and scores the
+   valid split with ``mam_clap_plugin.inference`` (``evaluate.py``'s code).
+8. SUPERB keyword spotting through s3prl (``upstream/run_downstream.py``) on a generated
    keyword set in Speech Commands' layout: the SupMAM encoder as the ``supmam_clap_local``
    upstream against s3prl's ``fbank`` and ``fbank_no_cmvn`` baselines, same data, seed and short CPU schedule
    (``examples/superb/compare_upstreams.py``: table and bar chart).
@@ -21,6 +25,7 @@ Writes ``OUT_DIR/report.json``:
    ``{"data": ..., "pretrain": {"checkpoint", "loss_first", "loss_last", ...},
    "pretrain_clap": {..., "teacher": {"checkpoint", "random", "store", ...}},
    "evaluate": {"linear_probe": {"supmam", "supmam_clap", "random_init"}},
+   "finetune": {"supmam": {"accuracy", ...}, "supmam_clap": {...}, "random_init": {...}, "schedule", ...},
    "superb_ks": {"supmam_clap_local": {"test_acc", ...}, "fbank": {...}, "fbank_no_cmvn": {...},
                  "table", "chart", ...}, "seconds_total"}``.
 """
@@ -48,6 +53,7 @@ from mam_clap_plugin.modules.encoder import AudioEncoder  # noqa: E402
 
 PREPARE = os.path.join(REPO, "examples", "prepare")
 CONFIG_DIR = os.path.join(REPO, "examples", "pretraining", "config")
+FINETUNE_CONFIG_DIR = os.path.join(REPO, "examples", "finetuning", "config")
 TARGET_LENGTH = 128  # 1.28 s: the demo clips are 1 s long
 UPSTREAMS = ("supmam_clap_local", "fbank", "fbank_no_cmvn")  # SUPERB KS comparison
 
@@ -65,6 +71,7 @@ def parse_args(argv=None):
                         "MS-CLAP 2023 file; default $MAM_CLAP_TEACHER; without one a randomly initialised "
                         "HTSAT-tiny teacher checks the pipeline only")
     p.add_argument("--clap-max-update", type=int, default=600, help="SupMAM-CLAP pretraining updates")
+    p.add_argument("--finetune-max-update", type=int, default=90, help="updates of each fine-tuning (10 epochs)")
     return p.parse_args(argv)
 
 
@@ -76,13 +83,13 @@ def run_script(name, *args) -> str:
 
 
 def make_data(data_dir: str, args) -> dict:
-    print(f"== 1/7 demo data -> {data_dir}", flush=True)
+    print(f"== 1/8 demo data -> {data_dir}", flush=True)
     return json.loads(run_script("make_demo_data.py", data_dir, "--clips-per-class", args.clips_per_class,
                                  "--seed", args.seed))
 
 
 def norm_stats(data_dir: str) -> tuple[float, float]:
-    print("== 2/7 normalisation constants", flush=True)
+    print("== 2/8 normalisation constants", flush=True)
     last = run_script("norm_stats.py", os.path.join(data_dir, "train.tsv"), "--target-length", TARGET_LENGTH)
     stats = json.loads(last.strip().splitlines()[-1])
     return stats["norm_mean"], stats["norm_std"]
@@ -166,7 +173,7 @@ def linear_probe(encoder: AudioEncoder, inputs: list) -> float:
 
 def evaluate(checkpoints: dict, data_dir: str, norm: tuple[float, float], seed: int) -> dict:
     """Linear probe of each pretrained encoder ({name: checkpoint}) and of a random one."""
-    print("== 6/7 evaluation: linear probe on frozen encoder features", flush=True)
+    print("== 6/8 evaluation: linear probe on frozen encoder features", flush=True)
     probe = {"metric": "valid accuracy (%)"}
     inputs = probe_inputs(data_dir, norm)
     for name, checkpoint in checkpoints.items():
@@ -176,6 +183,47 @@ def evaluate(checkpoints: dict, data_dir: str, norm: tuple[float, float], seed: 
     random_init = AudioEncoder.from_model_config(model_config(load_checkpoint(first), first)).eval()
     probe["random_init"] = linear_probe(random_init, inputs)
     return {"linear_probe": probe}
+
+
+def finetune(data_dir: str, out_dir: str, norm: tuple[float, float], checkpoints: dict, seed: int,
+             max_update: int = 90, batch_size: int = 16, lr: float = 2e-3) -> dict:
+    """Fine-tune each pretrained encoder ({name: checkpoint}) and a random one on the demo set.
+
+    Each run is ``fairseq-hydra-train`` with ``examples/finetuning/config/spcv2.yaml +size=tiny``
+    (CE with label smoothing, SpecAugment, token masking, waveform mixup, layer decay),
+    a short CPU schedule, validated once at the end; the reported accuracy is the valid
+    split scored whole-clip by the saved checkpoint (as ``evaluate.py`` does).
+    """
+    from mam_clap_plugin.inference import evaluate_split, load_classifier
+
+    print(f"== 7/8 fine-tuning (tiny encoders, {max_update} updates each) -> {out_dir}/finetune", flush=True)
+    start = time.time()
+    result = {"metric": "valid accuracy (%)", "config": "examples/finetuning/config/spcv2.yaml +size=tiny",
+              "schedule": {"max_update": max_update, "batch_size": batch_size, "lr": lr, "seed": seed, "device": "cpu"}}
+    for name, checkpoint in {**checkpoints, "random_init": None}.items():
+        run_dir = os.path.join(out_dir, "finetune", name)
+        ckpt_dir = os.path.join(run_dir, "checkpoints")
+        overrides = [
+            "+size=tiny", f"task.data={data_dir}", f"task.target_length={TARGET_LENGTH}",
+            f"task.norm_stats='{norm[0]:.6f},{norm[1]:.6f}'", "common.cpu=true", f"common.seed={seed}",
+            f"common.log_interval={max(1, min(10, max_update // 4))}", f"dataset.batch_size={batch_size}", "dataset.num_workers=0",
+            f"optimization.max_update={max_update}", "optimization.max_epoch=0", f"optimization.lr=[{lr}]",
+            f"lr_scheduler.warmup_updates={max(1, max_update // 10)}", f"checkpoint.save_dir={ckpt_dir}",
+            "dataset.validate_interval=1000", "checkpoint.save_interval=1000",  # validate and save at the end
+        ]
+        if checkpoint:
+            overrides.append(f"model.model_path={checkpoint}")
+        t0 = time.time()
+        run = run_hydra_train(FINETUNE_CONFIG_DIR, "spcv2", overrides, run_dir, env={"OMP_NUM_THREADS": "1"})
+        report = evaluate_split(load_classifier(os.path.join(ckpt_dir, "checkpoint_best.pt")), data_dir, "valid",
+                                progress=False)
+        losses = run.losses()
+        result[name] = {"accuracy": report["accuracy"], "mAP": report["mAP"], "encoder": checkpoint,
+                        "checkpoint": os.path.join(ckpt_dir, "checkpoint_best.pt"), "log": run.log_path,
+                        "loss_first": losses[0], "loss_last": losses[-1], "seconds": round(time.time() - t0, 1)}
+        print(f"   {name}: valid accuracy {report['accuracy']:.1f}%", flush=True)
+    result["seconds"] = round(time.time() - start, 1)
+    return result
 
 
 def clap_teacher(out_dir: str, args) -> dict:
@@ -220,7 +268,7 @@ def superb_ks(checkpoint: str, out_dir: str, seed: int, total_steps: int = 800, 
     ``examples/superb/compare_upstreams.py`` (train + evaluate per upstream through
     ``upstream/run_downstream.py``). Returns ``{upstream: {"test_acc", ...}, "table", "chart", ...}``.
     """
-    print(f"== 7/7 SUPERB keyword spotting (s3prl speech_commands, {total_steps} steps) -> {out_dir}/superb_ks",
+    print(f"== 8/8 SUPERB keyword spotting (s3prl speech_commands, {total_steps} steps) -> {out_dir}/superb_ks",
           flush=True)
     start = time.time()
     ks_dir = os.path.join(out_dir, "superb_ks")
@@ -269,11 +317,11 @@ def main(argv=None) -> int:
     report = {"data": make_data(data_dir, args)}
     norm = norm_stats(data_dir)
     report["data"]["norm_stats"] = list(norm)
-    print(f"== 3/7 SupMAM pretraining (tiny model, CPU) -> {out_dir}/supmam", flush=True)
+    print(f"== 3/8 SupMAM pretraining (tiny model, CPU) -> {out_dir}/supmam", flush=True)
     report["pretrain"] = pretrain(data_dir, os.path.join(out_dir, "supmam"), norm, args)
-    print("== 4/7 CLAP teacher targets (examples/prepare/extract_clap_targets.py)", flush=True)
+    print("== 4/8 CLAP teacher targets (examples/prepare/extract_clap_targets.py)", flush=True)
     teacher = extract_targets(data_dir, out_dir, clap_teacher(out_dir, args))
-    print(f"== 5/7 SupMAM-CLAP pretraining (tiny model, CPU) -> {out_dir}/supmam_clap", flush=True)
+    print(f"== 5/8 SupMAM-CLAP pretraining (tiny model, CPU) -> {out_dir}/supmam_clap", flush=True)
     report["pretrain_clap"] = pretrain(
         data_dir, os.path.join(out_dir, "supmam_clap"), norm, args, "supmam_clap", args.clap_max_update,
         (f"task.target_store={teacher['store']}", f"task.teacher_checkpoint={teacher['checkpoint']}"),
@@ -281,6 +329,9 @@ def main(argv=None) -> int:
     report["pretrain_clap"]["teacher"] = teacher
     report["evaluate"] = evaluate({"supmam": report["pretrain"]["checkpoint"],
                                    "supmam_clap": report["pretrain_clap"]["checkpoint"]}, data_dir, norm, args.seed)
+    report["finetune"] = finetune(data_dir, out_dir, norm, {"supmam": report["pretrain"]["checkpoint"],
+                                                           "supmam_clap": report["pretrain_clap"]["checkpoint"]},
+                                  args.seed, args.finetune_max_update)
     report["superb_ks"] = superb_ks(report["pretrain"]["checkpoint"], out_dir, args.seed)
     report["seconds_total"] = round(time.time() - start, 1)
     path = os.path.join(out_dir, "report.json")
@@ -296,6 +347,9 @@ def main(argv=None) -> int:
         print("(supmam_clap used a randomly initialised teacher: a pipeline check, not a CLAP result)")
     print(f"linear probe valid accuracy: supmam {ev['supmam']:.1f}%, supmam_clap {ev['supmam_clap']:.1f}%, "
           f"random init {ev['random_init']:.1f}%")
+    ft = report["finetune"]
+    print(f"fine-tuned valid accuracy: supmam {ft['supmam']['accuracy']:.1f}%, supmam_clap "
+          f"{ft['supmam_clap']['accuracy']:.1f}%, random init {ft['random_init']['accuracy']:.1f}% ({ft['seconds']} s)")
     ks = report["superb_ks"]
     print("SUPERB KS test accuracy: " + ", ".join(
         f"{k} {ks[k]['test_acc']:.1f}%" for k in UPSTREAMS) + f" ({ks['seconds']} s; {ks['table']})")

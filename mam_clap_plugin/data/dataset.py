@@ -120,7 +120,7 @@ class MamClapDataset(FairseqDataset):
                 raise
             logger.warning("skipping bad audio file: %s", err)
             return None
-        if self.labels is not None:
+        if self.labels is not None and "label" not in item:  # augmented items bring their mixed label
             item["label"] = self._multi_hot(index)
         if self.target_store is not None:
             item["target"] = self.target_store.aligned(index, self.alignment)

@@ -8,7 +8,9 @@ Layout:
       -> 16x16 conv patch embedding -> (B, t * 8, D) tokens, time-major
          (token ``i * 8 + j`` = time patch i, frequency patch j; t = T / 16)
       -> + fixed 2D sin-cos position table (a buffer, first t time columns)
-      -> optional unstructured random masking (same kept count for every clip)
+      -> optional masking (same kept count for every clip): unstructured random masking
+         (pretraining, ``mask_ratio``) or whole time columns / frequency rows of tokens
+         (fine-tuning, ``mask_t_prob`` / ``mask_f_prob``, AudioMAE's SpecAugment on tokens)
       -> [cls] + visible tokens -> ViT blocks -> LayerNorm (Identity if ``final_norm=False``)
 """
 from __future__ import annotations
@@ -60,6 +62,31 @@ def random_masking(batch: int, num_tokens: int, mask_ratio: float, device=None) 
     return Masking(ids_shuffle[:, :n_keep], ids_restore, mask)
 
 
+def time_freq_masking(batch: int, grid_time: int, grid_freq: int, mask_t_prob: float, mask_f_prob: float,
+                      device=None) -> Masking:
+    """Mask whole time columns and whole frequency rows of the (grid_time, grid_freq) token grid.
+
+    Each clip keeps ``int(grid_time * (1 - mask_t_prob))`` random time columns and
+    ``int(grid_freq * (1 - mask_f_prob))`` random frequency rows (at least one of each);
+    a token stays visible when both its column and its row are kept (AudioMAE's
+    fine-tuning masking: at 0.2 / 0.2 on 64 x 8 patches, 51 columns x 6 rows). Visible
+    tokens keep their grid order in ``ids_keep``. Uses the global torch RNG.
+    """
+    def kept(n: int, prob: float) -> torch.Tensor:
+        if not 0.0 <= prob < 1.0:
+            raise ValueError(f"time/frequency mask probability must be in [0, 1), got {prob}")
+        n_keep = max(1, int(n * (1.0 - prob)))
+        order = torch.rand(batch, n, device=device).argsort(dim=1)
+        keep = torch.zeros(batch, n, dtype=torch.bool, device=device)
+        return keep.scatter_(1, order[:, :n_keep], True)
+
+    keep = kept(grid_time, mask_t_prob)[:, :, None] & kept(grid_freq, mask_f_prob)[:, None, :]
+    mask = ~keep.reshape(batch, grid_time * grid_freq)
+    ids_shuffle = mask.to(torch.uint8).argsort(dim=1, stable=True)  # visible first, grid order
+    n_keep = int((~mask[0]).sum())
+    return Masking(ids_shuffle[:, :n_keep], ids_shuffle.argsort(dim=1), mask)
+
+
 def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """x: (B, N, D), ids: (B, M) -> (B, M, D)."""
     return x.gather(1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
@@ -76,6 +103,8 @@ class AudioEncoder(nn.Module):
         max_frames: longest input in fbank frames; fixes the position-table grid
             (1024 frames -> 64 time patches).
         num_mel_bins: fbank bins (128 -> 8 frequency patches).
+        drop_path: stochastic-depth rate of the last block (see :meth:`set_drop_path`);
+            0 (pretraining) disables it.
         final_norm: end with a LayerNorm (True); False leaves the last block's output as
             it is, as AudioMAE's fine-tuned encoders do (they pool, then apply ``fc_norm``).
     """
@@ -88,12 +117,16 @@ class AudioEncoder(nn.Module):
         mlp_ratio: float = 4.0,
         max_frames: int = 1024,
         num_mel_bins: int = 128,
+        drop_path: float = 0.0,
         final_norm: bool = True,
     ):
         super().__init__()
         for name, value in (("max_frames", max_frames), ("num_mel_bins", num_mel_bins)):
             if value % PATCH_SIZE != 0:
                 raise ValueError(f"{name}={value} must be a multiple of the patch size {PATCH_SIZE}")
+        #: Constructor arguments (without drop_path, which holds no weights).
+        self.config = dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
+                           max_frames=max_frames, num_mel_bins=num_mel_bins, final_norm=final_norm)
         self.embed_dim = embed_dim
         self.num_mel_bins = num_mel_bins
         self.grid_time = max_frames // PATCH_SIZE
@@ -106,7 +139,17 @@ class AudioEncoder(nn.Module):
         self.register_buffer("pos_embed", torch.cat([torch.zeros(1, embed_dim), table]).unsqueeze(0))
         self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6) if final_norm else nn.Identity()
+        self.set_drop_path(drop_path)
         self._init_weights()
+
+    def set_drop_path(self, rate: float) -> None:
+        """Stochastic depth rising linearly from 0 (first block) to ``rate`` (last block), as
+        in timm and AudioMAE. Holds no weights: a loaded encoder can be given it afterwards."""
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"drop_path must be in [0, 1), got {rate}")
+        depth = len(self.blocks)
+        for k, block in enumerate(self.blocks):
+            block.drop_path.drop_prob = rate * k / (depth - 1) if depth > 1 else rate
 
     @classmethod
     def from_model_config(cls, cfg) -> "AudioEncoder":
@@ -158,18 +201,28 @@ class AudioEncoder(nn.Module):
         return torch.cat([cls, x], dim=1)
 
     def forward(
-        self, source: torch.Tensor, mask_ratio: float = 0.0
+        self, source: torch.Tensor, mask_ratio: float = 0.0, mask_t_prob: float = 0.0, mask_f_prob: float = 0.0
     ) -> Tuple[torch.Tensor, Optional[Masking]]:
-        """Encode, optionally keeping only a random visible subset.
+        """Encode, optionally keeping only a visible subset of the tokens.
+
+        ``mask_ratio``: unstructured random masking (:func:`random_masking`);
+        ``mask_t_prob`` / ``mask_f_prob``: whole time columns / frequency rows
+        (:func:`time_freq_masking`). The two kinds are exclusive.
 
         Returns:
             x: (B, 1 + N_vis, D) normalised output, cls token first.
-            masking: the :class:`Masking` used, or None when ``mask_ratio == 0``.
+            masking: the :class:`Masking` used, or None without masking.
         """
         x = self.patch_tokens(source)
         masking = None
+        if mask_ratio > 0 and (mask_t_prob > 0 or mask_f_prob > 0):
+            raise ValueError("use either mask_ratio or mask_t_prob / mask_f_prob, not both")
         if mask_ratio > 0:
             masking = random_masking(x.shape[0], x.shape[1], mask_ratio, device=x.device)
+        elif mask_t_prob > 0 or mask_f_prob > 0:
+            t, f = self.grid(source.shape[2])
+            masking = time_freq_masking(x.shape[0], t, f, mask_t_prob, mask_f_prob, device=x.device)
+        if masking is not None:
             x = gather_tokens(x, masking.ids_keep)
         x = self._prepend_cls(x)
         for block in self.blocks:

@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
-from fairseq.tasks import FairseqTask, register_task
+from fairseq.tasks import register_task
 from omegaconf import MISSING, open_dict
 
 from ..data.alignment import align_tokens, alignment
@@ -37,6 +37,7 @@ from ..data.target_store import TargetStoreError, check_one_teacher, open_target
 from ..modules.encoder import PATCH_SIZE
 from ..modules.precision import exact
 from ..teacher import file_sha256, load_clap_teacher
+from .base import FbankTask
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ class MamClapPretrainingConfig(FairseqDataclass):
 
 
 @register_task("mam_clap_pretraining", dataclass=MamClapPretrainingConfig)
-class MamClapPretrainingTask(FairseqTask):
+class MamClapPretrainingTask(FbankTask):
     """Cheap to build: the constructor reads no file.
 
     ``fairseq.checkpoint_utils.load_model_ensemble_and_task`` rebuilds this task from a
@@ -271,26 +272,3 @@ class MamClapPretrainingTask(FairseqTask):
 
     def valid_step(self, sample, model, criterion):
         return super().valid_step(self.online_targets(sample), model, criterion)
-
-    def get_batch_iterator(self, dataset, **kwargs):
-        """fairseq's batch iterator, without its prefetch thread when there are no workers.
-
-        With ``dataset.num_workers=0`` fairseq's ``BufferedIterator`` thread would run this
-        dataset's torch work (fbank, resampling) itself; a process that finishes while
-        that thread is inside torch aborts at exit ("terminate called without an active
-        exception"). Loading in the main thread avoids it; with workers nothing changes.
-        """
-        if kwargs.get("num_workers", 0) == 0:
-            kwargs["data_buffer_size"] = 0
-        return super().get_batch_iterator(dataset, **kwargs)
-
-    def max_positions(self):
-        return None
-
-    @property
-    def source_dictionary(self):
-        return None
-
-    @property
-    def target_dictionary(self):
-        return None
