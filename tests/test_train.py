@@ -315,6 +315,9 @@ def test_clap_variants_offline_and_online_teacher(tone_set, clap_checkpoint, ext
     online = run_hydra_train(CONFIG_DIR, variant, base + common + [
         f"task.teacher_checkpoint={clap_checkpoint}", f"checkpoint.save_dir={tmp_path / 'on'}"], tmp_path / "r_on")
     assert "online teacher laion-clap" in online.text
+    # the offline run also names the checkpoint (its sha256 must match the store) but must
+    # read the store, never run the teacher: an always-online task would fail here
+    assert "online teacher" not in offline.text
     assert len(offline.losses()) == len(online.losses()) == 3
     assert online.losses() == pytest.approx(offline.losses(), rel=2e-3)
     first = online.records["train_inner"][0]
