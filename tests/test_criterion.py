@@ -336,7 +336,29 @@ def test_criterion_training_step_has_no_sync(target, branch, lambda_cls, request
     assert torch.equal(loss.detach(), expected.detach())
 
 
+def _validate(crit, model, samples, seed=5):
+    """Run the criterion in eval mode as fairseq's validation does (a temporary root
+    aggregator, with the persistent "valid" one active inside it); return both."""
+    name = "valid"
+    previous = metrics._aggregators.pop(name, None)
+    logs = []
+    try:
+        with torch.no_grad(), metrics.aggregate(new_root=True) as agg:
+            with metrics.aggregate(name) as persistent:
+                for sample in samples:
+                    torch.manual_seed(seed)
+                    logs.append(crit(model, sample)[2])
+                    SupMamClapCriterion.reduce_metrics(logs[-1:])
+        return agg.get_smoothed_values(), persistent, logs
+    finally:
+        metrics._aggregators.pop(name, None)
+        if previous is not None:
+            metrics._aggregators[name] = previous
+
+
 def test_criterion_eval_logs_classification():
+    """Validation: top-1 accuracy (the arg-max is one of the clip's labels) and mAP over the
+    classes with a positive, from the sigmoid scores, against scikit-learn; logs hold scalars."""
     model = make_model("clap")
     crit = make_criterion(1e-4)
     sample = make_sample(B=4)
@@ -356,16 +378,15 @@ def test_criterion_eval_logs_classification():
     labels[2, (top1[2] + 2) % K] = 1.0
     labels[3, (top1[3] + 3) % K] = 1.0  # miss
     sample["label"] = labels
-    with torch.no_grad():
-        torch.manual_seed(5)
-        _, _, log = crit(model, sample)
-    assert log["ncorrect"] == 2
-    assert isinstance(log["cls_scores"], np.ndarray) and log["cls_scores"].shape == (4, K)
-    np.testing.assert_allclose(log["cls_scores"], torch.sigmoid(logits).numpy(), rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(log["cls_labels"], labels.numpy())
-    assert crit.logging_outputs_can_be_summed() is False
-    crit.train()
-    assert crit.logging_outputs_can_be_summed() is True
+    vals, persistent, (log,) = _validate(crit, model, [sample])
+    assert vals["accuracy"] == pytest.approx(50.0)
+    y, p = labels.numpy(), torch.sigmoid(logits).numpy()
+    present = y.sum(0) > 0
+    assert vals["mAP"] == pytest.approx(100 * average_precision_score(y[:, present], p[:, present]), rel=1e-5)
+    assert vals["mAP_classes_left_out"] == int((~present).sum())
+    assert "mAP" not in persistent  # the array-holding meter stays out of checkpoints
+    assert not any(isinstance(v, np.ndarray) for v in log.values())
+    assert crit.logging_outputs_can_be_summed()
 
 
 def _reduce(*batches):
@@ -376,27 +397,12 @@ def _reduce(*batches):
     return agg.get_smoothed_values()
 
 
-def test_reduce_metrics_accuracy_and_map():
-    rng = np.random.default_rng(0)
-    scores1, scores2 = rng.random((3, 4)).astype(np.float32), rng.random((2, 4)).astype(np.float32)
-    labels1 = np.array([[1, 0, 0, 0], [0, 1, 0, 0], [1, 1, 0, 0]], dtype=np.float32)
-    labels2 = np.array([[0, 0, 0, 1], [0, 1, 0, 0]], dtype=np.float32)  # class 2 never positive
-    log1 = dict(loss=2.0, loss_vis=1.5, loss_mask=0.5, sample_size=1, nsentences=3, ntokens=3, num_skipped=0,
-                ncorrect=2, cls_scores=scores1, cls_labels=labels1)
-    log2 = dict(loss=4.0, loss_vis=3.0, loss_mask=1.0, sample_size=1, nsentences=2, ntokens=2, num_skipped=1,
-                ncorrect=1, cls_scores=scores2, cls_labels=labels2)
-
-    scores, labels = np.concatenate([scores1, scores2]), np.concatenate([labels1, labels2])
-    present = [0, 1, 3]
-    expected_map = 100 * average_precision_score(labels[:, present], scores[:, present], average="macro")
-    per_class = [average_precision_score(labels[:, c], scores[:, c]) for c in present]
-    assert expected_map == pytest.approx(100 * np.mean(per_class))
-
-    # one call, or one call per validation batch: the mAP meter and the accuracy sums accumulate
+def test_reduce_metrics_losses():
+    log1 = dict(loss=2.0, loss_vis=1.5, loss_mask=0.5, sample_size=1, nsentences=3, ntokens=3, num_skipped=0)
+    log2 = dict(loss=4.0, loss_vis=3.0, loss_mask=1.0, sample_size=1, nsentences=2, ntokens=2, num_skipped=1)
+    # one call, or one call per validation batch: the sums accumulate
     for batches in ([[log1, log2]], [[log1], [log2]]):
         vals = _reduce(*batches)
-        assert vals["accuracy"] == pytest.approx(100 * 3 / 5)
-        assert vals["mAP"] == pytest.approx(expected_map, rel=1e-6)
         assert vals["loss"] == pytest.approx(3.0)
         assert vals["loss_vis"] == pytest.approx(2.25) and vals["loss_mask"] == pytest.approx(0.75)
         assert vals["skipped_files"] == 1
@@ -411,50 +417,31 @@ def test_reduce_metrics_training_logs_have_no_accuracy():
     assert "accuracy" not in vals and "mAP" not in vals and "skipped_files" not in vals
 
 
-def test_reduce_metrics_from_criterion_eval_logs():
+def test_validation_metrics_over_several_batches():
+    """Two validation batches: mAP and accuracy over all 8 clips, a class without positives
+    left out; the same as computing them by hand on the concatenated scores."""
     model, crit = make_model("pixel"), make_criterion(0.01)
     run(crit, model, make_sample(B=4, target=False, seed=9))  # BatchNorm running stats
     model.eval()
     crit.eval()
-    logs = []
+    samples = [make_sample(B=4, seed=s, target=False) for s in range(2)]
+    for i, sample in enumerate(samples):
+        sample["id"] = torch.arange(4 * i, 4 * i + 4)
+    vals, _, logs = _validate(crit, model, samples)
+    scores, labels = [], []
     with torch.no_grad():
-        for s in range(2):
-            sample = make_sample(B=4, seed=s, target=False)
-            logs.append(run(crit, model, sample, seed=s)[2])
-    vals = _reduce(logs)
-    scores = np.concatenate([log["cls_scores"] for log in logs])
-    labels = np.concatenate([log["cls_labels"] for log in logs])
+        for sample in samples:
+            torch.manual_seed(5)
+            scores.append(torch.sigmoid(model(**sample["net_input"])["logits"]).numpy())
+            labels.append(sample["label"].numpy())
+    scores, labels = np.concatenate(scores), np.concatenate(labels)
     present = labels.sum(0) > 0
     assert not present.all()  # a class without positives is left out of the mAP
     expected = 100 * average_precision_score(labels[:, present], scores[:, present], average="macro")
-    assert vals["mAP"] == pytest.approx(expected, rel=1e-6)
-    assert vals["accuracy"] == pytest.approx(100 * sum(log["ncorrect"] for log in logs) / 8)
-    assert vals["loss"] == pytest.approx(np.mean([log["loss"] for log in logs]), abs=1e-4)
-
-
-def test_validation_meters_survive_a_checkpoint_round_trip():
-    """fairseq's Trainer.valid_step runs under the *named* aggregator "valid", whose meters are saved in
-    every checkpoint (extra_state["metrics"] = metrics.state_dict()) and restored on a mid-epoch resume
-    with metrics.load_state_dict, which rebuilds each meter as fairseq.logging.meters.<class name>().
-    The array-holding mAP meter must stay out of it (it also must not grow across passes)."""
-    name = "valid"
-    previous = metrics._aggregators.pop(name, None)
-    log = dict(loss=1.0, sample_size=1, nsentences=2, ntokens=2, num_skipped=0, ncorrect=1,
-               cls_scores=np.array([[0.9, 0.1], [0.2, 0.7]], dtype=np.float32),
-               cls_labels=np.array([[1, 0], [0, 1]], dtype=np.float32))
-    try:
-        with metrics.aggregate(new_root=True):  # what fairseq_cli.train.validate does
-            with metrics.aggregate(name):  # what @metrics.aggregate("valid") on valid_step does
-                SupMamClapCriterion.reduce_metrics([log])
-        saved = metrics.state_dict()[name]
-        metrics.load_state_dict({name: saved})  # resuming from the checkpoint
-        restored = metrics.get_smoothed_values(name)
-        assert restored["loss"] == pytest.approx(1.0)
-        assert "mAP" not in metrics.get_meters(name)
-    finally:
-        metrics._aggregators.pop(name, None)
-        if previous is not None:
-            metrics._aggregators[name] = previous
+    assert vals["mAP"] == pytest.approx(expected, rel=1e-5)
+    hits = labels[np.arange(8), scores.argmax(1)] > 0
+    assert vals["accuracy"] == pytest.approx(100 * hits.mean())
+    assert vals["loss"] == pytest.approx(np.mean([float(log["loss"]) for log in logs]), abs=1e-4)
 
 
 def test_nonfinite_loss_in_training_names_the_sample_ids(tone_set, tmp_path):

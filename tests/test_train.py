@@ -244,6 +244,14 @@ def test_readme_two_process_command_trains_and_resumes(scratch):
     assert [r["nsentences"] for r in records] == [6, 6] and all(math.isfinite(r["loss"]) for r in records)
     ckpt = scratch / "checkpoints" / "supmam_tiny_2proc" / "checkpoint_last.pt"
     assert ckpt.is_file()
+    # 2-process validation logs mAP too (the scores of both ranks are gathered by the meter
+    # shared with fine-tuning, whose 2-process test checks the values against one process)
+    (valid,) = parse_json_log(first[0][1])["valid"]
+    labels = [line.strip().split(",") for line in open(scratch / "manifests" / "valid.lbl")]
+    num_classes = len(open(scratch / "manifests" / "classes.txt").read().split())
+    present = {int(c) for row in labels for c in row}
+    assert valid["valid_mAP_classes_left_out"] == num_classes - len(present)
+    assert math.isfinite(valid["valid_mAP"]) and math.isfinite(valid["valid_accuracy"])
 
     again = _run_ranks(README_DDP, scratch, ["optimization.max_update=4", "dataset.batch_size=3"], "second")
     for rc, text in again:

@@ -13,7 +13,6 @@ so they are exact in multi-process runs; scores are sigmoid (bce) or softmax (ce
 probabilities.
 """
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +22,7 @@ from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 
 from ..metrics import log_clip_scores
+from .supmam_clap import check_finite, under_nan_detector
 
 LOSS_CHOICES = ChoiceEnum(["bce", "ce"])
 
@@ -54,18 +54,21 @@ class MamClapClassificationCriterion(FairseqCriterion):
         self.label_smoothing = cfg.label_smoothing
 
     def forward(self, model, sample, reduce=True):
-        """Returns (loss, sample_size=1, logging_output); the loss is a batch mean."""
+        """Returns (loss, sample_size=1, logging_output); the loss is a batch mean.
+
+        As in pretraining, training runs without a host-device sync; a non-finite loss is
+        named with the batch's sample ids when fairseq re-runs the update under its
+        NanDetector, and in every validation batch."""
         logits = model(**sample["net_input"])["logits"]
         target = sample["label"]
         loss = classification_loss(logits, target, self.loss, self.label_smoothing)
-        value = loss.item()
-        if not math.isfinite(value):
-            raise FloatingPointError(f"non-finite loss {value} on batch with sample ids {sample['id'].tolist()}")
+        if not self.training or under_nan_detector(model):  # training: no sync per micro-batch (see supmam_clap)
+            check_finite({"loss": loss}, sample)
         if not self.training:
             scores = torch.sigmoid(logits.float()) if self.loss == "bce" else torch.softmax(logits.float(), dim=-1)
             log_clip_scores(sample["id"], scores, target)
         log = {
-            "loss": value,
+            "loss": loss.detach(),
             "sample_size": 1,
             "nsentences": sample["nsentences"],
             "ntokens": sample["nsentences"],  # clips: fairseq's wpb/wps read as clips per batch / second

@@ -19,11 +19,13 @@ targets for multi-label clips).
 
 Every term is logged. Validation also logs the classification branch's top-1
 accuracy (the arg-max is one of the clip's labels) and its mAP (macro average
-precision over classes with a positive, from scikit-learn).
+precision over classes with a positive, from scikit-learn), with the scores of every
+process gathered (:mod:`mam_clap_plugin.metrics`, shared with fine-tuning), so both are
+exact in multi-process validation too.
 """
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -31,8 +33,9 @@ import torch.nn.functional as F
 from fairseq import metrics
 from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import FairseqDataclass
-from fairseq.logging.meters import Meter
 from fairseq.nan_detector import NanDetector
+
+from ..metrics import log_clip_scores
 
 
 @dataclass
@@ -102,33 +105,6 @@ def soft_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, tau: float) -
     return -(weights * F.log_softmax(logits.float() / tau, dim=-1)).sum(dim=-1).mean()
 
 
-class AveragePrecisionMeter(Meter):
-    """Collects scores and labels over a validation pass; its value is the mAP in percent."""
-
-    def __init__(self):
-        self.reset()
-
-    def reset(self):
-        self.scores: List[np.ndarray] = []
-        self.labels: List[np.ndarray] = []
-
-    def update(self, scores: np.ndarray, labels: np.ndarray):
-        self.scores.append(np.asarray(scores, dtype=np.float32))
-        self.labels.append(np.asarray(labels, dtype=np.float32))
-
-    @property
-    def smoothed_value(self) -> float:
-        from sklearn.metrics import average_precision_score
-
-        if not self.scores:
-            return float("nan")
-        scores, labels = np.concatenate(self.scores), np.concatenate(self.labels)
-        present = labels.sum(axis=0) > 0
-        if not present.any():
-            return float("nan")
-        return 100.0 * float(average_precision_score(labels[:, present], scores[:, present], average="macro"))
-
-
 def under_nan_detector(model) -> bool:
     """True while fairseq re-runs an update's forward passes under its NanDetector, which it
     does after its own check found a non-finite gradient norm (``trainer.train_step``)."""
@@ -141,23 +117,6 @@ def check_finite(terms: Dict[str, torch.Tensor], sample) -> None:
     values = dict(zip(terms, torch.stack([t.detach().float() for t in terms.values()]).tolist()))
     if not np.isfinite(values["loss"]):
         raise FloatingPointError(f"non-finite loss ({values}) on batch with sample ids {sample['id'].tolist()}")
-
-
-def log_average_precision(scores: np.ndarray, labels: np.ndarray) -> None:
-    """Feed a validation batch to the "mAP" meter of each aggregator that lives one pass.
-
-    fairseq's ``valid_step`` also logs into the persistent "valid" aggregator, which is
-    never reset and is saved in every checkpoint: an array-holding meter there would grow
-    with each validation and could not be restored (fairseq rebuilds only its own meter
-    classes), so it is skipped.
-    """
-    persistent = metrics._aggregators.get("valid")
-    for agg in metrics.get_active_aggregators():
-        if agg is persistent:
-            continue
-        if "mAP" not in agg:
-            agg.add_meter("mAP", AveragePrecisionMeter(), priority=50)
-        agg["mAP"].update(scores, labels)
 
 
 @register_criterion("supmam_clap", dataclass=SupMamClapCriterionConfig)
@@ -219,12 +178,7 @@ class SupMamClapCriterion(FairseqCriterion):
             num_skipped=sample.get("num_skipped", 0),
         )
         if logits is not None and "label" in sample and not self.training:
-            labels = sample["label"]
-            top1 = logits.argmax(dim=-1)
-            log["ncorrect"] = labels.gather(1, top1[:, None]).gt(0).sum().item()
-            if not self.logging_outputs_can_be_summed():
-                log["cls_scores"] = torch.sigmoid(logits.float()).cpu().numpy()
-                log["cls_labels"] = labels.float().cpu().numpy()  # bf16 under common.bf16
+            log_clip_scores(sample["id"], torch.sigmoid(logits.float()), sample["label"])
         return loss, 1, log
 
     @staticmethod
@@ -240,27 +194,8 @@ class SupMamClapCriterion(FairseqCriterion):
         skipped = total("num_skipped")
         if skipped:
             metrics.log_scalar_sum("skipped_files", skipped)
-        scores = []
-        if any("ncorrect" in log for log in logging_outputs):
-            metrics.log_scalar_sum("_ncorrect", total("ncorrect"))
-            metrics.log_scalar_sum("_nclassified", total("nsentences"))
-            metrics.log_derived(
-                "accuracy",
-                lambda meters: 100.0 * meters["_ncorrect"].sum / meters["_nclassified"].sum
-                if meters["_nclassified"].sum > 0
-                else float("nan"),
-            )
-            scores = [log["cls_scores"] for log in logging_outputs if "cls_scores" in log]
-            labels = [log["cls_labels"] for log in logging_outputs if "cls_labels" in log]
-        if scores:
-            log_average_precision(np.concatenate(scores), np.concatenate(labels))
 
-    def logging_outputs_can_be_summed(self) -> bool:
-        """True except in single-process validation, whose logs carry the score arrays for mAP.
-
-        Multi-process validation logs accuracy only: fairseq gathers logs that cannot be
-        summed with a CUDA-only, 16 KiB-limited ``all_gather_list``.
-        """
-        multi_process = torch.distributed.is_available() and torch.distributed.is_initialized() \
-            and torch.distributed.get_world_size() > 1
-        return self.training or multi_process
+    @staticmethod
+    def logging_outputs_can_be_summed() -> bool:
+        """Logs hold scalars only: validation scores reach the gathered mAP meter directly."""
+        return True
