@@ -27,6 +27,7 @@ from benchmarks.matmul import TARGET_PCT_OF_MATMUL, matmul_samples
 from benchmarks.measure import log, median, peak_rss_mib
 from benchmarks.profiling import ProfileTotals, op_group
 from mam_clap_plugin.criterions.supmam_clap import SupMamClapCriterion, SupMamClapCriterionConfig
+from mam_clap_plugin.hydra_runs import compose_config
 from mam_clap_plugin.models.supmam_clap import SupMamClapConfig, SupMamClapModel
 from mam_clap_plugin.modules.encoder import num_visible
 
@@ -38,10 +39,8 @@ NUM_CLASSES = 527  # AudioSet classes for the classification branch
 
 
 def load_variant(name: str, size: Optional[str]) -> Dict[str, Any]:
-    """Read one variant's YAML (and the size override) into plain dicts."""
-    cfg = OmegaConf.load(CONFIG_DIR / f"{name}.yaml")
-    if size:
-        cfg = OmegaConf.merge(cfg, OmegaConf.load(CONFIG_DIR / "size" / f"{size}.yaml"))
+    """Read one variant's config (base.yaml + the variant, and the size override) into plain dicts."""
+    cfg = compose_config(str(CONFIG_DIR), name, [f"+size={size}"] if size else [])
     model = OmegaConf.to_container(cfg.model, resolve=True)
     model.pop("_name", None)
     if model.get("target") == "clap":

@@ -1,4 +1,4 @@
-"""Run ``fairseq-hydra-train`` with this plugin and read its JSON logs.
+"""Run ``fairseq-hydra-train`` with this plugin, compose its configs, and read its JSON logs.
 
 Used by the demo, the benchmarks' smoke runs and the integration tests, so that all of
 them launch training exactly as a user does on the command line.
@@ -29,6 +29,20 @@ def hydra_train_executable() -> str:
     if not found:
         raise FileNotFoundError("fairseq-hydra-train not found: install ve-fairseq (see README, Installation)")
     return found
+
+
+def compose_config(config_dir: str, config_name: str, overrides: Sequence[str] = ()):
+    """The config ``fairseq-hydra-train --config-dir D --config-name N OVERRIDES`` would run
+    with, composed without running it: Hydra's compose API, with fairseq's schema registered
+    under the config name as the CLI does (so base.yaml, ``+size=...`` and every override
+    apply the same way). ``${hydra:...}`` values (checkpoint.save_dir) stay unresolved.
+    """
+    from fairseq.dataclass.initialize import hydra_init
+    from hydra import compose, initialize_config_dir
+
+    hydra_init(config_name)
+    with initialize_config_dir(config_dir=os.path.abspath(config_dir), version_base=None):
+        return compose(config_name=config_name, overrides=list(overrides))
 
 
 def _number(value):
@@ -79,11 +93,15 @@ def run_hydra_train(
     echo: bool = False,
     check: bool = True,
 ) -> TrainRun:
-    """Run ``fairseq-hydra-train --config-dir D --config-name N OVERRIDES`` in ``run_dir``.
+    """Run ``fairseq-hydra-train --config-dir D --config-name N OVERRIDES`` with ``run_dir``
+    as the working directory, as a user does from a shell there.
 
-    Adds ``common.user_dir`` and ``hydra.run.dir``; the full output goes to
-    ``run_dir/train.log`` (and to stdout when ``echo``). With ``check``, a failed run
-    raises RuntimeError carrying the end of the log.
+    Adds only ``common.user_dir``: the configs themselves keep the job in the working
+    directory (see examples/pretraining/config/base.yaml), so relative paths in
+    ``overrides`` resolve against ``run_dir``, checkpoints go to
+    ``run_dir/checkpoints/<config name>`` unless ``checkpoint.save_dir`` is given, and the
+    same call again resumes. The full output goes to ``run_dir/train.log`` (and to stdout
+    when ``echo``). With ``check``, a failed run raises RuntimeError carrying the end of the log.
     """
     os.makedirs(run_dir, exist_ok=True)
     cmd = [
@@ -94,7 +112,6 @@ def run_hydra_train(
         config_name,
         *overrides,
         f"common.user_dir={plugin_dir()}",
-        f"hydra.run.dir={os.path.abspath(run_dir)}",
     ]
     log_path = os.path.join(run_dir, "train.log")
     lines = []

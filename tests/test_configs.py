@@ -1,6 +1,8 @@
-"""The four paper configs: every plugin field is listed (so any can be overridden on the
-command line without `+`), and the variant settings are the paper's."""
+"""The four paper configs: one shared base (Hydra defaults) and variants that state only
+what differs; every plugin field is listed (so any can be overridden on the command line
+without `+`); the variant settings are the paper's; every README command composes."""
 import dataclasses
+import os
 
 import fairseq  # noqa: F401  (registers the plugin's components)
 import pytest
@@ -8,9 +10,11 @@ from omegaconf import OmegaConf
 
 import mam_clap_plugin  # noqa: F401
 from mam_clap_plugin.criterions.supmam_clap import SupMamClapCriterionConfig
+from mam_clap_plugin.hydra_runs import compose_config
 from mam_clap_plugin.models.supmam_clap import SupMamClapConfig
 from mam_clap_plugin.tasks.mam_clap_pretraining import MamClapPretrainingConfig
 
+from . import readme
 from .conftest import CONFIG_DIR
 
 PAPER = {  # variant: (mask ratio, target, classification branch, lambda_cls, decoder blocks)
@@ -21,8 +25,20 @@ PAPER = {  # variant: (mask ratio, target, classification branch, lambda_cls, de
 }
 
 
-def load(name):
-    return OmegaConf.load(f"{CONFIG_DIR}/{name}.yaml")
+def load(name, overrides=("task.data=manifests",)):
+    return compose_config(CONFIG_DIR, name, overrides)
+
+
+def leaves(cfg, prefix=""):
+    """Dotted keys of the values set in a config file (defaults list and hydra node aside)."""
+    if OmegaConf.is_config(cfg):
+        cfg = OmegaConf.to_container(cfg, resolve=False)
+    out = set()
+    for k, v in cfg.items():
+        if k in ("defaults", "hydra"):
+            continue
+        out |= leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k}
+    return out
 
 
 @pytest.mark.parametrize("name", sorted(PAPER))
@@ -33,6 +49,36 @@ def test_every_field_is_listed(name):
         fields = {f.name for f in dataclasses.fields(dc) if not f.name.startswith("_")}
         listed = set(cfg[section].keys()) - {"_name"}
         assert listed == fields, (section, fields ^ listed)
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_variant_states_only_what_differs(name):
+    """fairseq's schema fills the variant's unlisted fields with fairseq defaults, and the
+    base, merged after it, sets the shared ones: a key set in both would silently take the
+    base's value."""
+    base = OmegaConf.load(os.path.join(CONFIG_DIR, "base.yaml"))
+    variant = OmegaConf.load(os.path.join(CONFIG_DIR, f"{name}.yaml"))
+    assert list(variant.defaults) == ["_self_", "base"]
+    assert not leaves(base) & leaves(variant)
+    assert len(leaves(variant)) <= 6
+    # the shared values survive composition (not replaced by fairseq's defaults)
+    cfg = load(name)
+    assert cfg.common.log_format == "json" and cfg.optimization.update_freq == [4]
+    assert cfg.checkpoint.no_epoch_checkpoints is True and cfg.task._name == "mam_clap_pretraining"
+
+
+def test_runs_stay_in_the_start_directory():
+    hydra = OmegaConf.load(os.path.join(CONFIG_DIR, "base.yaml")).hydra
+    assert hydra.run.dir == "." and hydra.job.chdir is False
+    save_dir = OmegaConf.load(os.path.join(CONFIG_DIR, "base.yaml")).checkpoint._get_node("save_dir")._value()
+    assert save_dir == "${hydra:runtime.output_dir}/checkpoints/${hydra:job.config_name}"
+
+
+def test_no_dead_keys():
+    """skip_invalid_size_inputs_valid_test does nothing here: the task has no max_positions."""
+    for name in PAPER:
+        assert "skip_invalid_size_inputs_valid_test" not in open(os.path.join(CONFIG_DIR, f"{name}.yaml")).read()
+    assert "skip_invalid_size_inputs_valid_test" not in open(os.path.join(CONFIG_DIR, "base.yaml")).read()
 
 
 @pytest.mark.parametrize("name", sorted(PAPER))
@@ -52,3 +98,25 @@ def test_paper_settings(name):
     # the configs fix the paper's teacher map: LAION-CLAP's final map, no projection
     assert cfg.task.target_store is None and cfg.task.teacher_checkpoint is None
     assert cfg.task.teacher_layer == "final" and cfg.task.teacher_projection is False
+
+
+README_COMMANDS = readme.commands(readme.section("## CLAP teacher")) + readme.commands(readme.section("## Pretraining"))
+
+
+def test_readme_shows_every_variant():
+    assert len(README_COMMANDS) >= 10
+    assert {readme.config_name(c) for c in README_COMMANDS} == set(PAPER)
+
+
+@pytest.mark.parametrize("command", README_COMMANDS)
+def test_readme_command_composes(command):
+    """Each README command's overrides apply to its config as written (no `+` needed,
+    relative data paths, no hydra.run.dir); sweeps are checked with their first value."""
+    words = readme.words(command, {"PATH": os.environ["PATH"], "USER_DIR": "/plugin", "r": "1"})
+    assert words[words.index("--config-dir") + 1] == "examples/pretraining/config"
+    overrides = [w.split(",")[0] if "," in w else w for w in words if "=" in w and not w.startswith("-")]
+    assert not [o for o in overrides if o.startswith("hydra.")]
+    cfg = load(readme.config_name(command), overrides)
+    assert cfg.task.data == "manifests" and cfg.common.user_dir == "/plugin"
+    if cfg.task.target_store is not None:
+        assert cfg.task.target_store == "clap_targets"

@@ -14,7 +14,7 @@ from mam_clap_plugin.models.supmam_clap import SupMamClapConfig, SupMamClapModel
 from mam_clap_plugin.modules.decoder import WindowBlock, WindowDecoder, shifted_window_mask
 from mam_clap_plugin.modules.encoder import AudioEncoder, gather_tokens, num_visible, random_masking
 from mam_clap_plugin.modules.transformer import sincos_pos_embed_2d
-from mam_clap_plugin.tasks.mam_clap_pretraining import MamClapPretrainingTask
+from mam_clap_plugin.tasks.mam_clap_pretraining import MamClapPretrainingConfig, MamClapPretrainingTask
 
 D = 32
 HEADS = 4
@@ -478,9 +478,10 @@ class StubTask(MamClapPretrainingTask):
     """The pretraining task without data: only what build_model reads (class list, store header)."""
 
     def __init__(self, target_dim=24, num_classes=7):
-        self.class_names = [f"class{i}" for i in range(num_classes)]
-        self.target_header = SimpleNamespace(dim=target_dim) if target_dim else None
-        self.teacher = None
+        self.cfg = MamClapPretrainingConfig(data="unused", target_length=64)
+        self._class_names = [f"class{i}" for i in range(num_classes)]
+        self._target_header = SimpleNamespace(dim=target_dim) if target_dim else None
+        self._teacher = None
 
 
 def _yaml_cfg(**overrides):

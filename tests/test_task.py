@@ -60,22 +60,59 @@ def test_truncated_target_store(data):
     path = data / "targets" / "train.tgt"
     os.truncate(path, os.path.getsize(path) - 100)
     with pytest.raises(TargetStoreError, match=r"train\.tgt"):
-        task(data)
+        task(data).load_dataset("valid")
 
 
 def test_stores_from_different_teachers(data):
     header = store_header(6, teacher="another-teacher")
     with create_target_store(str(data / "targets" / "valid.tgt"), header) as w:
         w.write(0, np.zeros((*TEACHER_GRID, TEACHER_DIM), np.float32))
-    with pytest.raises(TargetStoreError, match=r"another teacher.*'teacher'"):
-        task(data)
+    with pytest.raises(TargetStoreError, match=r"valid\.tgt: made with another teacher or map than train\.tgt.*'teacher'"):
+        task(data).load_dataset("train")
 
 
 def test_bad_target_length_and_missing_dir(data, tmp_path):
-    with pytest.raises(ValueError, match="target_length"):
+    with pytest.raises(ValueError, match="target_length=100 must be a positive multiple of 16"):
         MamClapPretrainingTask(MamClapPretrainingConfig(data=str(data), target_length=100))
-    with pytest.raises(FileNotFoundError, match="nowhere"):
-        MamClapPretrainingTask(MamClapPretrainingConfig(data=str(tmp_path / "nowhere")))
+    missing = MamClapPretrainingTask(MamClapPretrainingConfig(data=str(tmp_path / "nowhere")))
+    with pytest.raises(FileNotFoundError, match="task.data: directory .*nowhere"):
+        missing.load_dataset("train")
+
+
+def test_target_length_must_fill_decoder_windows(data):
+    """80 frames = 5 time patches: whole patches, but not whole 4-patch decoder windows."""
+    from omegaconf import OmegaConf
+
+    from mam_clap_plugin.models.supmam_clap import SupMamClapConfig
+
+    t = MamClapPretrainingTask(MamClapPretrainingConfig(data=str(data), target_length=80))
+    cfg = OmegaConf.structured(SupMamClapConfig(encoder_embed_dim=32, encoder_layers=1, encoder_attention_heads=2,
+                                                decoder_embed_dim=16, decoder_attention_heads=2,
+                                                _name="supmam_clap"))
+    with pytest.raises(ValueError, match=r"target_length=80 must be a multiple of 64 frames.*decoder_window_time=4"):
+        t.build_model(cfg)
+    cfg.decoder_window_time, cfg.decoder_shift_time = 5, 2  # a 5-patch window tiles 80 frames, not 1024
+    with pytest.raises(ValueError, match=r"max_frames=1024 .*64x8 patch grid.*multiples of 80 frames"):
+        t.build_model(cfg)
+    cfg.max_frames = 640
+    assert t.build_model(cfg).decoder is not None
+
+
+def test_constructor_reads_nothing(tmp_path, clap_checkpoint):
+    """fairseq rebuilds the task from a checkpoint's config on another machine: none of the
+    files it names needs to exist until a dataset is loaded."""
+    gone = tmp_path / "gone"
+    cfg = MamClapPretrainingConfig(data=str(gone), labels="lbl", target_store=str(gone / "targets"),
+                                   teacher_checkpoint=str(gone / "clap.pt"), target_length=64)
+    t = MamClapPretrainingTask.setup_task(cfg)
+    with pytest.raises(FileNotFoundError, match=r"task.data: directory .*gone"):
+        t.load_dataset("train")
+    online = MamClapPretrainingTask.setup_task(MamClapPretrainingConfig(
+        data=str(gone), teacher_checkpoint=str(gone / "clap.pt"), target_length=64))
+    from mam_clap_plugin.teacher import ClapCheckpointError
+
+    with pytest.raises(ClapCheckpointError, match="clap.pt: CLAP checkpoint not found"):
+        online.target_dim
 
 
 def test_no_prefetch_thread_without_workers(data):
@@ -91,13 +128,13 @@ def test_no_prefetch_thread_without_workers(data):
 
 def test_store_must_match_the_configured_teacher(data, tmp_path):
     with pytest.raises(TargetStoreError, match=r"'final' map but task.teacher_layer=stage3"):
-        task(data, teacher_layer="stage3")
+        task(data, teacher_layer="stage3").load_dataset("train")
     with pytest.raises(TargetStoreError, match="projection=False but task.teacher_projection=True"):
-        task(data, teacher_projection=True)
+        task(data, teacher_projection=True).load_dataset("train")
     other = tmp_path / "other.pt"
     other.write_bytes(b"another checkpoint")
     with pytest.raises(TargetStoreError, match=rf"sha256 0000.*teacher_checkpoint={other} has sha256"):
-        task(data, teacher_checkpoint=str(other))
+        task(data, teacher_checkpoint=str(other)).load_dataset("train")
 
 
 def test_online_teacher_stays_outside_the_model(data, clap_checkpoint):
@@ -134,5 +171,5 @@ def test_online_teacher_needs_trust_for_pickled_objects(data, clap_checkpoint, t
     torch.save(state, path)
     cfg = dict(data=str(data), labels="lbl", teacher_checkpoint=path, target_length=64)
     with pytest.raises(ClapCheckpointError, match=r"with-args\.pt.*teacher_trusted=true"):
-        MamClapPretrainingTask.setup_task(MamClapPretrainingConfig(**cfg))
+        MamClapPretrainingTask.setup_task(MamClapPretrainingConfig(**cfg)).load_dataset("train")
     assert MamClapPretrainingTask.setup_task(MamClapPretrainingConfig(**cfg, teacher_trusted=True)).target_dim == 128

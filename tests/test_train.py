@@ -1,8 +1,14 @@
-"""Integration: the four paper configs train through `fairseq-hydra-train` (tiny size,
-generated data), resume reproduces an uninterrupted run, 2 CPU processes train, and bad
-input stops the run with an error that names the file."""
+"""Integration: the README's pretraining commands run verbatim through `fairseq-hydra-train`
+(tiny size, generated data, a scratch working directory with relative paths), and the same
+command again resumes; the four paper configs train; resume reproduces an uninterrupted run;
+the README's 2-process command trains and resumes; a sweep keeps its jobs apart; a trained
+checkpoint loads the fairseq way without its data; bad input stops the run with an error
+that names the file."""
+import glob
 import math
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -12,68 +18,150 @@ import pytest
 from mam_clap_plugin.checkpoint import load_checkpoint, load_encoder, model_config
 from mam_clap_plugin.hydra_runs import hydra_train_executable, parse_json_log, plugin_dir, run_hydra_train
 
-from .conftest import CONFIG_DIR, TEACHER_DIM
+from . import readme
+from .conftest import CONFIG_DIR, REPO, TEACHER_DIM
 
 VARIANTS = ["mam", "mam_clap", "supmam", "supmam_clap"]
+
+#: Speed settings a test adds after a README command (tiny model, short clips, small batches).
+FAST = [
+    "+size=tiny",
+    "task.target_length=64",
+    "common.cpu=true",
+    "common.log_interval=1",
+    "dataset.batch_size=6",
+    "dataset.num_workers=0",
+    "optimization.update_freq=[1]",
+    "optimization.lr=[0.002]",
+    "lr_scheduler.warmup_updates=1",
+    "checkpoint.save_interval_updates=0",
+]
+
+PRETRAINING = readme.commands(readme.section("## Pretraining"))
+#: The README's command for each variant (the first one shown), its sweep and its 2-process command.
+README_COMMAND = {v: next(c for c in PRETRAINING if readme.config_name(c) == v) for v in VARIANTS}
+README_SWEEP = next(c for c in PRETRAINING if c.startswith("fairseq-hydra-train -m "))
+README_DDP = next(c for c in PRETRAINING if "distributed_world_size=2" in c)
 
 
 def overrides(data, variant, save_dir, *extra):
     """Tiny, fast settings on top of a paper config."""
-    out = [
-        "+size=tiny",
-        f"task.data={data}",
-        "task.target_length=64",
-        "common.cpu=true",
-        "common.log_interval=1",
-        "dataset.batch_size=6",
-        "dataset.num_workers=0",
-        "optimization.update_freq=[1]",
-        "optimization.lr=[0.002]",
-        "lr_scheduler.warmup_updates=1",
-        "checkpoint.save_interval_updates=0",
-        f"checkpoint.save_dir={save_dir}",
-    ]
+    out = FAST + [f"task.data={data}", f"checkpoint.save_dir={save_dir}"]
     if "clap" in variant:
         out.append(f"task.target_store={os.path.join(data, 'targets')}")
     return out + list(extra)
 
 
+@pytest.fixture
+def scratch(tone_set, tmp_path):
+    """A working directory laid out as after the README's data steps in a clone:
+    examples/pretraining/config, manifests/ (with labels and classes.txt), clap_targets/."""
+    shutil.copytree(CONFIG_DIR, tmp_path / "examples" / "pretraining" / "config")
+    shutil.copytree(tone_set, tmp_path / "manifests", ignore=shutil.ignore_patterns("targets"))
+    shutil.copytree(os.path.join(tone_set, "targets"), tmp_path / "clap_targets")
+    return tmp_path
+
+
+def shell_env(**extra):
+    """The README's shell: the environment's fairseq-hydra-train on PATH and $USER_DIR set."""
+    path = os.path.dirname(hydra_train_executable()) + os.pathsep + os.environ.get("PATH", "")
+    return {**os.environ, "PATH": path, "USER_DIR": plugin_dir(), **extra}
+
+
+def with_fast(command, *extra):
+    """``command`` verbatim, then ``extra`` and the speed settings that neither sets."""
+    keys = readme.override_keys(" ".join([command, *extra]))
+    return " ".join([command, *(o for o in FAST if o.split("=")[0].lstrip("+") not in keys), *extra])
+
+
+def run_readme(command, cwd, *extra, log="run.log"):
+    """Run a README command (+ speed settings) through bash in ``cwd``; returns (rc, log text)."""
+    with open(os.path.join(cwd, log), "w") as out:
+        rc = subprocess.run(["bash", "-c", with_fast(command, *extra)], cwd=cwd, env=shell_env(), stdout=out,
+                            stderr=subprocess.STDOUT, timeout=600).returncode
+    return rc, open(os.path.join(cwd, log)).read()
+
+
+def updates(text):
+    return [int(r["num_updates"]) for r in parse_json_log(text).get("train_inner", [])]
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_paper_config_trains(tone_set, tmp_path, variant):
-    run = run_hydra_train(
-        CONFIG_DIR, variant, overrides(tone_set, variant, tmp_path / "ckpt", "optimization.max_update=12"), tmp_path
-    )
-    losses = run.losses()
-    assert len(losses) == 12
+def test_readme_command_trains_and_resumes(scratch, variant):
+    """The README's command, run twice from a scratch directory with its relative paths:
+    trains (finite, falling loss), then resumes from checkpoints/<variant>/checkpoint_last.pt."""
+    command = README_COMMAND[variant]
+    assert "task.data=manifests" in command and "hydra.run.dir" not in command
+    rc, text = run_readme(command, scratch, "optimization.max_update=12", log="first.log")
+    assert rc == 0, text[-3000:]
+    run = parse_json_log(text)
+    losses = [r["loss"] for r in run["train_inner"]]
+    assert updates(text) == list(range(1, 13))
     assert all(math.isfinite(x) for x in losses)
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
-    first = run.records["train_inner"][0]
+    first = run["train_inner"][0]
     if "clap" in variant:
         assert "loss_vis" in first and "loss_mask" in first and "loss_rec" not in first
     else:
         assert "loss_rec" in first and "loss_vis" not in first
     assert ("loss_cls" in first) == variant.startswith("supmam")
-    valid = run.records["valid"][-1]
     if variant.startswith("supmam"):
+        valid = run["valid"][-1]
         assert 0 <= valid["valid_accuracy"] <= 100 and 0 <= valid["valid_mAP"] <= 100
+    ckpt = scratch / "checkpoints" / variant / "checkpoint_last.pt"
+    assert ckpt.is_file() and not (scratch / "outputs").exists()
     # the saved config is self-contained: the encoder reloads weights-only, without fairseq's trainer
-    encoder = load_encoder(str(tmp_path / "ckpt" / "checkpoint_last.pt"))
-    assert encoder.embed_dim == 64 and len(encoder.blocks) == 2
-    saved = model_config(load_checkpoint(str(tmp_path / "ckpt" / "checkpoint_last.pt")))
+    assert load_encoder(str(ckpt)).embed_dim == 64
+    saved = model_config(load_checkpoint(str(ckpt)))
     assert saved["num_classes"] == (3 if variant.startswith("supmam") else 0)
     assert saved["target_dim"] == (TEACHER_DIM if "clap" in variant else 0)
 
+    rc, text = run_readme(command, scratch, "optimization.max_update=14", log="second.log")
+    assert rc == 0, text[-3000:]
+    assert f"Loaded checkpoint {ckpt} (epoch 7 @ 12 updates)" in text
+    assert updates(text) == [13, 14]
+    if variant == "supmam_clap":
+        check_fairseq_loading_without_data(scratch, str(ckpt))
+
+
+def check_fairseq_loading_without_data(scratch, ckpt):
+    """README "Loading a checkpoint the fairseq way": load_model_ensemble_and_task on a
+    checkpoint whose data directory, class list and stores are gone; with arg_overrides the
+    task loads data from a new place."""
+    import torch
+    from fairseq import checkpoint_utils
+
+    from mam_clap_plugin import criterions, models, tasks  # noqa: F401  (the README's imports)
+
+    moved = shutil.move(str(scratch / "manifests"), str(scratch / "elsewhere"))
+    shutil.rmtree(scratch / "clap_targets")
+    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([ckpt])
+    assert cfg.task.data == "manifests" and type(task).__name__ == "MamClapPretrainingTask"
+    model = models[0].eval()
+    assert model.classifier is not None and model.cfg.target_dim == TEACHER_DIM
+    with torch.no_grad():
+        assert model.extract_features(torch.zeros(1, 1, 64, 128))["x"].shape == (1, 1 + 4 * 8, 64)
+
+    _, _, task = checkpoint_utils.load_model_ensemble_and_task(
+        [ckpt], arg_overrides={"data": moved, "target_store": None})
+    task.load_dataset("valid")
+    assert len(task.datasets["valid"]) == 6 and task.num_classes == 3
+
 
 def test_resume_follows_uninterrupted_run(tone_set, tmp_path):
-    """Stop after epoch 1 (2 updates), resume to 8 updates: same losses as a straight run."""
+    """Stop after epoch 1 (2 updates), resume to 8 updates: same losses as a straight run.
+    The interrupted run goes through hydra_runs as a user would: relative task.data, the
+    configs' own checkpoint directory, the same call again in the same directory."""
     common = ["optimization.max_update=8"]
     straight = run_hydra_train(CONFIG_DIR, "supmam", overrides(tone_set, "supmam", tmp_path / "a", *common), tmp_path / "ra")
-    first = run_hydra_train(
-        CONFIG_DIR, "supmam", overrides(tone_set, "supmam", tmp_path / "b", *common, "optimization.max_epoch=1"),
-        tmp_path / "rb1",
-    )
-    resumed = run_hydra_train(CONFIG_DIR, "supmam", overrides(tone_set, "supmam", tmp_path / "b", *common), tmp_path / "rb2")
-    assert "loaded checkpoint" in resumed.text.lower()
+    run_dir = tmp_path / "rb"
+    run_dir.mkdir()
+    os.symlink(tone_set, run_dir / "data")
+    args = FAST + ["task.data=data", *common]
+    first = run_hydra_train(CONFIG_DIR, "supmam", args + ["optimization.max_epoch=1"], run_dir)
+    assert (run_dir / "checkpoints" / "supmam" / "checkpoint_last.pt").is_file()
+    resumed = run_hydra_train(CONFIG_DIR, "supmam", args, run_dir)
+    assert f"Loaded checkpoint {run_dir / 'checkpoints' / 'supmam' / 'checkpoint_last.pt'}" in resumed.text
     n_first = len(first.losses())
     assert 0 < n_first < 8
     records = {int(r["num_updates"]): r for r in straight.records["train_inner"]}
@@ -84,39 +172,78 @@ def test_resume_follows_uninterrupted_run(tone_set, tmp_path):
     assert first.losses() + resumed.losses() == pytest.approx(straight.losses(), abs=1e-4)
 
 
-def test_two_process_cpu_run(tone_set, tmp_path):
+def test_readme_sweep_keeps_jobs_apart_and_resumes(scratch):
+    """The README's -m sweep: each job its own checkpoints under multirun/<date>/<time>/<n>/,
+    data read through the relative task.data; rerun with hydra.sweep.dir resumes every job."""
+    rc, text = run_readme(README_SWEEP, scratch, "optimization.max_update=2", log="sweep.log")
+    assert rc == 0, text[-3000:]
+    (sweep_dir,) = glob.glob(str(scratch / "multirun" / "*" / "*"))
+    values = [float(v) for v in README_SWEEP.split("criterion.lambda_cls=")[1].split()[0].split(",")]
+    for job, value in enumerate(values):
+        state = load_checkpoint(os.path.join(sweep_dir, str(job), "checkpoints", "supmam", "checkpoint_last.pt"))
+        assert state["cfg"]["criterion"]["lambda_cls"] == value and state["cfg"]["task"]["data"] == "manifests"
+    rel = os.path.relpath(sweep_dir, scratch)
+    rc, text = run_readme(README_SWEEP, scratch, "optimization.max_update=3", f"hydra.sweep.dir={rel}",
+                          log="sweep2.log")
+    assert rc == 0, text[-3000:]
+    assert text.count("(epoch 2 @ 2 updates)") == len(values)
+    assert len(glob.glob(str(scratch / "multirun" / "*" / "*"))) == 1
+
+
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ddp = [
-        "distributed_training.distributed_world_size=2",
-        "distributed_training.distributed_backend=gloo",
-        "distributed_training.ddp_backend=legacy_ddp",
-        f"distributed_training.distributed_init_method=tcp://127.0.0.1:{port}",
-        "distributed_training.distributed_no_spawn=true",
-        "optimization.max_update=4",
-        "dataset.batch_size=3",
-    ]
-    procs = []
-    for rank in (0, 1):
-        run_dir = tmp_path / f"rank{rank}"
-        run_dir.mkdir()
-        cmd = [hydra_train_executable(), "--config-dir", CONFIG_DIR, "--config-name", "supmam_clap",
-               *overrides(tone_set, "supmam_clap", tmp_path / "ckpt", *ddp),
-               f"distributed_training.distributed_rank={rank}", f"common.user_dir={plugin_dir()}",
-               f"hydra.run.dir={run_dir}"]
-        procs.append(subprocess.Popen(cmd, cwd=run_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outs = [p.communicate(timeout=300)[0] for p in procs]
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, out[-3000:]
-    assert "distributed init (rank 1)" in outs[1]
+        return s.getsockname()[1]
 
-    records = parse_json_log(outs[0])["train_inner"]
-    assert len(records) == 4
+
+def _run_ranks(command, cwd, extra, log):
+    """Start the README's per-rank command for ranks 0 and 1 (as its loop does), each
+    writing to its own log file (no pipe to fill). A port taken between choosing it and
+    rank 0 binding it is retried with another; returns [(returncode, text)] per rank."""
+    for attempt in range(3):
+        env = shell_env(PORT=str(_free_port()))
+        procs, logs = [], []
+        for rank in (0, 1):
+            path = os.path.join(cwd, f"{log}.rank{rank}")
+            logs.append(path)
+            with open(path, "w") as out:
+                procs.append(subprocess.Popen(["bash", "-c", with_fast(command, *extra)], cwd=cwd,
+                                              env={**env, "r": str(rank)}, stdout=out, stderr=subprocess.STDOUT,
+                                              start_new_session=True))
+        try:
+            for p in procs:
+                p.wait(timeout=300)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGKILL)
+                    p.wait()
+        results = [(p.returncode, open(path).read()) for p, path in zip(procs, logs)]
+        if not any("address already in use" in text.lower() for _, text in results):
+            return results
+    return results
+
+
+def test_readme_two_process_command_trains_and_resumes(scratch):
+    """The README's 2-process gloo command, verbatim per rank, both ranks in one directory;
+    the same command again resumes on both ranks."""
+    assert "hydra.run.dir" not in README_DDP and "task.data=manifests" in README_DDP
+    assert "${PORT:-29500}" in README_DDP and "distributed_rank=$r" in README_DDP
+    first = _run_ranks(README_DDP, scratch, ["optimization.max_update=2", "dataset.batch_size=3"], "first")
+    for rc, text in first:
+        assert rc == 0, text[-3000:]
+    assert "distributed init (rank 1)" in first[1][1]
+    records = parse_json_log(first[0][1])["train_inner"]
     # each update sees both ranks' batches: 2 x 3 clips
-    assert all(r["nsentences"] == 6 for r in records)
-    assert all(math.isfinite(r["loss"]) for r in records)
-    assert os.path.isfile(tmp_path / "ckpt" / "checkpoint_last.pt")
+    assert [r["nsentences"] for r in records] == [6, 6] and all(math.isfinite(r["loss"]) for r in records)
+    ckpt = scratch / "checkpoints" / "supmam" / "checkpoint_last.pt"
+    assert ckpt.is_file()
+
+    again = _run_ranks(README_DDP, scratch, ["optimization.max_update=4", "dataset.batch_size=3"], "second")
+    for rc, text in again:
+        assert rc == 0, text[-3000:]
+    assert f"Loaded checkpoint {ckpt}" in again[0][1]
+    assert updates(again[0][1]) == [3, 4]
 
 
 def _copy_set(src, dst):
@@ -191,3 +318,11 @@ def test_clap_variants_offline_and_online_teacher(tone_set, clap_checkpoint, ext
     assert not [k for k in state["model"] if "teacher" in k or "audio_branch" in k or "layers." in k]
     assert model_config(state)["target_dim"] == 128
     assert load_encoder(str(tmp_path / "on" / "checkpoint_last.pt")).embed_dim == 64
+    # fairseq's loader rebuilds the task without loading (or finding) the teacher
+    from fairseq import checkpoint_utils
+
+    from mam_clap_plugin import criterions, models, tasks  # noqa: F401
+
+    models, _, task = checkpoint_utils.load_model_ensemble_and_task(
+        [str(tmp_path / "on" / "checkpoint_last.pt")], arg_overrides={"teacher_checkpoint": str(tmp_path / "gone.pt")})
+    assert task._teacher is None and models[0].cfg.target_dim == 128

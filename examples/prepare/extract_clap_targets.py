@@ -47,8 +47,8 @@ from mam_clap_plugin.data.target_store import (  # noqa: E402
     PENDING,
     TargetStoreError,
     TargetStoreHeader,
+    check_one_teacher,
     open_target_store_for_writing,
-    read_header,
 )
 from mam_clap_plugin.teacher import file_sha256, load_clap_teacher  # noqa: E402
 
@@ -106,20 +106,6 @@ def collate(items):
     return items
 
 
-def check_siblings(out_dir: str, split: str, header: TargetStoreHeader) -> None:
-    """Refuse if another split's store in ``out_dir`` comes from another teacher or map."""
-    for name in sorted(os.listdir(out_dir)):
-        if not name.endswith(".tgt") or name == f"{split}.tgt":
-            continue
-        other, _, _ = read_header(os.path.join(out_dir, name))
-        diff = other.teacher_differences(header)
-        if diff:
-            raise TargetStoreError(
-                f"{os.path.join(out_dir, name)}: made with another teacher or map (fields {diff} differ); "
-                "refusing to mix teachers in one directory. Use another --out."
-            )
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     manifest = read_manifest(os.path.join(args.manifest_dir, f"{args.split}.tsv"))
@@ -128,7 +114,7 @@ def main(argv=None) -> dict:
     header = TargetStoreHeader.for_teacher(teacher, file_sha256(args.checkpoint), len(manifest),
                                            checkpoint=os.path.basename(args.checkpoint))
     os.makedirs(args.out, exist_ok=True)
-    check_siblings(args.out, args.split, header)
+    check_one_teacher(args.out, header, skip=f"{args.split}.tgt")
     path = os.path.join(args.out, f"{args.split}.tgt")
     start = time.perf_counter()
     written = bad = 0

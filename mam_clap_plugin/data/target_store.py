@@ -415,3 +415,28 @@ def open_target_store(path: str) -> TargetStore:
     """Open and validate a target store (header fields and exact file size)."""
     header, flags, data = read_header(path)
     return TargetStore(path, header, flags, data)
+
+
+def check_one_teacher(directory: str, header: TargetStoreHeader | None = None,
+                      skip: str | None = None) -> TargetStoreHeader | None:
+    """Refuse a directory whose ``*.tgt`` stores come from different teachers or maps.
+
+    Every store in ``directory`` (but the file named ``skip``) is compared with ``header``
+    (an extraction about to write there) or, without one, with the directory's first store
+    in name order. Returns that reference header; None when there is neither.
+    """
+    names = sorted(n for n in os.listdir(directory) if n.endswith(".tgt") and n != skip)
+    reference, ref_name = header, "this extraction"
+    for name in names:
+        path = os.path.join(directory, name)
+        other, _, _ = read_header(path)
+        if reference is None:
+            reference, ref_name = other, name
+            continue
+        diff = reference.teacher_differences(other)
+        if diff:
+            raise TargetStoreError(
+                f"{path}: made with another teacher or map than {ref_name} (fields {diff} differ); "
+                "the stores of one directory must all come from one teacher and map"
+            )
+    return reference

@@ -17,7 +17,6 @@ Forward pass (B clips, N = t * f patches, N_vis visible):
     mean(z[:, 1:]) -> Linear -> BatchNorm -> ReLU -> Linear -> logits (B, K)
 """
 
-import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -27,8 +26,6 @@ from fairseq.models import BaseFairseqModel, register_model
 
 from ..modules.decoder import WindowDecoder
 from ..modules.encoder import PATCH_SIZE, AudioEncoder
-
-logger = logging.getLogger(__name__)
 
 TARGET_CHOICES = ChoiceEnum(["pixel", "clap"])
 
@@ -96,6 +93,13 @@ class SupMamClapModel(BaseFairseqModel):
         super().__init__()
         self.cfg = cfg
         self.encoder = AudioEncoder.from_model_config(cfg)
+        window = (cfg.decoder_window_time, cfg.decoder_window_freq)
+        if self.encoder.grid_time % window[0] or self.encoder.grid_freq % window[1]:
+            raise ValueError(
+                f"model.max_frames={cfg.max_frames} gives a {self.encoder.grid_time}x{self.encoder.grid_freq} patch "
+                f"grid that the decoder window {window[0]}x{window[1]} (model.decoder_window_time/freq) does not "
+                f"tile: max_frames and task.target_length must be multiples of {PATCH_SIZE * window[0]} frames"
+            )
         self.decoder = WindowDecoder(
             cfg.encoder_embed_dim,
             cfg.decoder_embed_dim,

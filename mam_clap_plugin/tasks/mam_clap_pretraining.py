@@ -33,7 +33,7 @@ from ..data.alignment import align_tokens, alignment
 from ..data.audio import resolve_norm_stats
 from ..data.dataset import MamClapDataset
 from ..data.manifest import read_class_list, read_labels, read_manifest
-from ..data.target_store import TargetStoreError, open_target_store
+from ..data.target_store import TargetStoreError, check_one_teacher, open_target_store
 from ..modules.encoder import PATCH_SIZE
 from ..teacher import file_sha256, load_clap_teacher
 
@@ -72,7 +72,9 @@ class MamClapPretrainingConfig(FairseqDataclass):
         default=False, metadata={"help": "apply CLAP's audio_projection per token (final map only); stores must match"}
     )
     target_length: int = field(
-        default=1024, metadata={"help": "fbank frames per clip after padding or cropping (multiple of 16)"}
+        default=1024,
+        metadata={"help": "fbank frames per clip after padding or cropping; a multiple of 64 for the pretraining "
+                          "model (its decoder window: model.decoder_window_time=4 time patches of 16 frames)"},
     )
     norm_stats: str = field(
         default="audioset",
@@ -85,35 +87,71 @@ class MamClapPretrainingConfig(FairseqDataclass):
 
 @register_task("mam_clap_pretraining", dataclass=MamClapPretrainingConfig)
 class MamClapPretrainingTask(FairseqTask):
+    """Cheap to build: the constructor reads no file.
+
+    ``fairseq.checkpoint_utils.load_model_ensemble_and_task`` rebuilds this task from a
+    checkpoint's saved config on any machine, so the data directory, the class list, the
+    target stores and the teacher checkpoint are only read when first needed: by
+    ``load_dataset`` (every data check happens there), and by ``build_model`` for a model
+    whose ``target_dim`` / ``num_classes`` are still 0 (a new run, not a saved checkpoint).
+    """
+
     cfg: MamClapPretrainingConfig
 
     def __init__(self, cfg: MamClapPretrainingConfig):
         super().__init__(cfg)
-        if not os.path.isdir(cfg.data):
-            raise FileNotFoundError(f"task.data: directory {cfg.data!r} does not exist")
         if cfg.target_length <= 0 or cfg.target_length % PATCH_SIZE:
-            raise ValueError(f"task.target_length={cfg.target_length} must be a positive multiple of {PATCH_SIZE}")
+            raise ValueError(
+                f"task.target_length={cfg.target_length} must be a positive multiple of {PATCH_SIZE} frames "
+                f"(whole patches); the pretraining model needs whole decoder windows too: a multiple of "
+                f"{PATCH_SIZE} x model.decoder_window_time (64 with the default window of 4)"
+            )
         self.norm_mean, self.norm_std = resolve_norm_stats(cfg.norm_stats)
-        self.class_names = read_class_list(os.path.join(cfg.data, cfg.class_list)) if cfg.labels else []
-        self.target_header = self._read_store_header() if cfg.target_store else None
-        self.teacher = None
-        if cfg.teacher_checkpoint and not cfg.target_store:
-            # building the teacher must not draw from the seeded RNG: the student's
-            # initialisation and masks stay those of an offline run with the same seed
-            with torch.random.fork_rng(devices=[]):
-                self.teacher = load_clap_teacher(cfg.teacher_checkpoint, cfg.teacher_layer, cfg.teacher_projection,
-                                                 trusted=cfg.teacher_trusted)
-            logger.info(f"online teacher {self.teacher.name} ({cfg.teacher_layer}) from {cfg.teacher_checkpoint}")
-        #: Teacher cell of each student token (None without teacher targets).
-        self.alignment = self._student_alignment()
+        self._class_names: Optional[list] = None
+        self._target_header = None
+        self._teacher = None
+        self._alignment = None
 
     @classmethod
     def setup_task(cls, cfg: MamClapPretrainingConfig, **kwargs):
         return cls(cfg)
 
+    def _data_path(self, name: str) -> str:
+        if not os.path.isdir(self.cfg.data):
+            raise FileNotFoundError(f"task.data: directory {self.cfg.data!r} does not exist")
+        return os.path.join(self.cfg.data, name)
+
+    @property
+    def class_names(self) -> list:
+        """Names from ``task.data/task.class_list`` (read once); [] without task.labels."""
+        if self._class_names is None:
+            self._class_names = read_class_list(self._data_path(self.cfg.class_list)) if self.cfg.labels else []
+        return self._class_names
+
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def target_header(self):
+        """Header shared by every store in task.target_store (read once); None without stores."""
+        if self._target_header is None and self.cfg.target_store:
+            self._target_header = self._read_store_header()
+        return self._target_header
+
+    @property
+    def teacher(self):
+        """The online CLAP teacher (task.teacher_checkpoint without task.target_store),
+        loaded on first use; None otherwise."""
+        cfg = self.cfg
+        if self._teacher is None and cfg.teacher_checkpoint and not cfg.target_store:
+            # building the teacher must not draw from the seeded RNG: the student's
+            # initialisation and masks stay those of an offline run with the same seed
+            with torch.random.fork_rng(devices=[]):
+                self._teacher = load_clap_teacher(cfg.teacher_checkpoint, cfg.teacher_layer, cfg.teacher_projection,
+                                                  trusted=cfg.teacher_trusted)
+            logger.info(f"online teacher {self._teacher.name} ({cfg.teacher_layer}) from {cfg.teacher_checkpoint}")
+        return self._teacher
 
     @property
     def target_dim(self) -> int:
@@ -121,34 +159,28 @@ class MamClapPretrainingTask(FairseqTask):
             return self.target_header.dim
         return self.teacher.dim if self.teacher is not None else 0
 
-    def _student_alignment(self):
+    @property
+    def alignment(self):
         """Teacher cell of each student token, or None without teacher targets."""
-        time_patches = self.cfg.target_length // PATCH_SIZE
-        if self.target_header is not None:
-            return self.target_header.alignment(time_patches, FREQ_PATCHES)
-        if self.teacher is not None:
-            t = self.teacher
-            return alignment(t.grid[0], t.grid[1], t.seconds, t.freq_edges_hz(), time_patches, FREQ_PATCHES)
-        return None
+        if self._alignment is None:
+            time_patches = self.cfg.target_length // PATCH_SIZE
+            if self.target_header is not None:
+                self._alignment = self.target_header.alignment(time_patches, FREQ_PATCHES)
+            elif self.teacher is not None:
+                t = self.teacher
+                self._alignment = alignment(t.grid[0], t.grid[1], t.seconds, t.freq_edges_hz(), time_patches,
+                                            FREQ_PATCHES)
+        return self._alignment
 
     def _read_store_header(self):
-        """Header shared by every ``*.tgt`` store in task.target_store (they must agree)."""
+        """Header shared by every ``*.tgt`` store in task.target_store, checked against the task's teacher fields."""
         root = self.cfg.target_store
         if not os.path.isdir(root):
             raise FileNotFoundError(f"task.target_store: directory {root!r} does not exist")
-        names = sorted(n for n in os.listdir(root) if n.endswith(".tgt"))
-        if not names:
+        first = check_one_teacher(root)
+        if first is None:
             raise FileNotFoundError(f"task.target_store: no *.tgt files in {root!r}")
-        headers = {n: open_target_store(os.path.join(root, n)).header for n in names}
-        first = headers[names[0]]
-        for name, h in headers.items():
-            diff = first.teacher_differences(h)
-            if diff:
-                raise TargetStoreError(
-                    f"{os.path.join(root, name)}: targets from another teacher or map than {names[0]} "
-                    f"(fields {diff} differ); all stores in task.target_store must come from one teacher"
-                )
-        path = os.path.join(root, names[0])
+        path = os.path.join(root, sorted(n for n in os.listdir(root) if n.endswith(".tgt"))[0])
         cfg = self.cfg
         if first.layer != cfg.teacher_layer:
             raise TargetStoreError(f"{path}: store holds the {first.layer!r} map but task.teacher_layer={cfg.teacher_layer}")
@@ -166,10 +198,18 @@ class MamClapPretrainingTask(FairseqTask):
         return first
 
     def build_model(self, cfg, from_checkpoint: bool = False):
-        """Fill ``model.target_dim`` / ``model.num_classes`` from the data before building.
+        """Check task.target_length against the model's decoder window, and fill
+        ``model.target_dim`` / ``model.num_classes`` from the data if still 0.
 
         Written into the run's own config, so saved checkpoints rebuild without the data.
         """
+        window = cfg.get("decoder_window_time")
+        if window and self.cfg.target_length % (PATCH_SIZE * window):
+            raise ValueError(
+                f"task.target_length={self.cfg.target_length} must be a multiple of {PATCH_SIZE * window} frames "
+                f"for this model: its decoder attends in windows of model.decoder_window_time={window} time "
+                f"patches of {PATCH_SIZE} frames"
+            )
         with open_dict(cfg):
             if cfg.get("target") == "clap" and cfg.get("target_dim", 0) <= 0:
                 cfg.target_dim = self.target_dim
@@ -178,7 +218,8 @@ class MamClapPretrainingTask(FairseqTask):
         return super().build_model(cfg, from_checkpoint)
 
     def load_dataset(self, split: str, combine: bool = False, **kwargs):
-        manifest = read_manifest(os.path.join(self.cfg.data, f"{split}.tsv"))
+        """Read ``{split}.tsv`` (and labels, store or teacher input); all data checks happen here."""
+        manifest = read_manifest(self._data_path(f"{split}.tsv"))
         labels = None
         if self.cfg.labels:
             labels = read_labels(
@@ -187,7 +228,6 @@ class MamClapPretrainingTask(FairseqTask):
         store = None
         if self.cfg.target_store:
             store = open_target_store(os.path.join(self.cfg.target_store, f"{split}.tgt"))
-            store.check(len(manifest.paths), self.target_dim)
         teacher_input = (self.teacher.sample_rate, self.teacher.num_samples) if self.teacher is not None else None
         self.datasets[split] = MamClapDataset(
             manifest,
