@@ -31,7 +31,6 @@ import os
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from .alignment import Alignment, alignment
 
@@ -381,11 +380,6 @@ class TargetStore:
         if not 0 <= index < len(self):
             raise IndexError(f"{self.path}: clip index {index} outside [0, {len(self)})")
         return np.asarray(self._array()[index])
-
-    def aligned(self, index: int, align: Alignment) -> torch.Tensor:
-        """Clip ``index`` mapped onto the student grid: float32 (N, dim)."""
-        flat = self[index].reshape(-1, self.header.dim)
-        return torch.from_numpy(flat[align.index.numpy()].astype(np.float32))
 
     def check_complete(self) -> np.ndarray:
         """Raise TargetStoreError unless every clip is written or marked bad; returns the
