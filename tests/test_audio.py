@@ -24,9 +24,10 @@ def write_wav(path, seconds, rate=16000, channels=1, seed=0, subtype=None):
 
 
 def direct_fbank(wav):
-    """Reference: the AudioMAE call on the mean-removed waveform, without padding."""
+    """Reference: the AudioMAE call on the mean-removed waveform, without padding (the mean
+    taken in float64, as wav_to_fbank does so that a clip's fbank does not depend on its batch)."""
     return torchaudio.compliance.kaldi.fbank(
-        (wav - wav.mean())[None], htk_compat=True, sample_frequency=16000, use_energy=False,
+        (wav - wav.double().mean().float())[None], htk_compat=True, sample_frequency=16000, use_energy=False,
         window_type="hanning", num_mel_bins=128, dither=0.0, frame_shift=10)
 
 
