@@ -50,25 +50,35 @@ GPU_CLIPS_PER_S_ESTIMATE = 1300.0
 MODES = ("fbank_in_worker", "fbank_on_device")
 
 
-def _write_set(root: str, fmt: str, rate: int, channels: int, clips: int, rng) -> str:
-    """10 s tone + noise clips of one format, their manifest and a random fp16 target store."""
-    names, sizes = [], []
+def write_tone_clips(directory: str, prefix: str, clips: int, rate: int, channels: int, rng) -> List[str]:
+    """``clips`` 10 s tone + noise WAV files ``{prefix}_{i}.wav``; returns their names."""
+    names = []
     n = int(CLIP_SECONDS * rate)
     for i in range(clips):
-        tone = 0.3 * np.sin(2 * np.pi * (220.0 * (i + 1)) * np.arange(n) / rate)
+        tone = 0.3 * np.sin(2 * np.pi * (110.0 * (i % 8 + 1)) * np.arange(n) / rate)
         data = tone[:, None] + 0.05 * rng.standard_normal((n, channels))
-        names.append(f"{fmt}_{i}.wav")
-        sizes.append(n)
-        write_wav(os.path.join(root, names[-1]), data.astype(np.float32), rate)
-    manifest = os.path.join(root, f"{fmt}.tsv")
-    write_manifest(manifest, root, names, sizes)
+        names.append(f"{prefix}_{i}.wav")
+        write_wav(os.path.join(directory, names[-1]), data.astype(np.float32), rate)
+    return names
+
+
+def write_random_store(path: str, clips: int, rng) -> None:
+    """A complete fp16 target store of random LAION-CLAP final maps (2 x 32 x 768 per clip)."""
     header = TargetStoreHeader(teacher="benchmark-random", checkpoint_sha256="0" * 64, layer="final", projection=False,
                                grid_freq=TEACHER_GRID[0], grid_time=TEACHER_GRID[1], dim=TEACHER_DIM,
                                sample_rate=48000, seconds=10.0, freq_edges_hz=[50.0, 2229.63, 14000.0],
                                num_clips=clips)
-    with create_target_store(os.path.join(root, f"{fmt}.tgt"), header) as writer:
+    with create_target_store(path, header) as writer:
         for i in range(clips):
             writer.write(i, rng.standard_normal((*TEACHER_GRID, TEACHER_DIM)).astype(np.float32))
+
+
+def _write_set(root: str, fmt: str, rate: int, channels: int, clips: int, rng) -> str:
+    """Clips of one format, their manifest and a random target store; returns the manifest."""
+    names = write_tone_clips(root, fmt, clips, rate, channels, rng)
+    manifest = os.path.join(root, f"{fmt}.tsv")
+    write_manifest(manifest, root, names, [int(CLIP_SECONDS * rate)] * clips)
+    write_random_store(os.path.join(root, f"{fmt}.tgt"), clips, rng)
     return manifest
 
 

@@ -26,41 +26,29 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
+from benchmarks.data_pipeline import CLIP_SECONDS, write_random_store, write_tone_clips
 from benchmarks.measure import log, median
-from benchmarks.student_step import CONFIG_DIR, NUM_CLASSES, TEACHER_DIM, VARIANTS, bench_variant, load_variant
-from mam_clap_plugin.data.audio import write_wav
+from benchmarks.student_step import CONFIG_DIR, NUM_CLASSES, VARIANTS, bench_variant, load_variant
 from mam_clap_plugin.data.manifest import write_class_list, write_labels, write_manifest
-from mam_clap_plugin.data.target_store import TargetStoreHeader, create_target_store
 from mam_clap_plugin.hydra_runs import run_hydra_train
 
 TARGET_PCT_OF_ISOLATED = 90.0
-CLIP_SECONDS = 10.0
 
 
 def write_clips(root: str, clips: int, seed: int = 0) -> None:
-    """``root/train.tsv`` (+ ``valid``), labels over 527 classes, classes.txt and ``root/targets``."""
+    """``root/{train,valid}.tsv`` over the same 10 s 16 kHz clips, labels over 527 classes,
+    classes.txt and random target stores in ``root/targets``."""
     rng = np.random.default_rng(seed)
     audio = os.path.join(root, "audio")
     os.makedirs(audio, exist_ok=True)
     os.makedirs(os.path.join(root, "targets"), exist_ok=True)
-    n = int(CLIP_SECONDS * 16000)
-    t = np.arange(n) / 16000
-    names = []
-    for i in range(clips):
-        x = 0.3 * np.sin(2 * np.pi * 110.0 * (i % 8 + 1) * t) + 0.05 * rng.standard_normal(n)
-        names.append(f"clip_{i}.wav")
-        write_wav(os.path.join(audio, names[-1]), x.astype(np.float32), 16000)
+    names = write_tone_clips(audio, "clip", clips, 16000, 1, rng)
     labels = [[int(c) for c in rng.choice(NUM_CLASSES, 2, replace=False)] for _ in names]
     write_class_list(os.path.join(root, "classes.txt"), [f"class_{k}" for k in range(NUM_CLASSES)])
     for split in ("train", "valid"):
-        write_manifest(os.path.join(root, f"{split}.tsv"), audio, names, [n] * clips)
+        write_manifest(os.path.join(root, f"{split}.tsv"), audio, names, [int(CLIP_SECONDS * 16000)] * clips)
         write_labels(os.path.join(root, f"{split}.lbl"), labels)
-        header = TargetStoreHeader(teacher="benchmark-random", checkpoint_sha256="0" * 64, layer="final",
-                                   projection=False, grid_freq=2, grid_time=32, dim=TEACHER_DIM, sample_rate=48000,
-                                   seconds=10.0, freq_edges_hz=[50.0, 2229.63, 14000.0], num_clips=clips)
-        with create_target_store(os.path.join(root, "targets", f"{split}.tgt"), header) as writer:
-            for i in range(clips):
-                writer.write(i, rng.standard_normal((2, 32, TEACHER_DIM)).astype(np.float32))
+        write_random_store(os.path.join(root, "targets", f"{split}.tgt"), clips, rng)
 
 
 def loop_figures(records: List[dict], batch_size: int, skip: int) -> Dict[str, Any]:
