@@ -7,8 +7,10 @@ variant's YAML (ViT-B unless ``--size``), generated 10 s clips at 16 kHz (tone +
 labels and, for the CLAP variants, a random fp16 target store of LAION-CLAP's final-map shape
 (2 x 32 x 768), ``dataset.num_workers`` > 0, ``common.log_interval=1``, no validation, no
 checkpoint. The criterion logs ``ntokens`` = clips, so fairseq's ``wps`` is clips/s; the report
-takes the updates after ``--skip`` warm-up updates: fairseq's ``wps`` (median) and clips over
-the ``wall`` clock between the first and last timed update.
+takes the updates after ``--skip`` warm-up updates: clips over the ``wall`` clock between the
+first and last timed update (the headline), fairseq's ``wps`` and ``ups`` (medians; fairseq
+rounds them to 0.1 and 0.01, coarse at ViT-B speed on a CPU) and ``train_wall``, the time
+inside fairseq's ``train_step``.
 
     python -m benchmarks.training_loop --out outputs/bench/training_loop.json
 """
@@ -64,6 +66,9 @@ def loop_figures(records: List[dict], batch_size: int, skip: int) -> Dict[str, A
         "clips_per_s_wps": median([r["wps"] for r in timed]),
         "clips_per_s_wall": clips / wall if wall > 0 else float("nan"),
         "ups": median([r["ups"] for r in timed]),
+        # seconds inside fairseq's train_step per logged update (log_interval=1): the rest of
+        # ms_per_update_wall is the loop around it (waiting for data, logging)
+        "ms_in_train_step": 1e3 * median([r["train_wall"] for r in timed]),
         "ms_per_update_wall": 1e3 * wall / (len(timed) - 1),
         "bsz": timed[-1]["bsz"],
     }
@@ -88,7 +93,8 @@ def bench_loop(variant: str, size: Optional[str], batch_size: int, updates: int,
     figures = loop_figures(run.records["train_inner"], batch_size, skip)
     figures.update(command_overrides=overrides, process_wall_s=time.perf_counter() - t0, num_workers=workers)
     log(f"[loop] {variant}: fairseq-hydra-train {figures['clips_per_s_wps']:.3f} clips/s (wps), "
-        f"{figures['clips_per_s_wall']:.3f} clips/s (wall), {figures['ms_per_update_wall']:.0f} ms/update")
+        f"{figures['clips_per_s_wall']:.3f} clips/s (wall), {figures['ms_per_update_wall']:.0f} ms/update, "
+        f"{figures['ms_in_train_step']:.0f} ms of it in train_step")
     return figures
 
 
