@@ -126,6 +126,11 @@ def test_fbank_on_device_gives_the_workers_batch(mixed_set):
     # the model's dtype, as fairseq's own cast of net_input under common.bf16
     half = on_device(device.collater([device[0]]), 128, -4.0, 4.5, device.alignment, torch.bfloat16)
     assert half["net_input"]["source"].dtype == torch.bfloat16
+    # a waveform quantised by fairseq's fp16/bf16 batch cast is refused, not turned into a wrong fbank
+    cast = device.collater([device[0]])
+    cast["audio"] = cast["audio"].half()
+    with pytest.raises(ValueError, match="fbank_on_device=true: the batch's waveform arrived as torch.float16"):
+        on_device(cast, 128, -4.0, 4.5, device.alignment)
 
 
 def test_manifest_and_labels_live_in_numpy_arrays(mixed_set):

@@ -221,6 +221,12 @@ def on_device(sample: dict, target_length: int, norm_mean: float, norm_std: floa
     """
     audio = sample.pop("audio", None)
     if audio is not None:
+        if audio.dtype != torch.float32:
+            raise ValueError(
+                f"task.fbank_on_device=true: the batch's waveform arrived as {audio.dtype}, not float32 (fairseq's "
+                "common.fp16/common.bf16 cast every float32 tensor of the batch); a quantised waveform would change "
+                "the fbank, so use task.fbank_on_device=false with common.fp16/bf16"
+            )
         fbank = batch_fbank(audio, sample.pop("audio_lengths"), target_length)
         sample["net_input"] = {"source": normalize_fbank(fbank, norm_mean, norm_std).unsqueeze(1).to(dtype)}
     target = sample.get("target")

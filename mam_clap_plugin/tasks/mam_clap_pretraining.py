@@ -92,7 +92,8 @@ class MamClapPretrainingConfig(FairseqDataclass):
         default=False,
         metadata={"help": "data loader workers only read, downmix and resample the audio; the fbank and its "
                           "normalisation run batched in train_step/valid_step on the model's device (same values "
-                          "as the workers' fbank within float rounding)"},
+                          "as the workers' fbank within float rounding); float32 runs only: fairseq's "
+                          "common.fp16/bf16 batch cast would quantise the waveform (refused)"},
     )
 
 
