@@ -7,8 +7,8 @@ variant's YAML (ViT-B unless ``--size``), generated 10 s clips at 16 kHz (tone +
 labels and, for the CLAP variants, a random fp16 target store of LAION-CLAP's final-map shape
 (2 x 32 x 768), ``dataset.num_workers`` > 0, ``common.log_interval=1``, no validation, no
 checkpoint. The criterion logs ``ntokens`` = clips, so fairseq's ``wps`` is clips/s; the report
-takes the updates after ``--skip`` warm-up updates: clips over the ``wall`` clock between the
-first and last timed update (the headline), fairseq's ``wps`` and ``ups`` (medians; fairseq
+takes the updates after ``--skip`` warm-up updates: clips over the time between the first and
+last timed update's log lines (the headline; millisecond timestamps), fairseq's ``wps`` and ``ups`` (medians; fairseq
 rounds them to 0.1 and 0.01, coarse at ViT-B speed on a CPU) and ``train_wall``, the time
 inside fairseq's ``train_step``.
 
@@ -17,8 +17,10 @@ inside fairseq's ``train_step``.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -53,20 +55,35 @@ def write_clips(root: str, clips: int, seed: int = 0) -> None:
         write_random_store(os.path.join(root, "targets", f"{split}.tgt"), clips, rng)
 
 
-def loop_figures(records: List[dict], batch_size: int, skip: int) -> Dict[str, Any]:
-    """clips/s of the logged updates after the first ``skip``: fairseq's wps and the wall clock."""
+_TRAIN_INNER = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]\[[\w.]+\]\[INFO\] - \{.*\"num_updates\": \"(\d+)\"")
+
+
+def update_times(text: str) -> Dict[int, float]:
+    """Log time in seconds (millisecond resolution) of each ``train_inner`` record, by update;
+    fairseq's own ``wall`` field is rounded to whole seconds."""
+    times = {}
+    for line in text.splitlines():
+        m = _TRAIN_INNER.match(line)
+        if m and "train_inner" in line.split(" - ", 1)[0]:
+            stamp = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f")
+            times[int(m.group(2))] = stamp.timestamp()
+    return times
+
+
+def loop_figures(records: List[dict], times: Dict[int, float], skip: int) -> Dict[str, Any]:
+    """clips/s of the logged updates after the first ``skip``: the log clock, fairseq's wps/ups."""
     timed = [r for r in records if int(r["num_updates"]) > skip]
     if len(timed) < 2:
         raise RuntimeError(f"need at least 2 logged updates after {skip} warm-up updates, got {len(timed)}")
     clips = sum(r["bsz"] for r in timed[1:])
-    wall = timed[-1]["wall"] - timed[0]["wall"]
+    wall = times[int(timed[-1]["num_updates"])] - times[int(timed[0]["num_updates"])]
     return {
         "timed_updates": len(timed),
         "wps_all": [r["wps"] for r in timed],
         "clips_per_s_wps": median([r["wps"] for r in timed]),
-        "clips_per_s_wall": clips / wall if wall > 0 else float("nan"),
+        "clips_per_s_wall": clips / wall,
         "ups": median([r["ups"] for r in timed]),
-        # seconds inside fairseq's train_step per logged update (log_interval=1): the rest of
+        # seconds inside fairseq's train_step per logged update (log_interval=1, whole seconds): the rest of
         # ms_per_update_wall is the loop around it (waiting for data, logging)
         "ms_in_train_step": 1e3 * median([r["train_wall"] for r in timed]),
         "ms_per_update_wall": 1e3 * wall / (len(timed) - 1),
@@ -90,7 +107,7 @@ def bench_loop(variant: str, size: Optional[str], batch_size: int, updates: int,
     env = {"OMP_NUM_THREADS": str(threads)} if threads else None
     t0 = time.perf_counter()
     run = run_hydra_train(str(CONFIG_DIR), variant, overrides, os.path.join(root, "run"), env=env)
-    figures = loop_figures(run.records["train_inner"], batch_size, skip)
+    figures = loop_figures(run.records["train_inner"], update_times(run.text), skip)
     figures.update(command_overrides=overrides, process_wall_s=time.perf_counter() - t0, num_workers=workers)
     log(f"[loop] {variant}: fairseq-hydra-train {figures['clips_per_s_wps']:.3f} clips/s (wps), "
         f"{figures['clips_per_s_wall']:.3f} clips/s (wall), {figures['ms_per_update_wall']:.0f} ms/update, "
