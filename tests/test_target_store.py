@@ -190,7 +190,7 @@ def test_invalid_header_fields(tmp_path, field, value, message):
 def test_aligned_and_pickle(tmp_path):
     clips = make_store(tmp_path / "a.tgt", make_header())
     store = pickle.loads(pickle.dumps(open_target_store(str(tmp_path / "a.tgt"))))
-    aligned = align_tokens(torch.from_numpy(store[2]), store.header.alignment(64, 8)).float()
+    aligned = align_tokens(torch.from_numpy(np.array(store[2])), store.header.alignment(64, 8)).float()
     assert aligned.dtype == torch.float32 and aligned.shape == (512, 4)
     expected = torch.from_numpy(clips[2].astype(np.float16).astype(np.float32))
     torch.testing.assert_close(aligned[10 * 8 + 5], expected[1, 5])  # t=10, f=5 -> (band 1, cell 5)
