@@ -49,6 +49,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_pretrain --out outputs/bench/pretrain.json
+	$(BIN)/python -m benchmarks.training_loop --out outputs/bench/training_loop.json
 	$(BIN)/python -m benchmarks.bench_upstream --out outputs/bench/upstream.json
 	$(BIN)/python -m benchmarks.bench_optimizer --out outputs/bench/optimizer.json
 	$(BIN)/python -m benchmarks.bench_finetune --out outputs/bench/finetune.json

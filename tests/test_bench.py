@@ -1,5 +1,6 @@
-"""Smoke test of ``python -m benchmarks.bench_pretrain`` (student step, teacher and data
-pipeline modules together): a tiny run, and the JSON it writes."""
+"""Smoke tests of ``python -m benchmarks.bench_pretrain`` (student step, teacher and data
+path modules together) and ``python -m benchmarks.training_loop``: tiny runs, and the JSON
+they write."""
 import json
 import math
 import subprocess
@@ -43,7 +44,7 @@ def report(tmp_path_factory):
     ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "pipeline clips/s per core" in proc.stdout  # the table was printed
+    assert "clips/s per core / model clips/s per core" in proc.stdout and "fbank_on_device" in proc.stdout  # the tables
     return json.loads(out.read_text())
 
 
@@ -138,3 +139,43 @@ def test_teacher_fields(report):
         assert c["step_ms"] == report["variants"][name]["step_ms"]
         assert 0 < c["fraction_of_step"] < 1
         assert c["fraction_of_step"] == pytest.approx(c["teacher_ms_per_batch"] / (c["teacher_ms_per_batch"] + c["step_ms"]))
+
+
+def test_pipeline_modes_devices_and_bytes(report):
+    """The data path part: both modes per format, the device side, the loader's bytes per clip."""
+    p = report["pipeline"]
+    for fmt, f in p["formats"].items():
+        for mode in ("fbank_in_worker", "fbank_on_device"):
+            assert positive_finite(f[mode]["ms_per_clip"]) and positive_finite(f[mode]["clips_per_s_per_worker"]), fmt
+        assert f["on_device_speedup"] == pytest.approx(
+            f["fbank_on_device"]["clips_per_s_per_worker"] / f["fbank_in_worker"]["clips_per_s_per_worker"])
+        assert f["fbank_in_worker"]["bytes_per_clip"]["input"] == 1024 * 128 * 4
+    d = p["device_side"]
+    assert d["batch_size"] >= 1 and positive_finite(d["fbank_and_normalisation"]["ms_per_batch"])
+    assert positive_finite(d["offline_target_alignment"]["ms_per_batch"])
+    b = p["loader_bytes_per_clip"]
+    assert b["offline_targets"] == b["store_bytes_per_clip"] == 2 * 32 * 768 * 2  # the store's fp16 map
+    assert b["offline_targets_aligned_fp32_before"] == 512 * 768 * 4
+    assert b["waveform"] == 160000 * 4 + 8  # 10 s at 16 kHz, float32, and its length
+    assert p["offline_targets_target_met"] is True and isinstance(p["on_device_speedup_target_met"], bool)
+    w = p["workers_needed"]
+    assert w["for_assumed_gpu"]["44k1_stereo"]["fbank_on_device"] >= 1
+
+
+def test_training_loop_next_to_the_isolated_step(tmp_path):
+    """python -m benchmarks.training_loop, tiny: fairseq-hydra-train's own clips/s with a worker
+    process, next to the isolated step at the same batch."""
+    out = tmp_path / "loop.json"
+    cmd = [sys.executable, "-m", "benchmarks.training_loop", "--size", "tiny", "--batch-size", "2", "--updates", "4",
+           "--steps", "1", "--num-workers", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    loop = r["loop"]
+    assert r["variant"] == "supmam_clap" and r["batch_size"] == 2 and loop["num_workers"] == 1
+    assert loop["timed_updates"] == 3 and loop["bsz"] == 2
+    assert all(x >= 0 for x in loop["wps_all"]) and positive_finite(loop["clips_per_s_wall"])
+    assert loop["ms_in_train_step"] >= 0 and positive_finite(loop["ms_per_update_wall"])
+    assert positive_finite(r["isolated_step"]["clips_per_s"])
+    assert r["loop_pct_of_isolated"] == pytest.approx(100 * loop["clips_per_s_wall"] / r["isolated_step"]["clips_per_s"])
+    assert "clips/s" in proc.stdout and isinstance(r["target_met"], bool)

@@ -7,7 +7,7 @@ import soundfile
 import torch
 
 from mam_clap_plugin.data.audio import AudioError, load_audio, normalize_fbank, wav_to_fbank
-from mam_clap_plugin.data.dataset import MamClapDataset
+from mam_clap_plugin.data.dataset import MamClapDataset, on_device
 from mam_clap_plugin.data.manifest import read_manifest, write_manifest
 from mam_clap_plugin.data.target_store import TargetStoreError, create_target_store, open_target_store
 
@@ -49,8 +49,11 @@ def test_collater_shapes_and_contents(tmp_path):
     assert batch["nsentences"] == batch["ntokens"] == 3 and batch["num_skipped"] == 0
     assert batch["net_input"]["source"].shape == (3, 1, 1024, 128)
     assert batch["label"].shape == (3, 5) and batch["label"].dtype == torch.float32
-    assert batch["target"].shape == (3, 512, 4) and batch["target"].dtype == torch.float16
-    assert batch["target"][2].eq(2.0).all()
+    # the store's own fp16 map crosses the loader; on_device aligns it to the student grid
+    assert batch["target"].shape == (3, 2, 32, 4) and batch["target"].dtype == torch.float16
+    target = on_device(batch, 1024, -4.0, 4.0, dataset.alignment)["target"]
+    assert target.shape == (3, 512, 4) and target.dtype == torch.float32
+    assert target[2].eq(2.0).all()
     # 0.5 s = 48 fbank frames = 3 time patches of real audio; the other 61 are padding
     mask = batch["target_mask"]
     assert mask.shape == (3, 512) and mask.dtype == torch.bool

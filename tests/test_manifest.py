@@ -18,7 +18,7 @@ def test_manifest_round_trip(tmp_path):
     assert (tmp_path / "train.tsv").read_text() == "/data/audio\na/x.wav\t16000\nb y.flac\t441000\n"
     manifest = read_manifest(path)
     assert manifest.root == "/data/audio" and manifest.path == path
-    assert manifest.paths == ["a/x.wav", "b y.flac"] and manifest.sizes == [16000, 441000]
+    assert manifest.paths == ["a/x.wav", "b y.flac"] and manifest.sizes.tolist() == [16000, 441000]
     assert len(manifest) == 2
     assert manifest.full_path(1) == "/data/audio/b y.flac"
     assert manifest.where(0) == f"{path}:2" and manifest.where(1) == f"{path}:3"

@@ -50,7 +50,7 @@ def test_manifest_cli(tmp_path):
     assert "skipped 1 unreadable or empty file" in proc.stderr and "broken.wav" in proc.stderr
     train = read_manifest(str(tmp_path / "m0" / "train.tsv"))
     assert train.root == os.path.realpath(root)
-    assert train.paths == ["a/x.flac", "b/y.wav", "c.WAV"] and train.sizes == [3200, 1600, 800]
+    assert train.paths == ["a/x.flac", "b/y.wav", "c.WAV"] and train.sizes.tolist() == [3200, 1600, 800]
     assert not (tmp_path / "m0" / "valid.tsv").exists()
 
     for dest in ("m1", "m2"):

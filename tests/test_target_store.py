@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from mam_clap_plugin.data.alignment import align_tokens
 from mam_clap_plugin.data.target_store import (
     BAD_AUDIO,
     PENDING,
@@ -189,9 +190,9 @@ def test_invalid_header_fields(tmp_path, field, value, message):
 def test_aligned_and_pickle(tmp_path):
     clips = make_store(tmp_path / "a.tgt", make_header())
     store = pickle.loads(pickle.dumps(open_target_store(str(tmp_path / "a.tgt"))))
-    aligned = store.aligned(2, store.header.alignment(64, 8))
-    assert aligned.dtype == torch.float16 and aligned.shape == (512, 4)  # the stored values, exact
-    expected = torch.from_numpy(clips[2].astype(np.float16))
+    aligned = align_tokens(torch.from_numpy(np.array(store[2])), store.header.alignment(64, 8)).float()
+    assert aligned.dtype == torch.float32 and aligned.shape == (512, 4)
+    expected = torch.from_numpy(clips[2].astype(np.float16).astype(np.float32))
     torch.testing.assert_close(aligned[10 * 8 + 5], expected[1, 5])  # t=10, f=5 -> (band 1, cell 5)
     torch.testing.assert_close(aligned[10 * 8 + 4], expected[0, 5])  # f=4 (~2.2 kHz) -> band 0
     torch.testing.assert_close(aligned[0], expected[0, 0])

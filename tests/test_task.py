@@ -5,6 +5,7 @@ import shutil
 import fairseq  # noqa: F401
 import numpy as np
 import pytest
+import torch
 
 import mam_clap_plugin  # noqa: F401
 from mam_clap_plugin.data.manifest import ManifestError
@@ -32,7 +33,9 @@ def test_loads_labels_and_targets(data):
     assert t.num_classes == 3 and t.target_dim == TEACHER_DIM
     assert item["source"].shape == (64, 128)
     assert item["label"].tolist() == [1.0, 0.0, 0.0]
-    assert item["target"].shape == (4 * 8, TEACHER_DIM)
+    assert item["target"].shape == (2, 32, TEACHER_DIM) and item["target"].dtype == torch.float16  # the store's map
+    batch = t.on_device(t.datasets["train"].collater([item]), torch.nn.Linear(1, 1))  # aligned on the model's device
+    assert batch["target"].shape == (1, 4 * 8, TEACHER_DIM) and batch["target"].dtype == torch.float32
 
 
 def test_empty_manifest(data):

@@ -6,6 +6,13 @@ Pipeline used for training, evaluation and normalisation statistics:
     wav_to_fbank(wav, target_length)        -> (target_length, 128) log-mel, zero-padded/cropped
     normalize_fbank(fbank, mean, std)       -> (fbank - mean) / (2 * std)
 
+The fbank has one definition, :func:`batch_fbank`: Kaldi's ``fbank`` as AudioMAE calls
+``torchaudio.compliance.kaldi.fbank`` (tested against it), computed for a padded batch of
+clips of different lengths on any device, with the mel matrix and window built once per
+device. ``wav_to_fbank`` is its one-clip form (the data loader's workers);
+``task.fbank_on_device=true`` runs it on whole batches in the training step instead.
+Resampling kernels are built once per rate pair (:func:`resampler`).
+
 ``write_wav(path, samples, rate)`` writes 16-bit PCM WAV files (generated data sets, benchmarks).
 
 Frames are 25 ms windows every 10 ms (Kaldi ``snip_edges`` framing), so ``n`` frames need
@@ -13,6 +20,7 @@ Frames are 25 ms windows every 10 ms (Kaldi ``snip_edges`` framing), so ``n`` fr
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -25,9 +33,14 @@ NUM_MEL_BINS = 128
 FRAME_SHIFT_MS = 10
 WINDOW_MS = 25
 WINDOW_SAMPLES = SAMPLE_RATE * WINDOW_MS // 1000  # 400
+SHIFT_SAMPLES = SAMPLE_RATE * FRAME_SHIFT_MS // 1000  # 160
+FFT_SIZE = 512  # the window rounded up to a power of two (Kaldi's round_to_power_of_two)
+PREEMPHASIS = 0.97  # Kaldi's default preemphasis_coefficient
+LOW_HZ = 20.0  # Kaldi's default low_freq; high_freq = Nyquist
 
-#: Keyword arguments of ``torchaudio.compliance.kaldi.fbank`` in :func:`wav_to_fbank`
-#: (recorded in encoder exports as the front end the encoder expects).
+#: The Kaldi fbank that :func:`batch_fbank` computes, as the keyword arguments of
+#: ``torchaudio.compliance.kaldi.fbank`` (its reference in the tests; recorded in encoder
+#: exports as the front end the encoder expects).
 FBANK_OPTIONS = {
     "htk_compat": True,
     "sample_frequency": SAMPLE_RATE,
@@ -76,15 +89,26 @@ def _load_mono(path: str, max_ms: int | None, where: str | None) -> tuple[torch.
     data, rate = _read(path, max_ms, where)
     if data.shape[0] == 0:
         raise _fail(path, where, "audio is empty (0 samples)")
-    wav = data.mean(dim=1)
+    wav = data[:, 0]
+    for channel in range(1, data.shape[1]):  # the channel mean, ~10x faster than mean(dim=1) over 2 columns
+        wav = wav + data[:, channel]
+    wav = wav / data.shape[1] if data.shape[1] > 1 else wav.contiguous()
     if not torch.isfinite(wav).all():
         raise _fail(path, where, "audio contains NaN or Inf samples")
     return wav, rate
 
 
+@functools.lru_cache(maxsize=16)
+def resampler(rate: int, target_rate: int) -> torchaudio.transforms.Resample:
+    """torchaudio's resampler from ``rate`` to ``target_rate``, its kernel built once per rate
+    pair (and per process: each data loader worker keeps its own). The kernel is computed in
+    float32, as ``torchaudio.functional.resample`` does for float32 audio: the same samples."""
+    return torchaudio.transforms.Resample(rate, target_rate, dtype=torch.float32)
+
+
 def _resample(wav: torch.Tensor, rate: int, target_rate: int) -> torch.Tensor:
     if rate != target_rate:
-        wav = torchaudio.functional.resample(wav, rate, target_rate)
+        wav = resampler(rate, target_rate)(wav)
     return wav.contiguous()
 
 
@@ -143,20 +167,75 @@ def load_student_and_teacher_audio(path: str, max_frames: int, sample_rate: int,
     return student, fit_length(_resample(wav, rate, sample_rate), num_samples)
 
 
-def pad_or_crop(fbank: torch.Tensor, target_length: int) -> torch.Tensor:
-    """Zero-pad at the end or crop a (N, bins) fbank to (target_length, bins)."""
-    missing = target_length - fbank.shape[0]
-    if missing > 0:
-        return torch.nn.functional.pad(fbank, (0, 0, 0, missing))
-    return fbank[:target_length]
+@functools.lru_cache(maxsize=8)
+def _fbank_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Hanning window (400,), mel matrix (257, 128)) on ``device``: Kaldi's HTK-mel
+    triangles from torchaudio, with its zero column for the Nyquist bin."""
+    mel, _ = torchaudio.compliance.kaldi.get_mel_banks(
+        NUM_MEL_BINS, FFT_SIZE, float(SAMPLE_RATE), LOW_HZ, 0.0, 100.0, -500.0, 1.0)
+    mel = torch.nn.functional.pad(mel, (0, 1)).t().contiguous().to(device)
+    window = torch.hann_window(WINDOW_SAMPLES, periodic=False, dtype=torch.float32).to(device)
+    return window, mel
+
+
+def num_fbank_frames(num_samples: torch.Tensor) -> torch.Tensor:
+    """Frames of a clip of ``num_samples`` samples (Kaldi ``snip_edges``; a clip shorter than one
+    window still gives one frame): any shape of int64 in, same shape out."""
+    return 1 + (num_samples - WINDOW_SAMPLES).clamp(min=0) // SHIFT_SAMPLES
+
+
+def batch_fbank(wavs: torch.Tensor, lengths: torch.Tensor | None = None, target_length: int = 1024) -> torch.Tensor:
+    """AudioMAE log-mel fbank of a batch of 16 kHz clips, on the batch's device.
+
+    Per clip, exactly ``torchaudio.compliance.kaldi.fbank(wav - wav.mean(), htk_compat=True,
+    use_energy=False, window_type="hanning", num_mel_bins=128, dither=0.0, frame_shift=10)``
+    (up to float rounding): 25 ms frames every 10 ms, each with its DC offset removed,
+    pre-emphasis 0.97, a Hanning window, a 512-point power spectrum, 128 HTK-mel bins from
+    20 Hz to 8 kHz, ``log(max(energy, eps))``; then zero frames up to ``target_length`` or a crop.
+
+    Args:
+        wavs: (B, S) float waveforms, zero-padded at the end; a clip shorter than one window
+            (400 samples) is zero-padded (after mean removal) so that one frame exists.
+        lengths: (B,) int64 real samples of each clip; None = all S.
+        target_length: output frames.
+
+    Returns:
+        (B, target_length, 128) float32 unnormalised log-mel fbanks.
+    """
+    if wavs.dim() != 2:
+        raise ValueError(f"batch_fbank expects a (B, S) batch of waveforms, got shape {tuple(wavs.shape)}")
+    if target_length < 1:
+        raise ValueError(f"target_length must be >= 1, got {target_length}")
+    batch, width = wavs.shape
+    wavs = wavs.float()
+    if lengths is None:
+        lengths = torch.full((batch,), width, dtype=torch.long, device=wavs.device)
+    real = torch.arange(width, device=wavs.device)[None, :] < lengths[:, None]
+    # the mean in float64: the same value however the clip is batched (a float32 sum's rounding
+    # depends on the batch's shape and threads, and moves the near-silent mel bins)
+    mean = (wavs.double() * real).sum(dim=1, keepdim=True) / lengths.clamp(min=1)[:, None]
+    wavs = (wavs - mean.float()) * real  # the padding stays zero after mean removal
+    if width < WINDOW_SAMPLES:
+        wavs = torch.nn.functional.pad(wavs, (0, WINDOW_SAMPLES - width))
+    frames = min(target_length, int(num_fbank_frames(torch.tensor(wavs.shape[1]))))
+    window, mel = _fbank_constants(wavs.device)
+    x = wavs.unfold(1, WINDOW_SAMPLES, SHIFT_SAMPLES)[:, :frames]  # (B, frames, 400)
+    x = x - x.mean(dim=-1, keepdim=True)
+    x = x - PREEMPHASIS * torch.cat([x[..., :1], x[..., :-1]], dim=-1)
+    power = torch.fft.rfft(x * window, n=FFT_SIZE).abs().pow(2.0)  # (B, frames, 257)
+    fbank = torch.matmul(power, mel).clamp(min=torch.finfo(torch.float32).eps).log()
+    valid = torch.arange(frames, device=wavs.device)[None, :] < num_fbank_frames(lengths)[:, None]
+    fbank = fbank * valid[..., None]
+    if frames < target_length:
+        fbank = torch.nn.functional.pad(fbank, (0, 0, 0, target_length - frames))
+    return fbank
 
 
 def wav_to_fbank(wav: torch.Tensor, target_length: int = 1024) -> torch.Tensor:
-    """AudioMAE log-mel fbank of a 16 kHz waveform.
+    """AudioMAE log-mel fbank of one 16 kHz waveform: :func:`batch_fbank` of a batch of one.
 
     Args:
-        wav: (S,) float waveform at 16 kHz; shorter than one window (400 samples) is
-            zero-padded (after mean removal) so that at least one frame exists.
+        wav: (S,) float waveform at 16 kHz.
         target_length: number of output frames; zero-pad at the end or crop.
 
     Returns:
@@ -164,13 +243,7 @@ def wav_to_fbank(wav: torch.Tensor, target_length: int = 1024) -> torch.Tensor:
     """
     if wav.dim() != 1:
         raise ValueError(f"wav_to_fbank expects a 1-D waveform (S,), got shape {tuple(wav.shape)}")
-    if target_length < 1:
-        raise ValueError(f"target_length must be >= 1, got {target_length}")
-    wav = wav.float() - wav.float().mean()
-    if wav.shape[0] < WINDOW_SAMPLES:
-        wav = torch.nn.functional.pad(wav, (0, WINDOW_SAMPLES - wav.shape[0]))
-    fbank = torchaudio.compliance.kaldi.fbank(wav[None], **FBANK_OPTIONS)
-    return pad_or_crop(fbank, target_length)
+    return batch_fbank(wav[None], None, target_length)[0]
 
 
 def normalize_fbank(fbank: torch.Tensor, mean: float, std: float) -> torch.Tensor:

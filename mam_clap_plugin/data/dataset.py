@@ -1,4 +1,10 @@
-"""fairseq dataset of fixed-length log-mel fbanks with optional labels and teacher targets."""
+"""fairseq dataset of fixed-length log-mel fbanks with optional labels and teacher targets.
+
+What crosses the data loader per clip: the normalised fbank (or, with ``fbank_on_device``,
+the 16 kHz waveform: :func:`on_device` then computes the fbank on the model's device), and
+offline teacher targets as the store's own float16 map (grid_freq, grid_time, dim), aligned
+to the student grid on the device by :func:`on_device` too.
+"""
 from __future__ import annotations
 
 import logging
@@ -7,10 +13,11 @@ import numpy as np
 import torch
 from fairseq.data import FairseqDataset
 
-from ..modules.precision import carry_exact
-from .alignment import Alignment, loss_mask, real_time_patches
-from .audio import NORM_STATS, AudioError, load_audio, load_student_and_teacher_audio, normalize_fbank, wav_to_fbank
-from .manifest import Manifest
+from ..modules.precision import carry_exact, exact
+from .alignment import Alignment, align_tokens, loss_mask, real_time_patches
+from .audio import (NORM_STATS, AudioError, batch_fbank, load_audio, load_student_and_teacher_audio, normalize_fbank,
+                    wav_to_fbank)
+from .manifest import Manifest, PackedRows
 from .target_store import TargetStore
 
 logger = logging.getLogger("mam_clap_plugin.data")
@@ -38,6 +45,8 @@ class MamClapDataset(FairseqDataset):
         skip_bad_files: on an unusable audio file, log a warning and drop the item
             instead of raising.
         shuffle: ``ordered_indices`` returns a random permutation (else manifest order).
+        fbank_on_device: items carry the 16 kHz waveform instead of the fbank; batches then
+            need :func:`on_device` before the model sees them.
     """
 
     def __init__(
@@ -46,7 +55,7 @@ class MamClapDataset(FairseqDataset):
         target_length: int = 1024,
         norm_mean: float = _DEFAULT_MEAN,
         norm_std: float = _DEFAULT_STD,
-        labels: list[list[int]] | None = None,
+        labels: PackedRows | list[list[int]] | None = None,
         num_classes: int = 0,
         target_store: TargetStore | None = None,
         teacher_input: tuple[int, int] | None = None,
@@ -54,6 +63,7 @@ class MamClapDataset(FairseqDataset):
         freq_patches: int = 8,
         skip_bad_files: bool = False,
         shuffle: bool = True,
+        fbank_on_device: bool = False,
     ):
         super().__init__()
         if labels is not None:
@@ -73,7 +83,7 @@ class MamClapDataset(FairseqDataset):
         self.target_length = target_length
         self.norm_mean = norm_mean
         self.norm_std = norm_std
-        self.labels = labels
+        self.labels = labels if labels is None or isinstance(labels, PackedRows) else PackedRows.of_ids(labels)
         self.num_classes = num_classes
         self.target_store = target_store
         self.teacher_input = teacher_input
@@ -81,6 +91,7 @@ class MamClapDataset(FairseqDataset):
         self.freq_patches = freq_patches
         self.skip_bad_files = skip_bad_files
         self.shuffle = shuffle
+        self.fbank_on_device = fbank_on_device
 
     def __len__(self) -> int:
         return len(self.manifest)
@@ -88,7 +99,7 @@ class MamClapDataset(FairseqDataset):
     def _multi_hot(self, index: int) -> torch.Tensor:
         """(num_classes,) float multi-hot vector of entry ``index``."""
         label = torch.zeros(self.num_classes)
-        label[self.labels[index]] = 1.0
+        label[torch.from_numpy(self.labels[index])] = 1.0
         return label
 
     def _fbank(self, wav: torch.Tensor) -> torch.Tensor:
@@ -106,7 +117,10 @@ class MamClapDataset(FairseqDataset):
                 path, self.target_length, *self.teacher_input, where=where)
         else:
             wav = load_audio(path, max_frames=self.target_length, where=where)
-        item["source"] = self._fbank(wav)
+        if self.fbank_on_device:
+            item["audio"] = wav
+        else:
+            item["source"] = self._fbank(wav)
         item["real_patches"] = real_time_patches(wav.shape[0], self.target_length)
         return item
 
@@ -123,7 +137,7 @@ class MamClapDataset(FairseqDataset):
         if self.labels is not None and "label" not in item:  # augmented items bring their mixed label
             item["label"] = self._multi_hot(index)
         if self.target_store is not None:
-            item["target"] = self.target_store.aligned(index, self.alignment)
+            item["target"] = torch.from_numpy(np.array(self.target_store[index]))  # the store's fp16 map
         return item
 
     def collater(self, samples: list[dict | None]) -> dict:
@@ -133,7 +147,8 @@ class MamClapDataset(FairseqDataset):
             {} if nothing is left, else ``{"id": (B,) long, "nsentences": B, "ntokens": B,
             "num_skipped": int, "net_input": {"source": (B, 1, target_length, 128)}}`` plus
             ``"label"``: (B, num_classes) float, with labels;
-            ``"target"``: (B, N, dim) float16 (the store's values), with a target store;
+            ``"target"``: (B, grid_freq, grid_time, dim) float16 teacher maps (the store's
+            values), with a target store (:func:`on_device` aligns them);
             ``"teacher_wav"``: (B, num_samples) float32 carried as int32 bits
             (:func:`~mam_clap_plugin.modules.precision.exact` restores it), with an online teacher;
             ``"target_mask"``: (B, N) bool, with either: True where a token enters the
@@ -147,8 +162,16 @@ class MamClapDataset(FairseqDataset):
             "nsentences": len(kept),
             "ntokens": len(kept),
             "num_skipped": len(samples) - len(kept),
-            "net_input": {"source": torch.stack([s["source"] for s in kept]).unsqueeze(1)},
         }
+        if self.fbank_on_device:
+            lengths = torch.tensor([s["audio"].shape[0] for s in kept], dtype=torch.long)
+            audio = torch.zeros(len(kept), int(lengths.max()))
+            for row, s in zip(audio, kept):
+                row[: s["audio"].shape[0]] = s["audio"]
+            # as int32 bits, like the teacher's waveform: fairseq's fp16/bf16 batch cast leaves it exact
+            batch["audio"], batch["audio_lengths"] = carry_exact(audio), lengths
+        else:
+            batch["net_input"] = {"source": torch.stack([s["source"] for s in kept]).unsqueeze(1)}
         if self.labels is not None:
             batch["label"] = torch.stack([s["label"] for s in kept])
         if self.target_store is not None:
@@ -186,3 +209,25 @@ class MamClapDataset(FairseqDataset):
         if self.shuffle:
             return np.random.permutation(len(self))
         return np.arange(len(self))
+
+
+def on_device(sample: dict, target_length: int, norm_mean: float, norm_std: float, alignment: Alignment | None,
+              dtype: torch.dtype = torch.float32) -> dict:
+    """Finish a batch of :class:`MamClapDataset` on its device (after fairseq moved it there).
+
+    * ``audio`` / ``audio_lengths`` (``fbank_on_device``) become ``net_input["source"]``:
+      (B, 1, target_length, 128) normalised fbanks in ``dtype`` (the model's, as fairseq's
+      own cast of ``net_input`` under common.fp16/bf16), the same as the workers' fbank;
+    * float16 teacher maps ``target`` (B, grid_freq, grid_time, dim) become the aligned
+      (B, N, dim) float32 targets (the alignment index is cached per device).
+
+    Idempotent: a finished batch passes through unchanged (fairseq may run a step twice).
+    """
+    audio = sample.pop("audio", None)
+    if audio is not None:
+        fbank = batch_fbank(exact(audio), sample.pop("audio_lengths"), target_length)
+        sample["net_input"] = {"source": normalize_fbank(fbank, norm_mean, norm_std).unsqueeze(1).to(dtype)}
+    target = sample.get("target")
+    if target is not None and target.dim() == 4:
+        sample["target"] = align_tokens(target, alignment).float()
+    return sample

@@ -7,11 +7,75 @@
   at least one per line (multi-label allowed), e.g. ``0,17,243``.
 
 Every error is a ``ManifestError`` (a ValueError) whose message starts with ``file:line``.
+
+Parsed files are held in numpy arrays, not Python lists (:class:`PackedRows`): a forked
+DataLoader worker then shares their pages with the main process, where a list of 2 M
+strings would be copied page by page as reading it touches each object's reference count.
 """
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+import numpy as np
+
+
+class PackedRows(Sequence):
+    """Rows of varying length in two numpy arrays: ``values`` (all rows end to end) and
+    ``offsets`` (row ``i`` is ``values[offsets[i]:offsets[i + 1]]``).
+
+    ``PackedRows.of_ids(rows)`` holds int64 class-id rows (items are numpy arrays);
+    ``PackedRows.of_strings(rows)`` holds strings as UTF-8 bytes (items are str). Compares
+    equal to a sequence of the same rows.
+    """
+
+    def __init__(self, values: np.ndarray, offsets: np.ndarray, strings: bool):
+        self.values = values
+        self.offsets = offsets
+        self.strings = strings
+
+    @classmethod
+    def of_ids(cls, rows) -> "PackedRows":
+        lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+        values = np.fromiter((v for r in rows for v in r), dtype=np.int64, count=int(lengths.sum()))
+        return cls(values, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64), strings=False)
+
+    @classmethod
+    def of_strings(cls, rows) -> "PackedRows":
+        encoded = [r.encode("utf-8") for r in rows]
+        lengths = np.fromiter((len(e) for e in encoded), dtype=np.int64, count=len(encoded))
+        values = np.frombuffer(b"".join(encoded), dtype=np.uint8).copy()
+        return cls(values, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64), strings=True)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = int(i)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"row {i} outside [0, {len(self)})")
+        row = self.values[self.offsets[i]:self.offsets[i + 1]]
+        return row.tobytes().decode("utf-8") if self.strings else row
+
+    def tolist(self) -> list:
+        return [self[i] if self.strings else self[i].tolist() for i in range(len(self))]
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, str) or len(other) != len(self):
+            return False
+        theirs = other.tolist() if isinstance(other, PackedRows) else [r if self.strings else list(r) for r in other]
+        return self.tolist() == theirs
+
+    def __add__(self, other) -> list:
+        return self.tolist() + list(other.tolist() if isinstance(other, PackedRows) else other)
+
+    def __repr__(self) -> str:
+        return f"PackedRows({len(self)} rows, {self.values.nbytes + self.offsets.nbytes} bytes)"
 
 
 class ManifestError(ValueError):
@@ -24,14 +88,14 @@ class Manifest:
 
     Attributes:
         root: directory the relative paths are relative to (first line of the file).
-        paths: relative audio paths, one per entry.
-        sizes: number of samples of each file at its native rate.
+        paths: relative audio paths, one per entry (packed UTF-8, items are str).
+        sizes: (entries,) int64 number of samples of each file at its native rate.
         path: the manifest file itself.
     """
 
     root: str
-    paths: list[str]
-    sizes: list[int]
+    paths: PackedRows
+    sizes: np.ndarray
     path: str
 
     def __len__(self) -> int:
@@ -94,7 +158,8 @@ def read_manifest(path: str) -> Manifest:
         rel, size = _parse_entry(line, f"{path}:{lineno}")
         paths.append(rel)
         sizes.append(size)
-    return Manifest(root=lines[0].strip(), paths=paths, sizes=sizes, path=path)
+    return Manifest(root=lines[0].strip(), paths=PackedRows.of_strings(paths), sizes=np.array(sizes, dtype=np.int64),
+                    path=path)
 
 
 def read_class_list(path: str) -> list[str]:
@@ -130,15 +195,15 @@ def _parse_ids(line: str, num_classes: int, where: str) -> list[int]:
     return ids
 
 
-def read_labels(path: str, num_entries: int, num_classes: int) -> list[list[int]]:
-    """Read ``{split}.lbl``; returns one list of class ids per manifest entry."""
+def read_labels(path: str, num_entries: int, num_classes: int) -> PackedRows:
+    """Read ``{split}.lbl``; returns the class ids of each manifest entry (packed int64 rows)."""
     lines = _read_lines(path, "label")
     if len(lines) != num_entries:
         raise ManifestError(
             f"{path}: label file has {len(lines)} lines but the manifest has "
             f"{num_entries} entries"
         )
-    return [_parse_ids(line, num_classes, f"{path}:{i}") for i, line in enumerate(lines, start=1)]
+    return PackedRows.of_ids([_parse_ids(line, num_classes, f"{path}:{i}") for i, line in enumerate(lines, start=1)])
 
 
 def _check_field(value: str, what: str, index: int) -> None:

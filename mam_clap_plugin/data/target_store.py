@@ -31,7 +31,6 @@ import os
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from .alignment import Alignment, alignment
 
@@ -381,15 +380,6 @@ class TargetStore:
         if not 0 <= index < len(self):
             raise IndexError(f"{self.path}: clip index {index} outside [0, {len(self)})")
         return np.asarray(self._array()[index])
-
-    def aligned(self, index: int, align: Alignment) -> torch.Tensor:
-        """Clip ``index`` mapped onto the student grid: float16 (N, dim), the stored values.
-
-        float16, not float32: fairseq's ``common.bf16`` batch cast (float32 tensors only)
-        then leaves the targets exact; the criterion computes in float32.
-        """
-        flat = self[index].reshape(-1, self.header.dim)
-        return torch.from_numpy(np.ascontiguousarray(flat[align.index.numpy()]))
 
     def check_complete(self) -> np.ndarray:
         """Raise TargetStoreError unless every clip is written or marked bad; returns the

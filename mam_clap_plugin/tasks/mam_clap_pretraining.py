@@ -17,6 +17,11 @@ Teacher targets come from one of two places:
 * online (``task.teacher_checkpoint`` alone): the CLAP teacher runs inside training, in
   ``train_step`` / ``valid_step``. It is held by the task, not the model: frozen, in eval
   mode, outside the optimizer, outside saved checkpoints and outside ``model.train()``.
+
+Offline targets cross the data loader as the store's float16 maps; ``train_step`` /
+``valid_step`` align them to the student grid on the model's device. With
+``task.fbank_on_device=true`` the workers only read, downmix and resample the audio, and
+the fbank and its normalisation run there too, batched (:func:`..data.dataset.on_device`).
 """
 
 import logging
@@ -31,7 +36,7 @@ from omegaconf import MISSING, open_dict
 
 from ..data.alignment import align_tokens, alignment
 from ..data.audio import resolve_norm_stats
-from ..data.dataset import MamClapDataset
+from ..data.dataset import MamClapDataset, on_device
 from ..data.manifest import read_class_list, read_labels, read_manifest
 from ..data.target_store import TargetStoreError, check_one_teacher, open_target_store
 from ..modules.encoder import PATCH_SIZE
@@ -84,6 +89,13 @@ class MamClapPretrainingConfig(FairseqDataclass):
     )
     skip_bad_files: bool = field(
         default=False, metadata={"help": "skip (and count) unreadable audio instead of stopping with an error"}
+    )
+    fbank_on_device: bool = field(
+        default=False,
+        metadata={"help": "data loader workers only read, downmix and resample the audio; the fbank and its "
+                          "normalisation run batched in train_step/valid_step on the model's device (same values "
+                          "as the workers' fbank within float rounding; under common.fp16/bf16 the waveform "
+                          "crosses as int32 bits, so the batch cast leaves it exact)"},
     )
 
 
@@ -246,6 +258,7 @@ class MamClapPretrainingTask(FbankTask):
             freq_patches=FREQ_PATCHES,
             skip_bad_files=self.cfg.skip_bad_files,
             shuffle=split != "valid",
+            fbank_on_device=self.cfg.fbank_on_device,
         )
         logger.info(f"{split}: {len(manifest.paths)} clips from {manifest.path}")
 
@@ -267,8 +280,16 @@ class MamClapPretrainingTask(FbankTask):
         sample["target"] = align_tokens(self.teacher(wav), self.alignment)
         return sample
 
+    def on_device(self, sample: dict, model) -> dict:
+        """The device-side end of the data path, on the batch fairseq moved to the model's
+        device: the fbank (``task.fbank_on_device``), the offline targets' alignment, the
+        online teacher's targets."""
+        dtype = next(model.parameters()).dtype
+        sample = on_device(sample, self.cfg.target_length, self.norm_mean, self.norm_std, self.alignment, dtype)
+        return self.online_targets(sample)
+
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
-        return super().train_step(self.online_targets(sample), model, criterion, optimizer, update_num, ignore_grad)
+        return super().train_step(self.on_device(sample, model), model, criterion, optimizer, update_num, ignore_grad)
 
     def valid_step(self, sample, model, criterion):
-        return super().valid_step(self.online_targets(sample), model, criterion)
+        return super().valid_step(self.on_device(sample, model), model, criterion)
