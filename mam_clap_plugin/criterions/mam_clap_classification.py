@@ -17,12 +17,11 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from fairseq import metrics
 from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 
 from ..metrics import log_clip_scores
-from .supmam_clap import check_finite, under_nan_detector
+from .supmam_clap import check_finite, log_losses, under_nan_detector
 
 LOSS_CHOICES = ChoiceEnum(["bce", "ce"])
 
@@ -78,14 +77,7 @@ class MamClapClassificationCriterion(FairseqCriterion):
 
     @staticmethod
     def reduce_metrics(logging_outputs) -> None:
-        def total(key):
-            return sum(log.get(key, 0) for log in logging_outputs)
-
-        metrics.log_scalar("loss", total("loss") / max(total("sample_size"), 1), total("sample_size"), round=4)
-        metrics.log_scalar("nsentences", total("nsentences"), round=0)
-        skipped = total("num_skipped")
-        if skipped:
-            metrics.log_scalar_sum("skipped_files", skipped)
+        log_losses(logging_outputs, ("loss",))
 
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:

@@ -119,6 +119,23 @@ def check_finite(terms: Dict[str, torch.Tensor], sample) -> None:
         raise FloatingPointError(f"non-finite loss ({values}) on batch with sample ids {sample['id'].tolist()}")
 
 
+def log_losses(logging_outputs, keys) -> None:
+    """fairseq's reduce step: each loss term in ``keys`` averaged over ``sample_size``, the
+    clip count, and ``skipped_files`` when bad files were skipped (shared with fine-tuning)."""
+
+    def total(key):
+        return sum(log.get(key, 0) for log in logging_outputs)
+
+    sample_size = total("sample_size")
+    for key in keys:
+        if any(key in log for log in logging_outputs):
+            metrics.log_scalar(key, total(key) / max(sample_size, 1), sample_size, round=4)
+    metrics.log_scalar("nsentences", total("nsentences"), round=0)
+    skipped = total("num_skipped")
+    if skipped:
+        metrics.log_scalar_sum("skipped_files", skipped)
+
+
 @register_criterion("supmam_clap", dataclass=SupMamClapCriterionConfig)
 class SupMamClapCriterion(FairseqCriterion):
     def __init__(self, cfg: SupMamClapCriterionConfig, task):
@@ -183,17 +200,7 @@ class SupMamClapCriterion(FairseqCriterion):
 
     @staticmethod
     def reduce_metrics(logging_outputs) -> None:
-        def total(key):
-            return sum(log.get(key, 0) for log in logging_outputs)
-
-        sample_size = total("sample_size")
-        for key in ("loss", "loss_vis", "loss_mask", "loss_rec", "loss_cls"):
-            if any(key in log for log in logging_outputs):
-                metrics.log_scalar(key, total(key) / max(sample_size, 1), sample_size, round=4)
-        metrics.log_scalar("nsentences", total("nsentences"), round=0)
-        skipped = total("num_skipped")
-        if skipped:
-            metrics.log_scalar_sum("skipped_files", skipped)
+        log_losses(logging_outputs, ("loss", "loss_vis", "loss_mask", "loss_rec", "loss_cls"))
 
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:
