@@ -2,6 +2,13 @@
 
 Used by ``examples/finetuning/evaluate.py``, ``examples/predict.py`` and the demo.
 
+:func:`load_classifier` reads a fairseq fine-tuning checkpoint (its class names are in the
+task state) or an encoder export that keeps a classifier head (a converted fine-tuned
+AudioMAE file: ``fc_norm.*`` / ``head.*`` under ``config["head"]``). An export holds no
+class names, so a class list file is given with it (AudioSet's 527 names, one per line, as
+``examples/prepare/labels.py audioset`` writes ``classes.txt``); its length must be the
+head's output count. AudioMAE's AudioSet heads are multi-label: scored with a sigmoid.
+
 A clip of any length is cut into windows of the checkpoint's ``task.target_length``
 frames (the last one zero-padded, as in training); the clip's scores are the mean of
 its windows' probabilities (sigmoid for a ``bce`` model, softmax for ``ce``).
@@ -10,13 +17,13 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Dict, Iterable, List, NamedTuple
+from typing import Dict, Iterable, List, NamedTuple, Optional
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import CheckpointError, head_keys, is_exported, load_checkpoint, load_encoder_with_stats
 from .data.audio import FRAME_SHIFT_MS, SAMPLE_RATE, WINDOW_SAMPLES, load_audio, normalize_fbank, wav_to_fbank
 from .data.manifest import read_class_list, read_labels, read_manifest
 from .metrics import classification_metrics, per_class_ap
@@ -38,20 +45,69 @@ class Classifier(NamedTuple):
         return self.task.cfg.target_length
 
 
-def load_classifier(path: str) -> Classifier:
-    """Rebuild a fine-tuned checkpoint (weights-only load; no data or pretraining file needed)."""
+def load_classifier(path: str, class_list: Optional[str] = None) -> Classifier:
+    """Rebuild a fine-tuned checkpoint or an encoder export with a head (weights-only load;
+    no data or pretraining file needed). ``class_list``: a class list file, required for an
+    export (which holds no names) and checked against a fairseq checkpoint's names."""
     from fairseq import checkpoint_utils
     from omegaconf import OmegaConf
 
     from . import criterions, models, tasks  # noqa: F401  (registers the components with fairseq)
 
     state = load_checkpoint(path)
+    if is_exported(state):
+        return _classifier_from_export(state, path, class_list)
     name = (state.get("cfg") or {}).get("model", {}).get("_name")
     if name != "mam_clap_classifier":
-        raise CheckpointError(f"{path}: model is {name!r}, expected a fine-tuned 'mam_clap_classifier' checkpoint")
+        raise CheckpointError(f"{path}: model is {name!r}, expected a fine-tuned 'mam_clap_classifier' checkpoint "
+                              "or an encoder export that keeps a classifier head")
     state["cfg"] = OmegaConf.create(state["cfg"])
     models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([path], state=state)
+    if class_list is not None:
+        task.check_class_list(read_class_list(class_list), class_list)
     return Classifier(models[0].eval(), task, cfg.criterion.get("loss", "bce"))
+
+
+def _classifier_from_export(state: Dict, path: str, class_list: Optional[str]) -> Classifier:
+    """A ``mam_clap_classifier`` (mean pooling, fc_norm, head) from an export's encoder and
+    kept head, loaded strictly, with a fine-tuning task holding the export's norm stats,
+    target length and the names of ``class_list``."""
+    from .models.mam_clap_classifier import MamClapClassifier, MamClapClassifierConfig
+    from .tasks.mam_clap_finetuning import MamClapFinetuningConfig, MamClapFinetuningTask
+
+    head = state["config"].get("head")
+    if not head:
+        raise CheckpointError(
+            f"{path}: an encoder export without a classifier head (config 'head' is null), so it cannot score "
+            "classes. Fine-tune one: fairseq-hydra-train --config-dir examples/finetuning/config --config-name "
+            f"as20k task.data=DATA model.model_path={path} (see the README's fine-tuning section)")
+    if head.get("pooling", "mean") != "mean":
+        raise CheckpointError(f"{path}: head pooling {head.get('pooling')!r}; only 'mean' (AudioMAE's) is supported")
+    if class_list is None:
+        raise CheckpointError(f"{path}: an encoder export keeps no class names; give its class list file "
+                              f"({head['num_classes']} names, one per line; AudioSet's from examples/prepare/labels.py)")
+    names = read_class_list(class_list)
+    if len(names) != int(head["num_classes"]):
+        raise CheckpointError(f"{class_list}: {len(names)} classes, but the head of {path} has "
+                              f"{head['num_classes']} outputs")
+    bundle = load_encoder_with_stats(path)
+    arch = bundle.encoder.config
+    cfg = MamClapClassifierConfig(encoder_embed_dim=arch["embed_dim"], encoder_layers=arch["depth"],
+                                  encoder_attention_heads=arch["num_heads"], mlp_ratio=arch["mlp_ratio"],
+                                  max_frames=arch["max_frames"], num_classes=len(names), pooling="mean")
+    weights = {f"encoder.{k}": v for k, v in bundle.encoder.state_dict().items()}  # before fc_norm replaces norm
+    weights.update({k: state["model"][k] for k in head_keys(state)})
+    model = MamClapClassifier(cfg, bundle.encoder)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: head weights do not match a mean-pooling classifier: "
+                              f"missing {missing}, unexpected {unexpected}")
+    length = bundle.target_length or arch["max_frames"]
+    task = MamClapFinetuningTask(MamClapFinetuningConfig(
+        data=os.path.dirname(os.path.abspath(class_list)), class_list=os.path.basename(class_list),
+        target_length=length, norm_stats=f"{bundle.norm_mean!r},{bundle.norm_std!r}"), from_checkpoint=True)
+    task.state.merge_state_dict({"class_names": names})
+    return Classifier(model.eval(), task, head.get("loss", "bce"))
 
 
 def num_frames(num_samples: int) -> int:

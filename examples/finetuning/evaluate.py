@@ -4,7 +4,10 @@
     python examples/finetuning/evaluate.py CKPT DATA_DIR SPLIT [--json OUT.json]
 
 DATA_DIR holds ``SPLIT.tsv``, ``SPLIT.lbl`` and ``classes.txt`` (the manifest formats of
-training); the class list must be the one the checkpoint was fine-tuned on. Every clip is
+training); the class list must be the one the checkpoint was fine-tuned on. CKPT is a
+fine-tuning checkpoint or an encoder export that keeps a classifier head (a converted
+fine-tuned AudioMAE file), whose class names are then DATA_DIR's class list (its length must
+be the head's output count). Every clip is
 scored whole: clips longer than the checkpoint's ``task.target_length`` are cut into
 windows of that length whose probabilities are averaged. mAP is the macro average
 precision over the classes with a positive clip in the split (the others are counted in
@@ -21,12 +24,14 @@ import time
 
 import torch
 
+from mam_clap_plugin.checkpoint import CheckpointError
+from mam_clap_plugin.data.manifest import ManifestError
 from mam_clap_plugin.inference import evaluate_split, load_classifier
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("checkpoint", help="fine-tuned checkpoint (checkpoint_best.pt)")
+    p.add_argument("checkpoint", help="fine-tuned checkpoint (checkpoint_best.pt) or an encoder export with a head")
     p.add_argument("data_dir", help="directory with SPLIT.tsv, SPLIT.lbl and classes.txt")
     p.add_argument("split", help="split name, e.g. eval, valid, test")
     p.add_argument("--json", help="report path (default: CKPT_DIR/eval_SPLIT.json)")
@@ -38,7 +43,11 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.time()
-    clf = load_classifier(args.checkpoint)
+    try:
+        clf = load_classifier(args.checkpoint, os.path.join(args.data_dir, args.class_list))
+    except (CheckpointError, ManifestError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     report = evaluate_split(clf, args.data_dir, args.split, args.labels, args.class_list, not args.no_progress)
     report["checkpoint"] = os.path.abspath(args.checkpoint)
     report["seconds"] = round(time.time() - start, 2)
