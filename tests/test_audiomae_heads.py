@@ -19,6 +19,8 @@ import soundfile as sf
 import torch
 import torch.nn.functional as F
 
+from mam_clap_plugin import load_encoder_with_stats
+from mam_clap_plugin.checkpoint import CheckpointError, save_encoder
 from mam_clap_plugin.data.audio import NORM_STATS, load_audio, normalize_fbank, wav_to_fbank
 from mam_clap_plugin.data.manifest import write_class_list, write_labels, write_manifest
 from mam_clap_plugin.inference import load_classifier, score_waveforms
@@ -172,3 +174,16 @@ def test_readme_commands_run_verbatim(files, tmp_path):
     assert sum(name in outs[1] for name in NAMES) == NUM_CLASSES  # --top-k 5: every class, by name
     report = json.loads((tmp_path / "audiomae_as2m_eval.json").read_text())
     assert report["num_clips"] == len(SECONDS) and sorted(report["per_class_ap"]) == sorted(NAMES)
+
+
+def test_head_on_an_encoder_with_a_final_norm_is_refused(files, tmp_path):
+    """Mean pooling replaces the encoder's final LayerNorm by fc_norm: an export that keeps
+    both does not load strictly, and the error lists the keys."""
+    bundle = load_encoder_with_stats(files["pre"])
+    head = {"config": {"num_classes": NUM_CLASSES, "pooling": "mean"},
+            "weights": {k: files["ft"][k] for k in ("fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias")}}
+    out = str(tmp_path / "both.safetensors")
+    save_encoder(out, bundle.encoder, bundle.encoder.config, bundle.norm_mean, bundle.norm_std, "audioset",
+                 TARGET_LENGTH, "pre.safetensors", head=head)
+    with pytest.raises(CheckpointError, match=r"missing \[\], unexpected \['encoder.norm.weight', 'encoder.norm.bias'\]"):
+        load_classifier(out, files["classes"])
