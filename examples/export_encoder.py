@@ -19,11 +19,8 @@ import os
 import sys
 from typing import List, Optional
 
-# Run as a script, examples/ is on sys.path; put the repository root first so this
-# checkout's mam_clap_plugin is the one imported.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mam_clap_plugin.checkpoint import CheckpointError, export_encoder  # noqa: E402
+from mam_clap_plugin.checkpoint import CheckpointError, export_encoder
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -49,14 +49,11 @@ import soundfile
 import torch
 from tqdm import tqdm
 
-# Run as a script, examples/ is on sys.path; put the repository root first so this
-# checkout's mam_clap_plugin is the one imported.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mam_clap_plugin.checkpoint import CheckpointError, file_sha256, load_encoder_with_stats  # noqa: E402
-from mam_clap_plugin.data.audio import SAMPLE_RATE, AudioError, load_audio  # noqa: E402
-from mam_clap_plugin.data.manifest import ManifestError, find_audio, read_manifest  # noqa: E402
-from mam_clap_plugin.features import check_window, clip_fbank, encode_windows, num_steps  # noqa: E402
+from mam_clap_plugin.checkpoint import CheckpointError, file_sha256, load_encoder_with_stats
+from mam_clap_plugin.data.audio import SAMPLE_RATE, AudioError, load_audio
+from mam_clap_plugin.data.manifest import ManifestError, find_audio, read_manifest
+from mam_clap_plugin.features import check_window, clip_fbank, encode_windows, num_steps
 
 AUDIO_EXTENSIONS = {"wav", "flac", "ogg", "mp3", "aiff", "aif", "au", "opus"}
 LEVELS = ("clip", "frame", "patch")

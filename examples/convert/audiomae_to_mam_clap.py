@@ -20,12 +20,9 @@ import os
 import sys
 from typing import List, Optional
 
-# Run as a script, examples/convert/ is on sys.path; put the repository root first so this
-# checkout's mam_clap_plugin is the one imported.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from mam_clap_plugin.checkpoint import CheckpointError  # noqa: E402
-from mam_clap_plugin.convert import convert_audiomae  # noqa: E402
+from mam_clap_plugin.checkpoint import CheckpointError
+from mam_clap_plugin.convert import convert_audiomae
 
 
 def group_keys(keys: List[str]) -> str:

@@ -42,19 +42,17 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, REPO)
 
-from mam_clap_plugin.data.audio import AudioError, load_teacher_audio  # noqa: E402
-from mam_clap_plugin.data.manifest import Manifest, read_manifest  # noqa: E402
-from mam_clap_plugin.data.target_store import (  # noqa: E402
+from mam_clap_plugin.data.audio import AudioError, load_teacher_audio
+from mam_clap_plugin.data.manifest import Manifest, read_manifest
+from mam_clap_plugin.data.target_store import (
     PENDING,
     TargetStoreError,
     TargetStoreHeader,
     check_one_teacher,
     open_target_store_for_writing,
 )
-from mam_clap_plugin.teacher import file_sha256, load_clap_teacher  # noqa: E402
+from mam_clap_plugin.teacher import file_sha256, load_clap_teacher
 
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
