@@ -1,14 +1,15 @@
 """The data path, as the training loop runs it, on 10 s clips at 44.1 kHz stereo, 48 kHz stereo
 and 16 kHz mono:
 
-* worker side: ``MamClapDataset.__getitem__`` (read, downmix, resample; plus the fbank and its
-  normalisation unless ``task.fbank_on_device``; plus the clip's offline target map), per
-  clip, in one process with 1 torch thread (one DataLoader worker);
-* device side: ``data.dataset.on_device`` on a collated batch (the fbank of the batch with
-  ``fbank_on_device``, and the offline targets' alignment), on this process's device (the
-  CPU here, with torch's threads) -- what ``train_step`` adds before the model;
-* bytes per clip that cross the loader: the fbank, the waveform (``fbank_on_device``), the
-  offline targets (the store's fp16 map) next to the aligned fp32 tokens they replace;
+* worker side: ``MamClapDataset.__getitem__`` (read and downmix; plus resampling, the fbank
+  and its normalisation unless ``task.fbank_on_device``; plus the clip's offline target map),
+  per clip, in one process with 1 torch thread (one DataLoader worker);
+* device side: ``data.dataset.on_device`` on a collated batch (with ``fbank_on_device`` the
+  batch's resampling, fbank and normalisation; and the offline targets' alignment), on this
+  process's device (the CPU here, with torch's threads) -- what ``train_step`` adds before the model;
+* bytes per clip that cross the loader: the fbank, the waveform at the file's own rate
+  (``fbank_on_device``), the offline targets (the store's fp16 map) next to the aligned fp32
+  tokens they replace;
 * workers needed per 1000 clips/s of accelerator throughput, in each mode.
 
 Run alone (quick): ``python -m benchmarks.data_pipeline --out outputs/bench/data_pipeline.json``;
@@ -73,7 +74,7 @@ def write_random_store(path: str, clips: int, rng) -> None:
             writer.write(i, rng.standard_normal((*TEACHER_GRID, TEACHER_DIM)).astype(np.float32))
 
 
-def _write_set(root: str, fmt: str, rate: int, channels: int, clips: int, rng) -> str:
+def write_format_set(root: str, fmt: str, rate: int, channels: int, clips: int, rng) -> str:
     """Clips of one format, their manifest and a random target store; returns the manifest."""
     names = write_tone_clips(root, fmt, clips, rate, channels, rng)
     manifest = os.path.join(root, f"{fmt}.tsv")
@@ -82,7 +83,7 @@ def _write_set(root: str, fmt: str, rate: int, channels: int, clips: int, rng) -
     return manifest
 
 
-def _dataset(manifest: str, frames: int, norm: tuple, fbank_on_device: bool) -> MamClapDataset:
+def pipeline_dataset(manifest: str, frames: int, norm: tuple, fbank_on_device: bool) -> MamClapDataset:
     store = open_target_store(manifest[: -len(".tsv")] + ".tgt")
     return MamClapDataset(read_manifest(manifest), target_length=frames, norm_mean=norm[0], norm_std=norm[1],
                           target_store=store, alignment=store.header.alignment(frames // PATCH_SIZE, 8),
@@ -103,7 +104,7 @@ def _time_items(dataset: MamClapDataset, passes: int) -> List[float]:
 def _item_bytes(item: Dict[str, Any]) -> Dict[str, int]:
     """Bytes of the tensors an item sends through the loader (inputs and offline targets)."""
     inputs = item["audio"] if "audio" in item else item["source"]
-    extra = 8 if "audio" in item else 0  # the clip's length, one int64 in the batch
+    extra = 8 + 8 if "audio" in item else 0  # the clip's length (int64) and rate (an int) in the batch
     return {"input": inputs.numel() * inputs.element_size() + extra,
             "target": item["target"].numel() * item["target"].element_size()}
 
@@ -112,10 +113,10 @@ def bench_worker_side(clips: int, passes: int, frames: int, norm: tuple, root: s
     """Per-clip worker cost of each format in both modes (1 torch thread), and the bytes per item."""
     out = {}
     for fmt, (rate, channels) in PIPELINE_FORMATS.items():
-        manifest = _write_set(root, fmt, rate, channels, clips, rng)
+        manifest = write_format_set(root, fmt, rate, channels, clips, rng)
         entry: Dict[str, Any] = {"sample_rate": rate, "channels": channels, "clip_seconds": CLIP_SECONDS}
         for mode in MODES:
-            dataset = _dataset(manifest, frames, norm, mode == "fbank_on_device")
+            dataset = pipeline_dataset(manifest, frames, norm, mode == "fbank_on_device")
             per_clip = median(_time_items(dataset, passes))
             entry[mode] = {"ms_per_clip": per_clip * 1e3, "clips_per_s_per_worker": 1.0 / per_clip,
                            "bytes_per_clip": _item_bytes(dataset[0]), "timed_clips": passes * clips}
@@ -130,13 +131,13 @@ def bench_worker_side(clips: int, passes: int, frames: int, norm: tuple, root: s
 
 
 def bench_device_side(batch_size: int, passes: int, frames: int, norm: tuple, root: str) -> Dict[str, Any]:
-    """``on_device`` on one collated batch of 44.1 kHz stereo clips: fbank + normalisation
-    (``fbank_on_device``) and the offline targets' alignment, each timed alone."""
-    dataset = _dataset(os.path.join(root, "44k1_stereo.tsv"), frames, norm, True)
+    """``on_device`` on one collated batch of 44.1 kHz stereo clips: resampling + fbank +
+    normalisation (``fbank_on_device``) and the offline targets' alignment, each timed alone."""
+    dataset = pipeline_dataset(os.path.join(root, "44k1_stereo.tsv"), frames, norm, True)
     batch = dataset.collater([dataset[i % len(dataset)] for i in range(batch_size)])
     device = torch.device("cpu")
     parts = {
-        "fbank_and_normalisation": {k: v for k, v in batch.items() if k != "target"},
+        "resample_fbank_and_normalisation": {k: v for k, v in batch.items() if k != "target"},
         "offline_target_alignment": {"target": batch["target"]},
     }
     out: Dict[str, Any] = {"batch_size": batch_size, "device": str(device), "threads": torch.get_num_threads()}
@@ -233,8 +234,8 @@ def print_pipeline(pipe: Dict[str, Any]) -> None:
     log(f"  44.1 kHz stereo speed-up {pipe['on_device_speedup_44k1_stereo']:.2f}x (target >= "
         f"{pipe['target_on_device_speedup']:.0f}x) -> {'met' if pipe['on_device_speedup_target_met'] else 'NOT met'}")
     d = pipe["device_side"]
-    log(f"  device side ({d['device']}, {d['threads']} threads), batch {d['batch_size']}: fbank + normalisation "
-        f"{d['fbank_and_normalisation']['ms_per_batch']:.1f} ms, offline target alignment "
+    log(f"  device side ({d['device']}, {d['threads']} threads), batch {d['batch_size']}: resampling + fbank + normalisation "
+        f"{d['resample_fbank_and_normalisation']['ms_per_batch']:.1f} ms, offline target alignment "
         f"{d['offline_target_alignment']['ms_per_batch']:.2f} ms")
     b = pipe["loader_bytes_per_clip"]
     log(f"  bytes per clip through the loader: fbank {b['fbank']}, waveform {b['waveform']}, offline targets "

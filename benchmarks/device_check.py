@@ -1,10 +1,10 @@
 """One-GPU check (sized for an H200, under 8 minutes): the bf16 training step of each paper
-variant, the teacher's bf16 extraction and the upstream forward, against a bf16 ``torch.mm``
-measured in the same run. Writes a JSON report after every section (``--out``).
+variant, ``task.fbank_on_device``'s parity and cost, the teacher's bf16 extraction and the
+upstream forward, against a bf16 ``torch.mm`` measured in the same run. Writes a JSON report after every section (``--out``).
 
 Run it through ``benchmarks/device_check.sh`` (the time limit); CI never runs it. A CPU smoke
 run: ``python -m benchmarks.device_check --device cpu --size tiny --batch 2 --steps 1 --warmup 1
---matmul-size 256 --teacher-batch 1 --upstream-batch 1``.
+--matmul-size 256 --teacher-batch 1 --upstream-batch 1 --fbank-batch 2 --fbank-clips 2``.
 
 * step: fairseq's ``common.bf16`` path as the trainer runs it: the model cast to bf16, the batch's
   float32 tensors cast (offline targets arrive as float16), the criterion's forward, backward,
@@ -14,7 +14,10 @@ run: ``python -m benchmarks.device_check --device cpu --size tiny --batch 2 --st
   (float32 front end), 10 s clips at 48 kHz.
 * upstream: the ViT-B encoder's ``extract_features`` (all hidden states) on 10.24 s fbanks under
   bf16 autocast (the fbank itself is computed on the CPU by the upstream and not timed here).
-* fbank on the device (issue 11, section 3) is not implemented on this branch; the report says so.
+* fbank on the device: generated 10 s 44.1 kHz stereo clips, decoded by ``MamClapDataset``
+  with ``fbank_on_device`` (the workers' part), then ``on_device`` on the device (resampling,
+  fbank, normalisation) at ``--fbank-batch``; its largest difference from the workers' CPU path
+  (limit 1e-4) and its cost per batch.
 """
 from __future__ import annotations
 
@@ -29,18 +32,25 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import fairseq  # noqa: F401  (must be imported before the plugin registers its components)
+import numpy as np
 import torch
 from fairseq import optim
+from fairseq.utils import apply_to_sample
 from torch.utils.flop_counter import FlopCounterMode
 
 import mam_clap_plugin  # noqa: F401  (registers mam_clap_adamw)
 from benchmarks.bench_optimizer import build_model, compose_config, fairseq_config
+from benchmarks.data_pipeline import pipeline_dataset, write_format_set
 from benchmarks.machine import machine_info
+from mam_clap_fixtures.clap import save_random_clap_checkpoint
+from mam_clap_plugin.data.audio import NORM_STATS
+from mam_clap_plugin.data.dataset import on_device
 from mam_clap_plugin.criterions.supmam_clap import SupMamClapCriterion, SupMamClapCriterionConfig
 from mam_clap_plugin.modules.encoder import AudioEncoder
 
 VARIANTS = ("mam", "mam_clap", "supmam", "supmam_clap")
 TARGET_PCT_OF_MATMUL = 40.0
+FBANK_PARITY_LIMIT = 1e-4
 
 
 def log(msg: str) -> None:
@@ -120,11 +130,27 @@ def variant_step(name: str, args, device: torch.device) -> Dict[str, Any]:
     return out
 
 
+def fbank_on_device_check(args, device: torch.device) -> Dict[str, Any]:
+    """``task.fbank_on_device`` on ``device``: a batch of ``--fbank-batch`` clips (``--fbank-clips``
+    distinct 10 s 44.1 kHz stereo files, repeated) through ``on_device``; parity with the workers'
+    CPU fbank on the distinct clips, and ms per batch."""
+    frames, norm = 1024, NORM_STATS["audioset"]
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = write_format_set(tmp, "44k1_stereo", 44100, 2, args.fbank_clips, np.random.default_rng(0))
+        workers, decoded = (pipeline_dataset(manifest, frames, norm, mode) for mode in (False, True))
+        distinct = min(args.fbank_clips, args.fbank_batch)
+        reference = workers.collater([workers[i] for i in range(distinct)])["net_input"]["source"]
+        raw = decoded.collater([decoded[i % args.fbank_clips] for i in range(args.fbank_batch)])
+    batch = apply_to_sample(lambda t: t.to(device), {k: v for k, v in raw.items() if k != "target"})
+    finish = lambda: on_device(dict(batch), frames, *norm, decoded.alignment)  # noqa: E731
+    seconds = statistics.median(timed(finish, device, 2, args.steps))
+    diff = (finish()["net_input"]["source"][:distinct].cpu() - reference).abs().max().item()
+    return {"format": "44.1 kHz stereo, 10 s", "batch": args.fbank_batch, "batch_ms": 1e3 * seconds,
+            "clips_per_s": args.fbank_batch / seconds, "max_abs_diff_vs_workers": diff,
+            "parity_limit": FBANK_PARITY_LIMIT, "parity_met": diff <= FBANK_PARITY_LIMIT}
+
+
 def teacher_extraction(args, device: torch.device) -> Dict[str, Any]:
-    try:
-        from mam_clap_fixtures.clap import save_random_clap_checkpoint
-    except ImportError:
-        from mam_clap_plugin.teacher import save_random_clap_checkpoint
     from mam_clap_plugin.teacher import load_clap_teacher
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -164,6 +190,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     p.add_argument("--matmul-size", type=int, default=8192)
     p.add_argument("--teacher-batch", type=int, default=64)
     p.add_argument("--upstream-batch", type=int, default=64)
+    p.add_argument("--fbank-batch", type=int, default=128, help="clips per on_device batch (fbank_on_device)")
+    p.add_argument("--fbank-clips", type=int, default=8, help="distinct generated 44.1 kHz stereo files")
     p.add_argument("--budget-s", type=float, default=420.0, help="skip sections that would start after this")
     p.add_argument("--out", default="outputs/device_check.json")
     args = p.parse_args(argv)
@@ -175,7 +203,6 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         "schema": "device_check/1", "complete": False, "machine": machine_info(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "config": vars(args), "variants": {}, "skipped": [],
-        "fbank_on_device": "not implemented on this branch (issue 11, section 3)",
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -189,7 +216,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     log(f"bf16 torch.mm {args.matmul_size}^3: {mm[0]:.1f} TFLOP/s")
     write()
     sections = [(f"variant:{v}", lambda v=v: variant_step(v, args, device)) for v in args.variants]
-    sections += [("teacher", lambda: teacher_extraction(args, device)), ("upstream", lambda: upstream_forward(args, device))]
+    sections += [("fbank_on_device", lambda: fbank_on_device_check(args, device)),
+                 ("teacher", lambda: teacher_extraction(args, device)), ("upstream", lambda: upstream_forward(args, device))]
     for key, run in sections:
         if time.perf_counter() - start > args.budget_s:
             report["skipped"].append(key)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-GPU check of the training step (bf16, each variant), teacher extraction and the upstream
+# One-GPU check of the training step (bf16, each variant), fbank_on_device (parity, cost), teacher extraction and the upstream
 # forward; under 8 minutes on one H200. Writes outputs/device_check.json (or $1). Not run by CI.
 #   benchmarks/device_check.sh [OUT.json] [extra arguments of python -m benchmarks.device_check]
 set -euo pipefail

@@ -51,7 +51,7 @@ from tqdm import tqdm
 
 
 from mam_clap_plugin.checkpoint import CheckpointError, file_sha256, load_encoder_with_stats
-from mam_clap_plugin.data.audio import SAMPLE_RATE, AudioError, load_audio
+from mam_clap_plugin.data.audio import SAMPLE_RATE, AudioError, load_audio, resampled_length
 from mam_clap_plugin.data.manifest import ManifestError, find_audio, read_manifest
 from mam_clap_plugin.features import check_window, clip_fbank, encode_windows, num_steps
 
@@ -109,11 +109,10 @@ def file_features(outputs: List[torch.Tensor], level: str, layer) -> np.ndarray:
     return x.float().cpu().numpy()
 
 
-def resampled_length(path: str) -> int:
-    """Samples at 16 kHz of an audio file, from its header (torchaudio's resampler gives
-    ``ceil(frames * 16000 / rate)``)."""
+def samples_at_16k(path: str) -> int:
+    """Samples at 16 kHz of an audio file, from its header (as torchaudio's resampler gives them)."""
     info = soundfile.info(path)
-    return info.frames if info.samplerate == SAMPLE_RATE else -(-info.frames * SAMPLE_RATE // info.samplerate)
+    return resampled_length(info.frames, info.samplerate, SAMPLE_RATE)
 
 
 class NpyWriter:
@@ -195,7 +194,7 @@ def plan_rows(root: str, rels: List[str], level: str, skip_bad: bool, bad: Dict[
     for i, rel in enumerate(tqdm(rels, desc="reading headers", unit="file", leave=False)):
         path = os.path.join(root, rel)
         try:
-            samples = resampled_length(path)
+            samples = samples_at_16k(path)
             if samples <= 0:
                 raise AudioError(f"{path}: audio is empty (0 samples)")
         except (soundfile.SoundFileError, RuntimeError, AudioError) as err:

@@ -6,6 +6,7 @@ import sys
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 from mam_clap_plugin.data.manifest import write_class_list, write_labels, write_manifest
 from mam_clap_plugin.data.target_store import TargetStoreHeader, create_target_store
@@ -121,3 +122,28 @@ def pretraining_checkpoint(tone_set, tmp_path_factory) -> str:
     path = root / "checkpoints" / "checkpoint_last.pt"
     assert path.is_file(), f"fairseq-hydra-train wrote no {path}"
     return str(path)
+
+
+@pytest.fixture
+def no_syncs(monkeypatch):
+    """Make every host-device sync a Python call can cause raise: scalar reads, lists, truth values,
+    boolean indexing (data-dependent shapes: nonzero / masked_select)."""
+
+    def refuse(what):
+        def fail(*args, **kwargs):
+            raise AssertionError(f"host-device sync in the training step: {what}")
+        return fail
+
+    for name in ("item", "tolist", "numpy", "__bool__", "__int__", "__float__", "nonzero", "masked_select"):
+        monkeypatch.setattr(torch.Tensor, name, refuse(f"Tensor.{name}"))
+    for name in ("nonzero", "masked_select", "unique", "argwhere"):
+        monkeypatch.setattr(torch, name, refuse(f"torch.{name}"))
+    getitem = torch.Tensor.__getitem__
+
+    def checked_getitem(self, index):
+        parts = index if isinstance(index, tuple) else (index,)
+        if any(torch.is_tensor(i) and i.dtype == torch.bool for i in parts):
+            raise AssertionError("host-device sync in the training step: boolean indexing")
+        return getitem(self, index)
+
+    monkeypatch.setattr(torch.Tensor, "__getitem__", checked_getitem)

@@ -151,12 +151,12 @@ def test_pipeline_modes_devices_and_bytes(report):
             f["fbank_on_device"]["clips_per_s_per_worker"] / f["fbank_in_worker"]["clips_per_s_per_worker"])
         assert f["fbank_in_worker"]["bytes_per_clip"]["input"] == 1024 * 128 * 4
     d = p["device_side"]
-    assert d["batch_size"] >= 1 and positive_finite(d["fbank_and_normalisation"]["ms_per_batch"])
+    assert d["batch_size"] >= 1 and positive_finite(d["resample_fbank_and_normalisation"]["ms_per_batch"])
     assert positive_finite(d["offline_target_alignment"]["ms_per_batch"])
     b = p["loader_bytes_per_clip"]
     assert b["offline_targets"] == b["store_bytes_per_clip"] == 2 * 32 * 768 * 2  # the store's fp16 map
     assert b["offline_targets_aligned_fp32_before"] == 512 * 768 * 4
-    assert b["waveform"] == 160000 * 4 + 8  # 10 s at 16 kHz, float32, and its length
+    assert b["waveform"] == 441000 * 4 + 16  # 10 s at the file's own 44.1 kHz, float32; its length and rate
     assert p["offline_targets_target_met"] is True and isinstance(p["on_device_speedup_target_met"], bool)
     w = p["workers_needed"]
     assert w["for_assumed_gpu"]["44k1_stereo"]["fbank_on_device"] >= 1
@@ -179,3 +179,22 @@ def test_training_loop_next_to_the_isolated_step(tmp_path):
     assert positive_finite(r["isolated_step"]["clips_per_s"])
     assert r["loop_pct_of_isolated"] == pytest.approx(100 * loop["clips_per_s_wall"] / r["isolated_step"]["clips_per_s"])
     assert "clips/s" in proc.stdout and isinstance(r["target_met"], bool)
+
+
+def test_device_check_smoke_run_on_the_cpu(tmp_path):
+    """python -m benchmarks.device_check at tiny sizes on the CPU (the GPU script's code path):
+    every section runs and the report is complete; fbank_on_device matches the workers' fbank."""
+    out = tmp_path / "device.json"
+    cmd = [sys.executable, "-m", "benchmarks.device_check", "--device", "cpu", "--size", "tiny", "--batch", "2",
+           "--steps", "1", "--warmup", "1", "--matmul-size", "256", "--teacher-batch", "1", "--upstream-batch", "1",
+           "--fbank-batch", "3", "--fbank-clips", "2", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["complete"] is True and not r["skipped"] and set(r["variants"]) == set(VARIANTS)
+    for v in r["variants"].values():
+        assert positive_finite(v["step_ms"]) and positive_finite(v["tflop_per_step"]) and isinstance(v["target_met"], bool)
+    f = r["fbank_on_device"]
+    assert f["batch"] == 3 and positive_finite(f["batch_ms"]) and f["parity_met"] is True
+    assert 0 <= f["max_abs_diff_vs_workers"] <= 1e-4
+    assert positive_finite(r["teacher"]["clips_per_s"]) and positive_finite(r["upstream"]["batch_ms"])

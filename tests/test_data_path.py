@@ -107,9 +107,11 @@ def test_fbank_on_device_gives_the_workers_batch(mixed_set):
     cpu = workers.collater([workers[i] for i in range(5)])
     raw = device.collater([device[i] for i in range(5)])
     assert "net_input" not in raw and raw["audio"].dtype == torch.int32  # float32 bits
+    # the clips at their own rates, read as far as 128 frames need (1.295 s): 2 s at 44.1 kHz -> 57110 samples,
+    # 20 ms at 16 kHz -> 320 (shorter than a window); the rates stay a host-side list (no sync to group them)
     lengths = raw["audio_lengths"].tolist()
-    assert raw["audio"].shape == (5, max(lengths)) and lengths[2] == 320  # 20 ms: shorter than a window
-    assert 20720 <= lengths[0] <= 20722  # 2 s, read as far as 128 frames need (1.295 s = 20720 samples)
+    assert raw["audio"].shape == (5, max(lengths)) and lengths[0] == 57110 and lengths[2] == 320
+    assert raw["audio_rates"] == [44100, 48000, 16000, 44100, 16000]
     finished = on_device(dict(raw), 128, -4.0, 4.5, device.alignment)
     torch.testing.assert_close(finished["net_input"]["source"], cpu["net_input"]["source"], atol=1e-4, rtol=0)
     assert torch.equal(finished["target_mask"], cpu["target_mask"]) and torch.equal(finished["label"], cpu["label"])
@@ -137,6 +139,79 @@ def test_fbank_on_device_gives_the_workers_batch(mixed_set):
     assert torch.equal(half_cast["net_input"]["source"], plain["net_input"]["source"])
 
 
+def test_fbank_on_device_workers_only_decode(mixed_set, monkeypatch):
+    """With fbank_on_device a worker builds no resampler and computes no fbank."""
+    _, device, _ = _datasets(mixed_set)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a worker resampled or computed an fbank")
+
+    monkeypatch.setattr(audio, "resampler", refuse)
+    monkeypatch.setattr(audio, "batch_fbank", refuse)
+    items = [device[i] for i in range(5)]
+    assert [item["rate"] for item in items] == [44100, 48000, 16000, 44100, 16000]
+    assert all("source" not in item and item["audio"].dtype == torch.float32 for item in items)
+
+
+def test_batch_resample_equals_torchaudio_per_clip():
+    """Mixed rates and lengths in one zero-padded batch, each row as torchaudio resamples the clip alone."""
+    rng = np.random.default_rng(3)
+    specs = [(44100, 44100), (48000, 9000), (16000, 5000), (44100, 300), (22050, 22050)]
+    clips = [torch.from_numpy(rng.standard_normal(n).astype(np.float32)) for _, n in specs]
+    wavs = torch.zeros(len(clips), max(n for _, n in specs))
+    for row, clip in zip(wavs, clips):
+        row[: clip.shape[0]] = clip
+    wavs[1, 9000:] = 7.0  # samples past a clip's length are ignored
+    lengths = torch.tensor([n for _, n in specs])
+    out, out_lengths = audio.batch_resample(wavs, lengths, [r for r, _ in specs], 16000)
+    for i, ((rate, n), clip) in enumerate(zip(specs, clips)):
+        expected = torchaudio.functional.resample(clip, rate, 16000)
+        assert out_lengths[i] == expected.shape[0] == audio.resampled_length(n, rate, 16000)
+        torch.testing.assert_close(out[i, : expected.shape[0]], expected, atol=1e-5, rtol=0)
+        assert torch.count_nonzero(out[i, expected.shape[0]:]) == 0
+    # a fixed width crops or pads (the teacher's num_samples), and the lengths are capped
+    short, capped = audio.batch_resample(wavs, lengths, [r for r, _ in specs], 48000, width=1000)
+    assert short.shape == (5, 1000) and capped.max() == 1000
+    with pytest.raises(ValueError, match="2 sample rates for a batch of 5"):
+        audio.batch_resample(wavs, lengths, [16000, 16000], 16000)
+
+
+def test_fbank_on_device_gives_the_online_teachers_input(mixed_set):
+    """An online teacher at 48 kHz, 2 s (longer than the student's 1.295 s): the device-side teacher input from the one native read equals
+    the workers' load_student_and_teacher_audio, and so do the student's fbanks."""
+    from mam_clap_plugin.modules.precision import exact
+
+    manifest = read_manifest(str(mixed_set / "train.tsv"))
+    common = dict(target_length=128, norm_mean=-4.0, norm_std=4.5, teacher_input=(48000, 96000),
+                  alignment=open_target_store(str(mixed_set / "train.tgt")).header.alignment(8, 8), shuffle=False)
+    workers = MamClapDataset(manifest, **common)
+    device = MamClapDataset(manifest, fbank_on_device=True, **common)
+    cpu = workers.collater([workers[i] for i in range(5)])
+    raw = device.collater([device[i] for i in range(5)])
+    assert "teacher_wav" not in raw and raw["teacher_audio_lengths"][0] == 88200  # all of a 2 s clip at 44.1 kHz
+    assert raw["audio_lengths"][0] == 57110  # the student's 1.295 s of it
+    with pytest.raises(ValueError, match="no teacher_input"):
+        on_device(dict(raw), 128, -4.0, 4.5, device.alignment)
+    finished = on_device(raw, 128, -4.0, 4.5, device.alignment, teacher_input=(48000, 96000))
+    assert finished["teacher_wav"].shape == (5, 96000) and finished["teacher_wav"].dtype == torch.float32
+    torch.testing.assert_close(finished["teacher_wav"], exact(cpu["teacher_wav"]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(finished["net_input"]["source"], cpu["net_input"]["source"], atol=1e-4, rtol=0)
+    assert torch.equal(finished["target_mask"], cpu["target_mask"])
+
+
+@pytest.mark.parametrize("rows", [[0, 3], [0, 1, 2, 3, 4]], ids=["one_rate", "mixed_rates"])
+def test_on_device_finishes_a_batch_without_a_sync(mixed_set, request, rows):
+    """Resampling, fbank, normalisation and the offline targets' alignment read nothing back from
+    the device: the rates are a host-side list and every shape comes from the batch's shapes."""
+    _, device, _ = _datasets(mixed_set)
+    raw = device.collater([device[i] for i in rows])
+    expected = on_device(dict(raw), 128, -4.0, 4.5, device.alignment)  # builds the per-device caches first
+    request.getfixturevalue("no_syncs")
+    finished = on_device(dict(raw), 128, -4.0, 4.5, device.alignment)
+    assert torch.equal(finished["net_input"]["source"], expected["net_input"]["source"])
+    assert torch.equal(finished["target"], expected["target"])
+
+
 def test_manifest_and_labels_live_in_numpy_arrays(mixed_set):
     manifest = read_manifest(str(mixed_set / "train.tsv"))
     assert isinstance(manifest.paths, PackedRows) and manifest.paths.values.dtype == np.uint8
@@ -151,20 +226,24 @@ def test_manifest_and_labels_live_in_numpy_arrays(mixed_set):
     assert PackedRows.of_strings(["é/ü.wav"])[0] == "é/ü.wav"
 
 
-@pytest.mark.parametrize("variant", ["supmam_clap"])
-def test_training_losses_do_not_depend_on_where_the_fbank_runs(tone_set, tmp_path, variant):
-    """fairseq-hydra-train, same seed, one worker process: the workers' fbank vs
-    task.fbank_on_device; offline targets and labels in both. Training and validation
-    losses agree. (The same number of workers in both: starting workers draws from torch's
-    RNG, which moves validation's masks.)"""
+@pytest.mark.parametrize("teacher", ["offline", "online"])
+def test_training_losses_do_not_depend_on_where_the_fbank_runs(tone_set, clap_checkpoint, tmp_path, teacher):
+    """fairseq-hydra-train, SupMAM-CLAP, same seed, one worker process: the workers' path vs
+    task.fbank_on_device (resampling and fbank on the device; with the online teacher, its
+    input resampled there too); labels in both. Training and validation losses agree. (The
+    same number of workers in both: starting workers draws from torch's RNG, which moves
+    validation's masks.)"""
+    source = (f"task.target_store={os.path.join(tone_set, 'targets')}" if teacher == "offline"
+              else f"task.teacher_checkpoint={clap_checkpoint}")
     base = ["+size=tiny", "task.target_length=64", "common.cpu=true", "common.log_interval=1",
             "dataset.batch_size=4", "optimization.update_freq=[1]", "optimization.max_update=3",
-            "lr_scheduler.warmup_updates=1", f"task.data={tone_set}",
-            f"task.target_store={os.path.join(tone_set, 'targets')}", "checkpoint.save_interval_updates=0", "dataset.num_workers=1"]
-    workers = run_hydra_train(CONFIG_DIR, variant, base + [
-                                                           f"checkpoint.save_dir={tmp_path / 'a'}"], tmp_path / "a")
-    device = run_hydra_train(CONFIG_DIR, variant, base + ["task.fbank_on_device=true",
-                                                          f"checkpoint.save_dir={tmp_path / 'b'}"], tmp_path / "b")
+            "lr_scheduler.warmup_updates=1", f"task.data={tone_set}", source,
+            "checkpoint.save_interval_updates=0", "dataset.num_workers=1"]
+    workers = run_hydra_train(CONFIG_DIR, "supmam_clap", base + [f"checkpoint.save_dir={tmp_path / 'a'}"],
+                              tmp_path / "a")
+    device = run_hydra_train(CONFIG_DIR, "supmam_clap", base + ["task.fbank_on_device=true",
+                                                                f"checkpoint.save_dir={tmp_path / 'b'}"], tmp_path / "b")
+    assert ("online teacher" in device.text) == (teacher == "online")
     assert len(workers.losses()) == len(device.losses()) == 3
     assert device.losses() == pytest.approx(workers.losses(), rel=1e-4)
     assert device.records["valid"][-1]["valid_loss"] == pytest.approx(workers.records["valid"][-1]["valid_loss"],

@@ -184,3 +184,47 @@ def test_usage_errors(setup, tmp_path, capsys):
     main = runpy.run_path(str(SCRIPT))["main"]
     assert main([str(setup["audio"]), "--checkpoint", str(tmp_path / "none.pt"), "--out", str(tmp_path / "o")]) == 2
     assert "none.pt: checkpoint not found" in capsys.readouterr().err
+
+
+def test_readme_export_and_extract_commands_run_verbatim(setup, pretraining_checkpoint, tmp_path):
+    """The README's export command and its two extraction commands, run as shown in a scratch dir
+    holding the demo's checkpoint path (a real fairseq-hydra-train checkpoint), ``clips/``,
+    ``train.tsv`` over those clips (plus one missing file) and ``audiomae.safetensors`` (an encoder
+    export; any file load_encoder reads), with ``examples/`` linked in as in a checkout."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from . import readme
+
+    cmds = readme.commands(readme.section("## Use the encoder without fairseq"), "python")
+    cmds += readme.commands(readme.section("## Extract features"), "python")
+    assert [c.split()[1] for c in cmds] == ["examples/export_encoder.py"] + ["examples/extract_features.py"] * 2
+    demo = tmp_path / "outputs" / "demo" / "supmam" / "checkpoints"
+    demo.mkdir(parents=True)
+    shutil.copy(pretraining_checkpoint, demo / "checkpoint_last.pt")
+    shutil.copytree(setup["audio"], tmp_path / "clips")
+    names = sorted(str(p.relative_to(setup["audio"])) for p in setup["audio"].rglob("*.*"))
+    write_manifest(str(tmp_path / "train.tsv"), str(tmp_path / "clips"), names + ["missing.wav"], [1] * (len(names) + 1))
+    shutil.copy(setup["ckpt"], tmp_path / "audiomae.safetensors")
+    os.symlink(REPO / "examples", tmp_path / "examples")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for command in cmds:
+        argv = readme.words(command, {"PATH": os.environ["PATH"]})
+        proc = subprocess.run([sys.executable, *argv[1:]], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, (command, proc.stderr[-3000:])
+    config = json.loads((tmp_path / "encoder.json").read_text())
+    assert config["format"] == "mam_clap_encoder" and config["source"]["file"] == "checkpoint_last.pt"
+    assert (tmp_path / "encoder.safetensors").is_file()
+    # the folder run: one (T, D) array per clip; the manifest run: every layer, one row per clip, the missing file skipped
+    for name in names:
+        frames = np.load(tmp_path / "feats" / f"{name}.npy")
+        assert frames.ndim == 2 and frames.shape[1] == config["encoder"]["embed_dim"], name
+    index = (tmp_path / "feats_mm" / "index.tsv").read_text()
+    status = np.load(tmp_path / "feats_mm" / "status.npy")
+    assert sorted(status.tolist()) == [1] * len(names) + [2] and "missing.wav" in (tmp_path / "feats_mm" / "bad_files.tsv").read_text()
+    features = np.load(tmp_path / "feats_mm" / "features.npy", mmap_mode="r")
+    assert features.shape == (DEPTH + 1, len(names) + 1, DIM)  # the missing file keeps its row, marked bad
+    assert all(name in index for name in names) and np.isfinite(features[:, : len(names)]).all()

@@ -3,6 +3,8 @@ update rule, exact resume, per-group lr under the cosine scheduler and fairseq's
 wrappers, and the refused configurations (flattened fp16, amp)."""
 import io
 import os
+import subprocess
+import sys
 
 import fairseq  # noqa: F401  (must be imported before the plugin's model modules)
 import pytest
@@ -388,11 +390,10 @@ def test_adam_checkpoint_resumes_under_mam_clap_adamw(tone_set, tmp_path):
     """A run written with fairseq's adam: refused as is (fairseq's name check), resumed with its moments
     and schedule after adopt_adam, or restarted from update 0 with checkpoint.reset_optimizer=true."""
     from mam_clap_plugin.hydra_runs import run_hydra_train
-    from mam_clap_plugin.optim.adopt_adam import main as adopt
 
     from .conftest import CONFIG_DIR
 
-    save = tmp_path / "ckpt"
+    save = tmp_path / "checkpoints" / "mam"  # the README's path for the relabelling command
     args = [f"task.data={tone_set}", f"checkpoint.save_dir={save}", *FAST]
     first = run_hydra_train(CONFIG_DIR, "mam", args + ["optimizer._name=adam", "optimization.max_epoch=1"], tmp_path / "r1")
     assert "'_name': 'adam'" in first.text and "mam_clap_adamw" not in first.text
@@ -402,7 +403,13 @@ def test_adam_checkpoint_resumes_under_mam_clap_adamw(tone_set, tmp_path):
     refused = run_hydra_train(CONFIG_DIR, "mam", args, tmp_path / "r2", check=False)
     assert refused.returncode != 0 and "Optimizer does not match" in refused.text
 
-    adopt([ckpt])
+    # the README's command, verbatim, from the run's directory
+    from . import readme
+
+    (command,) = [c for c in readme.commands(readme.section("### Optimizer"), "python") if "adopt_adam" in c]
+    argv = readme.words(command, {"PATH": os.environ["PATH"]})
+    proc = subprocess.run([sys.executable, *argv[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     resumed = run_hydra_train(CONFIG_DIR, "mam", args, tmp_path / "r3")
     assert "@ 2 updates" in resumed.text and "mam_clap_adamw (fused)" in resumed.text
     assert [int(r["num_updates"]) for r in resumed.records["train_inner"]] == [3, 4]

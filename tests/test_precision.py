@@ -256,3 +256,24 @@ def test_tf32_for_float32_gpu_runs(monkeypatch):
         assert torch.get_float32_matmul_precision() == "high"
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+def test_ieee_fp32_turns_tf32_off_on_cuda_only_and_restores_it():
+    """The front end's resampler and mel projection run without TF32 on GPUs (cuDNN uses TF32 for
+    float32 convolutions by default, and the plugin turns it on for matmuls in float32 runs); the
+    settings come back after the block, also after an error. The flags can be set without a GPU."""
+    from mam_clap_plugin.modules.precision import ieee_fp32
+
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    saved = matmul.fp32_precision, conv.fp32_precision
+    try:
+        matmul.fp32_precision = conv.fp32_precision = "tf32"
+        with ieee_fp32(torch.device("cpu")):
+            assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
+        with pytest.raises(RuntimeError, match="inside"):
+            with ieee_fp32(torch.device("cuda")):
+                assert (matmul.fp32_precision, conv.fp32_precision) == ("ieee", "ieee")
+                raise RuntimeError("inside")
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = saved

@@ -11,7 +11,9 @@ The fbank has one definition, :func:`batch_fbank`: Kaldi's ``fbank`` as AudioMAE
 clips of different lengths on any device, with the mel matrix and window built once per
 device. ``wav_to_fbank`` is its one-clip form (the data loader's workers);
 ``task.fbank_on_device=true`` runs it on whole batches in the training step instead.
-Resampling kernels are built once per rate pair (:func:`resampler`).
+Resampling kernels are built once per rate pair and device (:func:`resampler`); with
+``task.fbank_on_device`` the workers only read and downmix (:func:`load_native_audio`) and
+:func:`batch_resample` resamples the batch on the device.
 
 ``write_wav(path, samples, rate)`` writes 16-bit PCM WAV files (generated data sets, benchmarks).
 
@@ -27,6 +29,8 @@ import os
 import soundfile
 import torch
 import torchaudio
+
+from ..modules.precision import ieee_fp32
 
 SAMPLE_RATE = 16000
 NUM_MEL_BINS = 128
@@ -98,12 +102,20 @@ def _load_mono(path: str, max_ms: int | None, where: str | None) -> tuple[torch.
     return wav, rate
 
 
-@functools.lru_cache(maxsize=16)
-def resampler(rate: int, target_rate: int) -> torchaudio.transforms.Resample:
+@functools.lru_cache(maxsize=32)
+def resampler(rate: int, target_rate: int, device: torch.device | None = None) -> torchaudio.transforms.Resample:
     """torchaudio's resampler from ``rate`` to ``target_rate``, its kernel built once per rate
-    pair (and per process: each data loader worker keeps its own). The kernel is computed in
-    float32, as ``torchaudio.functional.resample`` does for float32 audio: the same samples."""
-    return torchaudio.transforms.Resample(rate, target_rate, dtype=torch.float32)
+    pair and device (and per process: each data loader worker keeps its own). The kernel is
+    computed in float32, as ``torchaudio.functional.resample`` does for float32 audio: the same samples."""
+    module = torchaudio.transforms.Resample(rate, target_rate, dtype=torch.float32)
+    return module if device is None else module.to(device)
+
+
+def resampled_length(num_samples, rate: int, target_rate: int):
+    """Samples that torchaudio's resampler returns for ``num_samples`` at ``rate``:
+    ``ceil(num_samples * target_rate / rate)`` (an int, or an int64 tensor of any shape)."""
+    gcd = math.gcd(int(rate), int(target_rate))
+    return -(-num_samples * (target_rate // gcd) // (rate // gcd))
 
 
 def _resample(wav: torch.Tensor, rate: int, target_rate: int) -> torch.Tensor:
@@ -157,14 +169,75 @@ def load_teacher_audio(path: str, sample_rate: int, num_samples: int, where: str
     return fit_length(_resample(wav, rate, sample_rate), num_samples)
 
 
+def _read_ms(max_frames: int, teacher_input: tuple[int, int] | None) -> int:
+    """Milliseconds to read for ``max_frames`` student frames and a teacher's (rate, num_samples)."""
+    if teacher_input is None:
+        return _frames_ms(max_frames)
+    sample_rate, num_samples = teacher_input
+    return max(_frames_ms(max_frames), -(-num_samples * 1000 // sample_rate))
+
+
 def load_student_and_teacher_audio(path: str, max_frames: int, sample_rate: int, num_samples: int,
                                    where: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One read of the file for both inputs: ``load_audio(path, max_frames)`` and
     ``load_teacher_audio(path, sample_rate, num_samples)``."""
-    max_ms = max(_frames_ms(max_frames), -(-num_samples * 1000 // sample_rate))
-    wav, rate = _load_mono(path, max_ms, where)
+    wav, rate = _load_mono(path, _read_ms(max_frames, (sample_rate, num_samples)), where)
     student = _resample(wav[: frames_to_samples(max_frames, rate)], rate, SAMPLE_RATE)
     return student, fit_length(_resample(wav, rate, sample_rate), num_samples)
+
+
+def load_native_audio(path: str, max_frames: int, teacher_input: tuple[int, int] | None = None,
+                      where: str | None = None) -> tuple[torch.Tensor, int]:
+    """The start of a file at its own rate, mono and checked: as far as ``max_frames`` student
+    frames (and an online teacher's ``(sample_rate, num_samples)``) need. Returns ((S,) float32,
+    rate). The workers' part of ``task.fbank_on_device``: :func:`batch_resample` then resamples
+    on the device, to the same samples as :func:`load_student_and_teacher_audio` / :func:`load_audio`.
+    Raises AudioError."""
+    return _load_mono(path, _read_ms(max_frames, teacher_input), where)
+
+
+def batch_resample(wavs: torch.Tensor, lengths: torch.Tensor, rates, target_rate: int,
+                   width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Resample a zero-padded batch of clips at their own rates, on the batch's device.
+
+    Each row becomes what torchaudio's resampler gives for that clip alone (its first
+    ``lengths[i]`` samples; up to float rounding), zero-padded. One resampling per distinct rate,
+    its kernel cached per device (:func:`resampler`); rows already at ``target_rate`` are copied.
+
+    Args:
+        wavs: (B, S) float32 waveforms; samples past ``lengths`` are ignored.
+        lengths: (B,) int64 samples of each clip to resample, on the batch's device.
+        rates: B ints, each clip's sample rate (host-side, so that grouping needs no sync).
+        target_rate: the output rate.
+        width: output samples (crop or zero-pad); None = the longest clip's resampled length bound.
+
+    Returns:
+        ((B, width) float32 waveforms, (B,) int64 resampled lengths, capped at ``width``).
+    """
+    batch, samples = wavs.shape
+    rates = [int(r) for r in rates]
+    if len(rates) != batch:
+        raise ValueError(f"batch_resample: {len(rates)} sample rates for a batch of {batch} clips")
+    groups: dict[int, list[int]] = {}
+    for row, rate in enumerate(rates):
+        groups.setdefault(rate, []).append(row)
+    if width is None:
+        width = max(resampled_length(samples, rate, target_rate) for rate in groups)
+    position = torch.arange(samples, device=wavs.device)
+    wavs = wavs.float() * (position[None, :] < lengths[:, None])  # zeros past each clip, as torchaudio pads
+    out = wavs.new_zeros(batch, width)
+    out_lengths = torch.empty_like(lengths)
+    with ieee_fp32(wavs.device):  # no TF32 for the resampler's convolution on GPUs
+        for rate, rows in groups.items():
+            index = slice(None) if len(rows) == batch else torch.tensor(rows, device=wavs.device)
+            part = wavs[index]
+            if rate != target_rate:
+                part = resampler(rate, target_rate, wavs.device)(part)
+            part = part[:, :width]
+            out[index, : part.shape[1]] = part
+            out_lengths[index] = resampled_length(lengths[index], rate, target_rate)
+    out_lengths = out_lengths.clamp(max=width)
+    return out * (torch.arange(width, device=wavs.device)[None, :] < out_lengths[:, None]), out_lengths
 
 
 @functools.lru_cache(maxsize=8)
@@ -217,13 +290,14 @@ def batch_fbank(wavs: torch.Tensor, lengths: torch.Tensor | None = None, target_
     wavs = (wavs - mean.float()) * real  # the padding stays zero after mean removal
     if width < WINDOW_SAMPLES:
         wavs = torch.nn.functional.pad(wavs, (0, WINDOW_SAMPLES - width))
-    frames = min(target_length, int(num_fbank_frames(torch.tensor(wavs.shape[1]))))
+    frames = min(target_length, 1 + (wavs.shape[1] - WINDOW_SAMPLES) // SHIFT_SAMPLES)  # host-side: no sync
     window, mel = _fbank_constants(wavs.device)
     x = wavs.unfold(1, WINDOW_SAMPLES, SHIFT_SAMPLES)[:, :frames]  # (B, frames, 400)
     x = x - x.mean(dim=-1, keepdim=True)
     x = x - PREEMPHASIS * torch.cat([x[..., :1], x[..., :-1]], dim=-1)
     power = torch.fft.rfft(x * window, n=FFT_SIZE).abs().pow(2.0)  # (B, frames, 257)
-    fbank = torch.matmul(power, mel).clamp(min=torch.finfo(torch.float32).eps).log()
+    with ieee_fp32(wavs.device):  # no TF32 for the mel projection on GPUs
+        fbank = torch.matmul(power, mel).clamp(min=torch.finfo(torch.float32).eps).log()
     valid = torch.arange(frames, device=wavs.device)[None, :] < num_fbank_frames(lengths)[:, None]
     fbank = fbank * valid[..., None]
     if frames < target_length:

@@ -1,9 +1,10 @@
 """fairseq dataset of fixed-length log-mel fbanks with optional labels and teacher targets.
 
 What crosses the data loader per clip: the normalised fbank (or, with ``fbank_on_device``,
-the 16 kHz waveform: :func:`on_device` then computes the fbank on the model's device), and
-offline teacher targets as the store's own float16 map (grid_freq, grid_time, dim), aligned
-to the student grid on the device by :func:`on_device` too.
+the decoded mono waveform at the file's own rate: :func:`on_device` then resamples it and
+computes the fbank on the model's device, and an online teacher's input from the same
+samples), and offline teacher targets as the store's own float16 map (grid_freq, grid_time,
+dim), aligned to the student grid on the device by :func:`on_device` too.
 """
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from fairseq.data import FairseqDataset
 
 from ..modules.precision import carry_exact, exact
 from .alignment import Alignment, align_tokens, loss_mask, real_time_patches
-from .audio import (NORM_STATS, AudioError, batch_fbank, load_audio, load_student_and_teacher_audio, normalize_fbank,
-                    wav_to_fbank)
+from .audio import (NORM_STATS, SAMPLE_RATE, AudioError, batch_fbank, batch_resample, frames_to_samples, load_audio,
+                    load_native_audio, load_student_and_teacher_audio, normalize_fbank, resampled_length, wav_to_fbank)
 from .manifest import Manifest, PackedRows
 from .target_store import TargetStore
 
@@ -45,8 +46,9 @@ class MamClapDataset(FairseqDataset):
         skip_bad_files: on an unusable audio file, log a warning and drop the item
             instead of raising.
         shuffle: ``ordered_indices`` returns a random permutation (else manifest order).
-        fbank_on_device: items carry the 16 kHz waveform instead of the fbank; batches then
-            need :func:`on_device` before the model sees them.
+        fbank_on_device: items carry the decoded waveform at the file's own rate instead of
+            the fbank (and of the teacher's input); batches then need :func:`on_device` (with
+            ``teacher_input``) before the model sees them.
     """
 
     def __init__(
@@ -112,15 +114,18 @@ class MamClapDataset(FairseqDataset):
         if index in self.bad_target_clips:
             raise AudioError(f"{where}: {path}: marked unusable by the target extractor ({self.target_store.path})")
         item = {"id": index}
+        if self.fbank_on_device:  # decode and downmix only: resampling and the fbank run on the device
+            wav, rate = load_native_audio(path, self.target_length, self.teacher_input, where=where)
+            student = min(wav.shape[0], frames_to_samples(self.target_length, rate))
+            item.update(audio=wav, rate=rate, student_samples=student)
+            item["real_patches"] = real_time_patches(resampled_length(student, rate, SAMPLE_RATE), self.target_length)
+            return item
         if self.teacher_input is not None:
             wav, item["teacher_wav"] = load_student_and_teacher_audio(
                 path, self.target_length, *self.teacher_input, where=where)
         else:
             wav = load_audio(path, max_frames=self.target_length, where=where)
-        if self.fbank_on_device:
-            item["audio"] = wav
-        else:
-            item["source"] = self._fbank(wav)
+        item["source"] = self._fbank(wav)
         item["real_patches"] = real_time_patches(wav.shape[0], self.target_length)
         return item
 
@@ -145,12 +150,17 @@ class MamClapDataset(FairseqDataset):
 
         Returns:
             {} if nothing is left, else ``{"id": (B,) long, "nsentences": B, "ntokens": B,
-            "num_skipped": int, "net_input": {"source": (B, 1, target_length, 128)}}`` plus
+            "num_skipped": int, "net_input": {"source": (B, 1, target_length, 128)}}`` (with
+            ``fbank_on_device``, instead of ``net_input``: ``"audio"`` (B, S) float32 as int32
+            bits, the clips at their own rates zero-padded; ``"audio_lengths"`` (B,) the
+            student's samples of each; ``"audio_rates"`` a list of B ints, host-side; and with
+            an online teacher ``"teacher_audio_lengths"`` (B,), the teacher's samples) plus
             ``"label"``: (B, num_classes) float, with labels;
             ``"target"``: (B, grid_freq, grid_time, dim) float16 teacher maps (the store's
             values), with a target store (:func:`on_device` aligns them);
             ``"teacher_wav"``: (B, num_samples) float32 carried as int32 bits
-            (:func:`~mam_clap_plugin.modules.precision.exact` restores it), with an online teacher;
+            (:func:`~mam_clap_plugin.modules.precision.exact` restores it), with an online
+            teacher (without ``fbank_on_device``);
             ``"target_mask"``: (B, N) bool, with either: True where a token enters the
             target loss (not pure padding, and inside the teacher's clip).
         """
@@ -164,19 +174,23 @@ class MamClapDataset(FairseqDataset):
             "num_skipped": len(samples) - len(kept),
         }
         if self.fbank_on_device:
-            lengths = torch.tensor([s["audio"].shape[0] for s in kept], dtype=torch.long)
-            audio = torch.zeros(len(kept), int(lengths.max()))
+            lengths = [s["audio"].shape[0] for s in kept]
+            audio = torch.zeros(len(kept), max(lengths))
             for row, s in zip(audio, kept):
                 row[: s["audio"].shape[0]] = s["audio"]
             # as int32 bits, like the teacher's waveform: fairseq's fp16/bf16 batch cast leaves it exact
-            batch["audio"], batch["audio_lengths"] = carry_exact(audio), lengths
+            batch["audio"] = carry_exact(audio)
+            batch["audio_lengths"] = torch.tensor([s["student_samples"] for s in kept], dtype=torch.long)
+            batch["audio_rates"] = [s["rate"] for s in kept]  # a list: fairseq's device copy leaves it on the host
+            if self.teacher_input is not None:
+                batch["teacher_audio_lengths"] = torch.tensor(lengths, dtype=torch.long)
         else:
             batch["net_input"] = {"source": torch.stack([s["source"] for s in kept]).unsqueeze(1)}
         if self.labels is not None:
             batch["label"] = torch.stack([s["label"] for s in kept])
         if self.target_store is not None:
             batch["target"] = torch.stack([s["target"] for s in kept])
-        if self.teacher_input is not None:
+        if self.teacher_input is not None and not self.fbank_on_device:
             # as int32 bits, so fairseq's fp16/bf16 batch cast leaves the waveform exact (see modules.precision)
             batch["teacher_wav"] = carry_exact(torch.stack([s["teacher_wav"] for s in kept]))
         if self.alignment is not None:
@@ -212,12 +226,16 @@ class MamClapDataset(FairseqDataset):
 
 
 def on_device(sample: dict, target_length: int, norm_mean: float, norm_std: float, alignment: Alignment | None,
-              dtype: torch.dtype = torch.float32) -> dict:
+              dtype: torch.dtype = torch.float32, teacher_input: tuple[int, int] | None = None) -> dict:
     """Finish a batch of :class:`MamClapDataset` on its device (after fairseq moved it there).
 
-    * ``audio`` / ``audio_lengths`` (``fbank_on_device``) become ``net_input["source"]``:
-      (B, 1, target_length, 128) normalised fbanks in ``dtype`` (the model's, as fairseq's
-      own cast of ``net_input`` under common.fp16/bf16), the same as the workers' fbank;
+    * ``audio`` / ``audio_lengths`` / ``audio_rates`` (``fbank_on_device``) become
+      ``net_input["source"]``: the clips resampled to 16 kHz (one kernel per rate, cached per
+      device), then (B, 1, target_length, 128) normalised fbanks in ``dtype`` (the model's, as
+      fairseq's own cast of ``net_input`` under common.fp16/bf16): the same as the workers' fbank;
+    * with ``teacher_input`` = the online teacher's ``(sample_rate, num_samples)``, the same
+      samples also become its input ``teacher_wav`` (B, num_samples) float32, as the workers'
+      :func:`~.audio.load_student_and_teacher_audio` gives it;
     * float16 teacher maps ``target`` (B, grid_freq, grid_time, dim) become the aligned
       (B, N, dim) float32 targets (the alignment index is cached per device).
 
@@ -225,8 +243,19 @@ def on_device(sample: dict, target_length: int, norm_mean: float, norm_std: floa
     """
     audio = sample.pop("audio", None)
     if audio is not None:
-        fbank = batch_fbank(exact(audio), sample.pop("audio_lengths"), target_length)
+        audio, rates = exact(audio), sample.pop("audio_rates")
+        # the student's samples end by frames_to_samples(target_length, rate) <= this bound (host-side)
+        student = audio[:, : frames_to_samples(target_length, max(rates))]
+        wav, lengths = batch_resample(student, sample.pop("audio_lengths"), rates, SAMPLE_RATE)
+        fbank = batch_fbank(wav, lengths, target_length)
         sample["net_input"] = {"source": normalize_fbank(fbank, norm_mean, norm_std).unsqueeze(1).to(dtype)}
+        teacher_lengths = sample.pop("teacher_audio_lengths", None)
+        if teacher_lengths is not None:
+            if teacher_input is None:
+                raise ValueError("on_device: the batch carries an online teacher's audio but no teacher_input "
+                                 "(sample_rate, num_samples) was given")
+            rate, num_samples = teacher_input
+            sample["teacher_wav"], _ = batch_resample(audio, teacher_lengths, rates, rate, width=num_samples)
     target = sample.get("target")
     if target is not None and target.dim() == 4:
         sample["target"] = align_tokens(target, alignment).float()

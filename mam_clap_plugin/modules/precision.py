@@ -4,8 +4,11 @@ fairseq casts the whole model with ``model.half()`` / ``model.to(torch.bfloat16)
 float32 tensor of each batch to the same dtype. :class:`Fp32BatchNorm1d` keeps its statistics
 and affine parameters in float32 through that cast; :func:`carry_exact` / :func:`exact` carry a
 float32 tensor (the online teacher's waveform) past the batch cast bit for bit.
+:func:`ieee_fp32` keeps the front end's float32 matmuls and convolutions out of TF32 on GPUs.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn as nn
@@ -38,3 +41,30 @@ def carry_exact(t: torch.Tensor) -> torch.Tensor:
 def exact(t: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`carry_exact` (a float32 tensor passes through)."""
     return t.view(torch.float32) if t.dtype == torch.int32 else t
+
+
+@contextlib.contextmanager
+def ieee_fp32(device: torch.device):
+    """Full float32 matmuls and convolutions on CUDA inside the block, the previous settings
+    restored after it. TF32 (cuDNN's default for float32 convolutions; the plugin's choice for
+    matmuls in float32 runs) rounds inputs to 10 mantissa bits: the resampler's convolution and
+    the fbank's mel projection must give the CPU's values (within 1e-4). Elsewhere a no-op."""
+    if device.type != "cuda":
+        yield
+        return
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn
+    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9
+        conv = conv.conv
+        saved = matmul.fp32_precision, conv.fp32_precision
+        matmul.fp32_precision = conv.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            matmul.fp32_precision, conv.fp32_precision = saved
+    else:
+        saved = matmul.allow_tf32, conv.allow_tf32
+        matmul.allow_tf32 = conv.allow_tf32 = False
+        try:
+            yield
+        finally:
+            matmul.allow_tf32, conv.allow_tf32 = saved

@@ -20,8 +20,9 @@ Teacher targets come from one of two places:
 
 Offline targets cross the data loader as the store's float16 maps; ``train_step`` /
 ``valid_step`` align them to the student grid on the model's device. With
-``task.fbank_on_device=true`` the workers only read, downmix and resample the audio, and
-the fbank and its normalisation run there too, batched (:func:`..data.dataset.on_device`).
+``task.fbank_on_device=true`` the workers only read and downmix the audio, and resampling,
+the fbank and its normalisation (and an online teacher's resampling) run there too, batched
+(:func:`..data.dataset.on_device`).
 """
 
 import logging
@@ -92,10 +93,11 @@ class MamClapPretrainingConfig(FairseqDataclass):
     )
     fbank_on_device: bool = field(
         default=False,
-        metadata={"help": "data loader workers only read, downmix and resample the audio; the fbank and its "
-                          "normalisation run batched in train_step/valid_step on the model's device (same values "
-                          "as the workers' fbank within float rounding; under common.fp16/bf16 the waveform "
-                          "crosses as int32 bits, so the batch cast leaves it exact)"},
+        metadata={"help": "data loader workers only read and downmix the audio; resampling (to 16 kHz, and to an "
+                          "online teacher's rate), the fbank and its normalisation run batched in "
+                          "train_step/valid_step on the model's device (same values as the workers' path within "
+                          "float rounding; the waveform crosses at the file's own rate, as int32 bits under "
+                          "common.fp16/bf16, so the batch cast leaves it exact)"},
     )
 
 
@@ -166,6 +168,11 @@ class MamClapPretrainingTask(FbankTask):
                                                   trusted=cfg.teacher_trusted)
             logger.info(f"online teacher {self._teacher.name} ({cfg.teacher_layer}) from {cfg.teacher_checkpoint}")
         return self._teacher
+
+    @property
+    def teacher_input(self):
+        """The online teacher's input ``(sample_rate, num_samples)``, or None (no online teacher)."""
+        return (self.teacher.sample_rate, self.teacher.num_samples) if self.teacher is not None else None
 
     @property
     def target_dim(self) -> int:
@@ -244,7 +251,6 @@ class MamClapPretrainingTask(FbankTask):
         store = None
         if self.cfg.target_store:
             store = open_target_store(os.path.join(self.cfg.target_store, f"{split}.tgt"))
-        teacher_input = (self.teacher.sample_rate, self.teacher.num_samples) if self.teacher is not None else None
         self.datasets[split] = MamClapDataset(
             manifest,
             target_length=self.cfg.target_length,
@@ -253,7 +259,7 @@ class MamClapPretrainingTask(FbankTask):
             labels=labels,
             num_classes=self.num_classes,
             target_store=store,
-            teacher_input=teacher_input,
+            teacher_input=self.teacher_input,
             alignment=self.alignment,
             freq_patches=FREQ_PATCHES,
             skip_bad_files=self.cfg.skip_bad_files,
@@ -282,10 +288,11 @@ class MamClapPretrainingTask(FbankTask):
 
     def on_device(self, sample: dict, model) -> dict:
         """The device-side end of the data path, on the batch fairseq moved to the model's
-        device: the fbank (``task.fbank_on_device``), the offline targets' alignment, the
+        device: resampling and the fbank (``task.fbank_on_device``), the offline targets' alignment, the
         online teacher's targets."""
         dtype = next(model.parameters()).dtype
-        sample = on_device(sample, self.cfg.target_length, self.norm_mean, self.norm_std, self.alignment, dtype)
+        sample = on_device(sample, self.cfg.target_length, self.norm_mean, self.norm_std, self.alignment, dtype,
+                           self.teacher_input)
         return self.online_targets(sample)
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
