@@ -191,7 +191,8 @@ def test_fbank_on_device_gives_the_online_teachers_input(mixed_set):
     assert "teacher_wav" not in raw and raw["teacher_audio_lengths"][0] == 88200  # all of a 2 s clip at 44.1 kHz
     assert raw["audio_lengths"][0] == 57110  # the student's 1.295 s of it
     with pytest.raises(ValueError, match="no teacher_input"):
-        on_device(dict(raw), 128, -4.0, 4.5, device.alignment)
+        on_device(raw, 128, -4.0, 4.5, device.alignment)
+    assert "audio" in raw and "net_input" not in raw  # refused before anything was changed
     finished = on_device(raw, 128, -4.0, 4.5, device.alignment, teacher_input=(48000, 96000))
     assert finished["teacher_wav"].shape == (5, 96000) and finished["teacher_wav"].dtype == torch.float32
     torch.testing.assert_close(finished["teacher_wav"], exact(cpu["teacher_wav"]), atol=1e-5, rtol=0)

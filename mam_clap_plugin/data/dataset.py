@@ -241,6 +241,9 @@ def on_device(sample: dict, target_length: int, norm_mean: float, norm_std: floa
 
     Idempotent: a finished batch passes through unchanged (fairseq may run a step twice).
     """
+    if "teacher_audio_lengths" in sample and teacher_input is None:  # checked before the batch is changed
+        raise ValueError("on_device: the batch carries an online teacher's audio but no teacher_input "
+                         "(sample_rate, num_samples) was given")
     audio = sample.pop("audio", None)
     if audio is not None:
         audio, rates = exact(audio), sample.pop("audio_rates")
@@ -251,9 +254,6 @@ def on_device(sample: dict, target_length: int, norm_mean: float, norm_std: floa
         sample["net_input"] = {"source": normalize_fbank(fbank, norm_mean, norm_std).unsqueeze(1).to(dtype)}
         teacher_lengths = sample.pop("teacher_audio_lengths", None)
         if teacher_lengths is not None:
-            if teacher_input is None:
-                raise ValueError("on_device: the batch carries an online teacher's audio but no teacher_input "
-                                 "(sample_rate, num_samples) was given")
             rate, num_samples = teacher_input
             sample["teacher_wav"], _ = batch_resample(audio, teacher_lengths, rates, rate, width=num_samples)
     target = sample.get("target")
