@@ -144,3 +144,21 @@ def test_the_repository_readme_has_a_checkable_demo_block():
         node[leaf.path[-1]] = json.loads(leaf.text)
     failed, claims = check_readme.check_claims(shown, readme)
     assert claims >= 3 and failed == []
+
+
+def test_a_new_demo_run_removes_the_previous_one(tmp_path, capsys):
+    """A second `make demo` must train from scratch (fairseq would resume the finished runs and
+    train nothing); only the demo's own outputs go, anything else in --out-dir stays."""
+    for name in run_demo.DEMO_OUTPUTS:
+        if name.endswith(".json"):
+            (tmp_path / name).write_text("{}")
+        else:
+            (tmp_path / name / "checkpoints").mkdir(parents=True)
+            (tmp_path / name / "checkpoints" / "checkpoint_last.pt").write_bytes(b"x")
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(tmp_path / "elsewhere", tmp_path / "linked")
+    assert run_demo.clear_previous_run(str(tmp_path)) == list(run_demo.DEMO_OUTPUTS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "linked", "notes.txt"]
+    assert "removed the previous demo run's data, supmam" in capsys.readouterr().out
+    assert run_demo.clear_previous_run(str(tmp_path)) == []

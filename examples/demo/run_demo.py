@@ -21,7 +21,9 @@
    keyword set in Speech Commands' layout: the SupMAM encoder as the ``supmam_clap_local``
    upstream against s3prl's ``fbank`` and ``fbank_no_cmvn`` baselines, same data, seed and short CPU schedule
    (``examples/superb/compare_upstreams.py``: table and bar chart).
-Writes ``OUT_DIR/report.json``:
+A new run first removes what an earlier one wrote under OUT_DIR (:data:`DEMO_OUTPUTS`), so
+that running ``make demo`` again trains from scratch and gives the same report (fairseq would
+otherwise resume the finished runs and train nothing). Writes ``OUT_DIR/report.json``:
    ``{"data": ..., "pretrain": {"checkpoint", "loss_first", "loss_last", ...},
    "pretrain_clap": {..., "teacher": {"checkpoint", "random", "store", ...}},
    "evaluate": {"linear_probe": {"supmam", "supmam_clap", "random_init"}},
@@ -34,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -55,6 +58,8 @@ CONFIG_DIR = os.path.join(REPO, "examples", "pretraining", "config")
 FINETUNE_CONFIG_DIR = os.path.join(REPO, "examples", "finetuning", "config")
 TARGET_LENGTH = 128  # 1.28 s: the demo clips are 1 s long
 UPSTREAMS = ("supmam_clap_local", "fbank", "fbank_no_cmvn")  # SUPERB KS comparison
+#: What a demo run writes under --out-dir (a new run removes them first; nothing else there is touched).
+DEMO_OUTPUTS = ("data", "supmam", "clap_targets", "teacher", "supmam_clap", "finetune", "superb_ks", "report.json")
 
 
 def parse_args(argv=None):
@@ -72,6 +77,24 @@ def parse_args(argv=None):
     p.add_argument("--clap-max-update", type=int, default=600, help="SupMAM-CLAP pretraining updates")
     p.add_argument("--finetune-max-update", type=int, default=90, help="updates of each fine-tuning (10 epochs)")
     return p.parse_args(argv)
+
+
+def clear_previous_run(out_dir: str) -> list[str]:
+    """Remove an earlier demo run's outputs (:data:`DEMO_OUTPUTS`) from ``out_dir``; returns what was removed."""
+    removed = []
+    for name in DEMO_OUTPUTS:
+        path = os.path.join(out_dir, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
+        else:
+            continue
+        removed.append(name)
+    if removed:
+        print(f"   removed the previous demo run's {', '.join(removed)} from {out_dir} (the demo trains from scratch)",
+              flush=True)
+    return removed
 
 
 def run_script(name, *args) -> str:
@@ -312,6 +335,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     start = time.time()
     out_dir = os.path.abspath(args.out_dir)
+    clear_previous_run(out_dir)
     data_dir = os.path.join(out_dir, "data")
     report = {"data": make_data(data_dir, args)}
     norm = norm_stats(data_dir)
