@@ -26,13 +26,11 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from .data.audio import FRAME_SHIFT_MS, SAMPLE_RATE, normalize_fbank, wav_to_fbank
+from .data.audio import SHIFT_SAMPLES, normalize_fbank, wav_to_fbank
 from .modules.encoder import PATCH_SIZE, AudioEncoder
 
-#: Samples per fbank frame (10 ms at 16 kHz).
-HOP_SAMPLES = SAMPLE_RATE * FRAME_SHIFT_MS // 1000
-#: Samples per output step: one 16-frame time patch.
-DOWNSAMPLE_RATE = PATCH_SIZE * HOP_SAMPLES  # 2560
+#: Samples per output step: one 16-frame time patch of 10 ms frames.
+DOWNSAMPLE_RATE = PATCH_SIZE * SHIFT_SAMPLES  # 2560
 
 
 def num_steps(num_samples: int) -> int:

@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import CheckpointError, head_keys, is_exported, load_checkpoint, load_encoder_with_stats
-from .data.audio import FRAME_SHIFT_MS, SAMPLE_RATE, WINDOW_SAMPLES, load_audio, normalize_fbank, wav_to_fbank
+from .data.audio import load_audio, normalize_fbank, num_fbank_frames, wav_to_fbank
 from .data.manifest import read_class_list, read_labels, read_manifest
 from .metrics import classification_metrics, per_class_ap
 
@@ -110,15 +110,10 @@ def _classifier_from_export(state: Dict, path: str, class_list: Optional[str]) -
     return Classifier(model.eval(), task, head.get("loss", "bce"))
 
 
-def num_frames(num_samples: int) -> int:
-    """Kaldi fbank frames of a 16 kHz waveform (at least one)."""
-    return 1 + max(0, num_samples - WINDOW_SAMPLES) // (SAMPLE_RATE * FRAME_SHIFT_MS // 1000)
-
-
 def windows(wav: torch.Tensor, clf: Classifier) -> torch.Tensor:
     """(S,) 16 kHz waveform -> (W, 1, target_length, 128) normalised fbank windows."""
     length = clf.target_length
-    count = max(1, math.ceil(num_frames(wav.shape[0]) / length))
+    count = max(1, math.ceil(num_fbank_frames(wav.shape[0]) / length))
     fbank = normalize_fbank(wav_to_fbank(wav, count * length), clf.task.norm_mean, clf.task.norm_std)
     return fbank.reshape(count, length, -1).unsqueeze(1)
 

@@ -144,6 +144,13 @@ def test_time_freq_masking_keeps_whole_columns_and_rows():
         assert torch.equal(m.ids_keep[b], visible.reshape(-1).nonzero().squeeze(1))  # grid order
 
 
+def test_time_freq_masking_needs_no_sync(request):
+    """The visible count is known on the host (columns kept x rows kept): drawing the masks reads
+    nothing back from the device (fine-tuning's training forward)."""
+    request.getfixturevalue("no_syncs")
+    assert time_freq_masking(2, 64, 8, 0.2, 0.2).ids_keep.shape == (2, 51 * 6)
+
+
 def test_block_drop_path_default_off_and_eval_identity():
     assert Block(16, 2).drop_path.drop_prob == 0.0
     enc = AudioEncoder(32, 3, 4, max_frames=64, drop_path=0.2)

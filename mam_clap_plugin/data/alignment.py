@@ -35,12 +35,11 @@ import torch
 from torchaudio.compliance.kaldi import inverse_mel_scale_scalar, mel_scale_scalar
 
 from ..modules.encoder import PATCH_SIZE as PATCH
-from .audio import FRAME_SHIFT_MS, NUM_MEL_BINS as STUDENT_MEL_BINS, SAMPLE_RATE, WINDOW_SAMPLES
+from .audio import NUM_MEL_BINS as STUDENT_MEL_BINS, SAMPLE_RATE, SHIFT_SAMPLES, num_fbank_frames
 
 STUDENT_LOW_HZ = 20.0  # Kaldi fbank's default low_freq (wav_to_fbank keeps it)
 STUDENT_HIGH_HZ = SAMPLE_RATE / 2
-FRAME_SHIFT_SAMPLES = SAMPLE_RATE * FRAME_SHIFT_MS // 1000  # 160
-PATCH_SECONDS = PATCH * FRAME_SHIFT_SAMPLES / SAMPLE_RATE  # 0.16
+PATCH_SECONDS = PATCH * SHIFT_SAMPLES / SAMPLE_RATE  # 0.16
 
 
 class Alignment(NamedTuple):
@@ -129,8 +128,7 @@ def real_time_patches(num_samples: int, target_length: int) -> int:
     ``num_samples`` is the clip's length at 16 kHz; a clip shorter than one window still
     yields one frame (``wav_to_fbank`` pads it).
     """
-    frames = 1 + max(0, num_samples - WINDOW_SAMPLES) // FRAME_SHIFT_SAMPLES
-    frames = min(frames, target_length)
+    frames = min(num_fbank_frames(num_samples), target_length)
     return -(-frames // PATCH)
 
 

@@ -181,7 +181,7 @@ def load_student_and_teacher_audio(path: str, max_frames: int, sample_rate: int,
                                    where: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One read of the file for both inputs: ``load_audio(path, max_frames)`` and
     ``load_teacher_audio(path, sample_rate, num_samples)``."""
-    wav, rate = _load_mono(path, _read_ms(max_frames, (sample_rate, num_samples)), where)
+    wav, rate = load_native_audio(path, max_frames, (sample_rate, num_samples), where)
     student = _resample(wav[: frames_to_samples(max_frames, rate)], rate, SAMPLE_RATE)
     return student, fit_length(_resample(wav, rate, sample_rate), num_samples)
 
@@ -251,10 +251,12 @@ def _fbank_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return window, mel
 
 
-def num_fbank_frames(num_samples: torch.Tensor) -> torch.Tensor:
-    """Frames of a clip of ``num_samples`` samples (Kaldi ``snip_edges``; a clip shorter than one
-    window still gives one frame): any shape of int64 in, same shape out."""
-    return 1 + (num_samples - WINDOW_SAMPLES).clamp(min=0) // SHIFT_SAMPLES
+def num_fbank_frames(num_samples):
+    """Frames of a 16 kHz clip of ``num_samples`` samples (Kaldi ``snip_edges``; a clip shorter
+    than one window still gives one frame): an int, or an int64 tensor of any shape (same shape out)."""
+    if torch.is_tensor(num_samples):
+        return 1 + (num_samples - WINDOW_SAMPLES).clamp(min=0) // SHIFT_SAMPLES
+    return 1 + max(0, num_samples - WINDOW_SAMPLES) // SHIFT_SAMPLES
 
 
 def batch_fbank(wavs: torch.Tensor, lengths: torch.Tensor | None = None, target_length: int = 1024) -> torch.Tensor:
@@ -290,7 +292,7 @@ def batch_fbank(wavs: torch.Tensor, lengths: torch.Tensor | None = None, target_
     wavs = (wavs - mean.float()) * real  # the padding stays zero after mean removal
     if width < WINDOW_SAMPLES:
         wavs = torch.nn.functional.pad(wavs, (0, WINDOW_SAMPLES - width))
-    frames = min(target_length, 1 + (wavs.shape[1] - WINDOW_SAMPLES) // SHIFT_SAMPLES)  # host-side: no sync
+    frames = min(target_length, num_fbank_frames(wavs.shape[1]))  # from the shape, on the host: no sync
     window, mel = _fbank_constants(wavs.device)
     x = wavs.unfold(1, WINDOW_SAMPLES, SHIFT_SAMPLES)[:, :frames]  # (B, frames, 400)
     x = x - x.mean(dim=-1, keepdim=True)

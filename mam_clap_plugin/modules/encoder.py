@@ -72,18 +72,18 @@ def time_freq_masking(batch: int, grid_time: int, grid_freq: int, mask_t_prob: f
     fine-tuning masking: at 0.2 / 0.2 on 64 x 8 patches, 51 columns x 6 rows). Visible
     tokens keep their grid order in ``ids_keep``. Uses the global torch RNG.
     """
-    def kept(n: int, prob: float) -> torch.Tensor:
+    def kept(n: int, prob: float) -> tuple[torch.Tensor, int]:
         if not 0.0 <= prob < 1.0:
             raise ValueError(f"time/frequency mask probability must be in [0, 1), got {prob}")
         n_keep = max(1, int(n * (1.0 - prob)))
         order = torch.rand(batch, n, device=device).argsort(dim=1)
         keep = torch.zeros(batch, n, dtype=torch.bool, device=device)
-        return keep.scatter_(1, order[:, :n_keep], True)
+        return keep.scatter_(1, order[:, :n_keep], True), n_keep
 
-    keep = kept(grid_time, mask_t_prob)[:, :, None] & kept(grid_freq, mask_f_prob)[:, None, :]
-    mask = ~keep.reshape(batch, grid_time * grid_freq)
+    (keep_t, n_t), (keep_f, n_f) = kept(grid_time, mask_t_prob), kept(grid_freq, mask_f_prob)
+    mask = ~(keep_t[:, :, None] & keep_f[:, None, :]).reshape(batch, grid_time * grid_freq)
     ids_shuffle = mask.to(torch.uint8).argsort(dim=1, stable=True)  # visible first, grid order
-    n_keep = int((~mask[0]).sum())
+    n_keep = n_t * n_f  # known on the host: no sync to count the visible tokens
     return Masking(ids_shuffle[:, :n_keep], ids_shuffle.argsort(dim=1), mask)
 
 

@@ -20,6 +20,7 @@ fairseq's FP16Optimizer keeps fp32 copies and hands them here. The groups need t
 """
 from __future__ import annotations
 
+import ast
 import logging
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -122,7 +123,7 @@ class MamClapAdamW(FairseqOptimizer):
     def optimizer_config(self):
         """The kwargs fairseq reads (and uses to override a checkpoint's optimizer args)."""
         betas = self.cfg.adam_betas
-        betas = eval(betas) if isinstance(betas, str) else OmegaConf.to_container(betas) \
+        betas = ast.literal_eval(betas) if isinstance(betas, str) else OmegaConf.to_container(betas) \
             if OmegaConf.is_config(betas) else betas
         lr = self.cfg.lr
         return {
