@@ -14,11 +14,18 @@ also evaluates ``float | None`` annotations at run time), torch 2.5 (``torch.ser
 hydra-core 1.3 / omegaconf 2.3 (fairseq's config system).  The tested set is exactly
 ``constraints.txt`` (Python 3.11, x86_64, CPU), which ``make env`` installs.
 """
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+# The version's one source is mam_clap_plugin/__init__.py (read as text: setup.py imports no torch).
+INIT = (Path(__file__).parent / "mam_clap_plugin" / "__init__.py").read_text()
+VERSION = re.search(r'^__version__ = "([^"]+)"', INIT, re.M).group(1)
 
 setup(
     name="mam-clap",
-    version="0.1.0",
+    version=VERSION,
     description="SupMAM-CLAP: masked audio modeling with CLAP targets and a supervised branch (fairseq plugin)",
     packages=find_packages(include=["mam_clap_plugin", "mam_clap_plugin.*", "mam_clap_fixtures", "upstream", "upstream.*"]),
     package_data={"upstream": ["config/*.yaml"]},

@@ -24,13 +24,13 @@ import tempfile
 import time
 from typing import Any, Dict, List, Optional
 
+import fairseq  # noqa: F401  (before the plugin's fairseq components)
 import numpy as np
 import soundfile as sf
 import torch
 from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
-import fairseq  # noqa: F401  (before the plugin's fairseq components)
 from benchmarks.flops import cpu_sdpa_flop_mapping
 from benchmarks.machine import machine_info
 from benchmarks.matmul import matmul_samples

@@ -31,9 +31,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
 import mam_clap_plugin  # noqa: F401  (registers mam_clap_adamw)
-from mam_clap_plugin.models.supmam_clap import SupMamClapModel
-
 from benchmarks.machine import machine_info
+from mam_clap_plugin.models.supmam_clap import SupMamClapModel
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "examples" / "pretraining" / "config"
 OPTIMIZERS = ("adam", "mam_clap_adamw")
@@ -178,7 +177,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"| optimizer | update ms | clip_grad_norm ms | step ms |\n|---|---|---|---|")
+    print("| optimizer | update ms | clip_grad_norm ms | step ms |\n|---|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['update_ms']:.1f} | {r['clip_grad_norm_ms']:.1f} | {r['step_ms']:.1f} |")
     verdict = "met" if report["target_met"] else "NOT met"

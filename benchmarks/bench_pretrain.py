@@ -56,15 +56,15 @@ from typing import Any, Dict, List, Optional
 
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keep the CPU-only profiler quiet (no CUDA device messages)
 
-import torch  # noqa: E402
+import torch
 
-from benchmarks.data_pipeline import TARGET_PIPELINE_RATIO, bench_pipeline, pipeline_report, print_pipeline  # noqa: E402
-from benchmarks.machine import machine_info  # noqa: E402
-from benchmarks.matmul import TARGET_PCT_OF_MATMUL, apply_matmul_reference, matmul_gflops, matmul_verdict  # noqa: E402
-from benchmarks.measure import log, peak_rss_mib  # noqa: E402
-from benchmarks.student_step import NUM_CLASSES, TEACHER_DIM, VARIANTS, bench_variant, load_variant  # noqa: E402
-from benchmarks.teacher import bench_teacher, online_teacher_cost  # noqa: E402
-from mam_clap_plugin.data.audio import resolve_norm_stats  # noqa: E402
+from benchmarks.data_pipeline import TARGET_PIPELINE_RATIO, bench_pipeline, pipeline_report, print_pipeline
+from benchmarks.machine import machine_info
+from benchmarks.matmul import TARGET_PCT_OF_MATMUL, apply_matmul_reference, matmul_gflops, matmul_verdict
+from benchmarks.measure import log, peak_rss_mib
+from benchmarks.student_step import NUM_CLASSES, TEACHER_DIM, VARIANTS, bench_variant, load_variant
+from benchmarks.teacher import bench_teacher, online_teacher_cost
+from mam_clap_plugin.data.audio import resolve_norm_stats
 
 
 def print_table(report: Dict[str, Any]) -> None:

@@ -43,9 +43,9 @@ from benchmarks.bench_optimizer import build_model, compose_config, fairseq_conf
 from benchmarks.data_pipeline import pipeline_dataset, write_format_set
 from benchmarks.machine import machine_info
 from mam_clap_fixtures.clap import save_random_clap_checkpoint
+from mam_clap_plugin.criterions.supmam_clap import SupMamClapCriterion, SupMamClapCriterionConfig
 from mam_clap_plugin.data.audio import NORM_STATS
 from mam_clap_plugin.data.dataset import on_device
-from mam_clap_plugin.criterions.supmam_clap import SupMamClapCriterion, SupMamClapCriterionConfig
 from mam_clap_plugin.modules.encoder import AudioEncoder
 
 VARIANTS = ("mam", "mam_clap", "supmam", "supmam_clap")
@@ -124,7 +124,7 @@ def variant_step(name: str, args, device: torch.device) -> Dict[str, Any]:
     }
     if device.type == "cuda":
         out["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    del model, opt, sample
+    model = opt = sample = None  # free the memory before empty_cache (the closure above names them)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out

@@ -206,6 +206,6 @@ def bench_variant(name: str, spec: Dict[str, Any], args) -> Dict[str, Any]:
                     "pct_of_matmul": 100.0 * g_flops / 1e9 / g_s / mm_adjacent,
                 }
         res["profile"]["kernel_rates"] = rates
-    del model, optimizer, criterion, sample
+    model = optimizer = criterion = sample = None  # free the memory (the closure above still names them)
     gc.collect()
     return res

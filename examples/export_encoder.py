@@ -19,7 +19,6 @@ import os
 import sys
 from typing import List, Optional
 
-
 from mam_clap_plugin.checkpoint import CheckpointError, export_encoder
 
 

@@ -49,11 +49,11 @@ import soundfile
 import torch
 from tqdm import tqdm
 
-
-from mam_clap_plugin.checkpoint import CheckpointError, file_sha256, load_encoder_with_stats
+from mam_clap_plugin.checkpoint import CheckpointError, load_encoder_with_stats
 from mam_clap_plugin.data.audio import SAMPLE_RATE, AudioError, load_audio, resampled_length
 from mam_clap_plugin.data.manifest import ManifestError, find_audio, read_manifest
 from mam_clap_plugin.features import check_window, clip_fbank, encode_windows, num_steps
+from mam_clap_plugin.files import file_sha256
 
 AUDIO_EXTENSIONS = {"wav", "flac", "ogg", "mp3", "aiff", "aif", "au", "opus"}
 LEVELS = ("clip", "frame", "patch")

@@ -33,5 +33,5 @@ def __getattr__(name):
 
 
 if "fairseq" in sys.modules:
-    from . import criterions, models, tasks  # noqa: F401,E402
-    from .optim import mam_clap_adamw  # noqa: F401,E402
+    from . import criterions, models, tasks  # noqa: F401
+    from .optim import mam_clap_adamw  # noqa: F401

@@ -35,16 +35,9 @@ from typing import Any, Dict, List, NamedTuple, Optional
 
 import torch
 
-from .checkpoint import (
-    CheckpointError,
-    file_sha256,
-    infer_encoder_config,
-    is_safetensors,
-    read_safetensors,
-    read_torch_file,
-    save_encoder,
-)
+from .checkpoint import infer_encoder_config, save_encoder
 from .data.audio import resolve_norm_stats
+from .files import CheckpointError, file_sha256, is_safetensors, read_safetensors, read_torch_file
 from .modules.encoder import AudioEncoder
 
 #: Head tensors of a fine-tuned file (kept in the export under these names).

@@ -2,6 +2,12 @@
 
 Used by the demo, the benchmarks' smoke runs and the integration tests, so that all of
 them launch training exactly as a user does on the command line.
+
+Why it lives in the runtime package: its users are ``examples/`` scripts that users run
+(``esc50_cv.py`` trains one fine-tuning run per fold, ``run_demo.py`` the demo's runs),
+``benchmarks/`` and ``tests/``. Scripts share code through installed modules only (never
+``sys.path`` edits), and ``mam_clap_plugin`` is the package they all have installed. It
+imports nothing from fairseq at import time, so the package stays light.
 """
 from __future__ import annotations
 

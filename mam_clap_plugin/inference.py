@@ -62,10 +62,10 @@ def load_classifier(path: str, class_list: Optional[str] = None) -> Classifier:
         raise CheckpointError(f"{path}: model is {name!r}, expected a fine-tuned 'mam_clap_classifier' checkpoint "
                               "or an encoder export that keeps a classifier head")
     state["cfg"] = OmegaConf.create(state["cfg"])
-    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([path], state=state)
+    ensemble, cfg, task = checkpoint_utils.load_model_ensemble_and_task([path], state=state)
     if class_list is not None:
         task.check_class_list(read_class_list(class_list), class_list)
-    return Classifier(models[0].eval(), task, cfg.criterion.get("loss", "bce"))
+    return Classifier(ensemble[0].eval(), task, cfg.criterion.get("loss", "bce"))
 
 
 def _classifier_from_export(state: Dict, path: str, class_list: Optional[str]) -> Classifier:

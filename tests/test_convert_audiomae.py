@@ -201,7 +201,7 @@ def test_released_finetuned_file_keeps_head(released_files):
 
 def test_export_config_names_the_source(released_files):
     cfg = json.loads(Path(sidecar_path(released_files["pre"])).read_text())
-    from mam_clap_plugin.teacher import file_sha256
+    from mam_clap_plugin.files import file_sha256
 
     assert cfg["source"]["sha256"] == file_sha256(released_files["pre_src"])
     assert cfg["source"]["kind"] == "audiomae:pretraining"

@@ -22,8 +22,8 @@ from mam_clap_plugin.checkpoint import (
     sidecar_path,
 )
 from mam_clap_plugin.data.audio import FBANK_OPTIONS, NORM_STATS
+from mam_clap_plugin.files import file_sha256
 from mam_clap_plugin.modules.encoder import AudioEncoder
-from mam_clap_plugin.teacher import file_sha256
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_CFG = {"_name": "supmam_clap", "encoder_embed_dim": 32, "encoder_layers": 2, "encoder_attention_heads": 4,

@@ -14,7 +14,8 @@ import torch
 from mam_clap_plugin.data.audio import AudioError, load_teacher_audio
 from mam_clap_plugin.data.manifest import read_manifest
 from mam_clap_plugin.data.target_store import BAD_AUDIO, WRITTEN, TargetStoreError, open_target_store
-from mam_clap_plugin.teacher import file_sha256, load_clap_teacher
+from mam_clap_plugin.files import file_sha256
+from mam_clap_plugin.teacher import load_clap_teacher
 
 from .conftest import REPO, load_script
 

@@ -4,6 +4,7 @@ loading of each kind of model_path and its layer-decay tags, and the task's data
 import os
 import shutil
 
+import fairseq  # noqa: F401  (registers the plugin's components on import below)
 import numpy as np
 import pytest
 import torch
@@ -12,7 +13,6 @@ from fairseq.data import data_utils
 from omegaconf import OmegaConf
 from sklearn.metrics import average_precision_score
 
-import fairseq  # noqa: F401  (registers the plugin's components on import below)
 from mam_clap_plugin.checkpoint import CheckpointError, export_encoder
 from mam_clap_plugin.criterions.mam_clap_classification import classification_loss
 from mam_clap_plugin.data.augment import mix_labels, mix_waveforms, spec_augment
@@ -23,7 +23,6 @@ from mam_clap_plugin.models.mam_clap_classifier import MamClapClassifier
 from mam_clap_plugin.modules.encoder import AudioEncoder, time_freq_masking
 from mam_clap_plugin.modules.transformer import Block
 from mam_clap_plugin.tasks.mam_clap_finetuning import MamClapFinetuningConfig, MamClapFinetuningTask
-
 
 TINY = dict(encoder_embed_dim=32, encoder_layers=2, encoder_attention_heads=4, mlp_ratio=4.0, max_frames=1024)
 

@@ -169,8 +169,9 @@ def test_two_process_multilabel_finetune_matches_single_process_map(tmp_path, ca
     assert torch.load(tmp_path / "ckpt" / "checkpoint_last.pt", weights_only=True)["task_state"]["class_names"]
 
     # a fine-tuned checkpoint is a model_path too (its encoder; the head starts afresh)
-    from .test_finetune import model_cfg, task_cfg
     from mam_clap_plugin.tasks.mam_clap_finetuning import MamClapFinetuningTask
+
+    from .test_finetune import model_cfg, task_cfg
 
     task = MamClapFinetuningTask.setup_task(task_cfg(data))
     again = task.build_model(model_cfg(model_path=str(tmp_path / "ckpt" / "checkpoint_last.pt")))

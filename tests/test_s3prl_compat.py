@@ -87,7 +87,7 @@ def unshimmed(tmp_path_factory):
         cwd=tmp, capture_output=True, text=True, timeout=240,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    line = [l for l in proc.stdout.splitlines() if l.startswith("PROBES ")][-1]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("PROBES ")][-1]
     return json.loads(line[len("PROBES "):])
 
 
@@ -143,7 +143,7 @@ def test_this_environment_needs_every_shim(unshimmed):
 
 def test_docstring_table_names_every_shim():
     doc = compat.__doc__
-    for name, fn in compat.SHIMS.items():
+    for fn in compat.SHIMS.values():
         assert f"``{fn.__name__}``" in doc, fn.__name__
         assert fn.__doc__ and ("Error" in fn.__doc__ or "error" in fn.__doc__), fn.__name__
     # one module per shim
@@ -280,7 +280,7 @@ def test_tensorboardx_summary_writer(shims, tmp_path):
     writer.flush()
     writer.close()
     if isinstance(writer, compat.JsonlSummaryWriter):
-        lines = [json.loads(l) for l in (tmp_path / "logs" / "scalars.jsonl").read_text().splitlines()]
+        lines = [json.loads(ln) for ln in (tmp_path / "logs" / "scalars.jsonl").read_text().splitlines()]
         assert lines == [{"tag": "speech_commands/dev-acc", "value": 0.5, "step": 10},
                          {"tag": "x/a", "value": 1.0, "step": 11}, {"tag": "x/b", "value": "nan", "step": 11}]
 

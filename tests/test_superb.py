@@ -114,7 +114,7 @@ def test_entry_is_registered_in_s3prl_hub(launcher, tiny_encoder):
 
     assert hub.supmam_clap_local is supmam_clap_local
     # what s3prl's Runner does with it
-    model = getattr(hub, "supmam_clap_local")(ckpt=tiny_encoder, model_config=None, refresh=False)
+    model = hub.supmam_clap_local(ckpt=tiny_encoder, model_config=None, refresh=False)
     assert model.get_downsample_rates("hidden_states") == 2560
     with torch.no_grad():
         out = model([torch.zeros(16000), 0.1 * torch.randn(8000)])

@@ -115,7 +115,7 @@ def test_constructor_reads_nothing(tmp_path, clap_checkpoint):
     from mam_clap_plugin.teacher import ClapCheckpointError
 
     with pytest.raises(ClapCheckpointError, match="clap.pt: CLAP checkpoint not found"):
-        online.target_dim
+        _ = online.target_dim
 
 
 def test_no_prefetch_thread_without_workers(data):

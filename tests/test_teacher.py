@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from mam_clap_fixtures.clap import dft_weights, save_random_clap_checkpoint
-from mam_clap_plugin.teacher import ClapCheckpointError, ClapTeacher, file_sha256, load_clap_teacher
+from mam_clap_plugin.files import file_sha256
+from mam_clap_plugin.teacher import ClapCheckpointError, ClapTeacher, load_clap_teacher
 from mam_clap_plugin.teacher.clap import AudioBranch, _infer_architecture, hz_to_mel, mel_filterbank, mel_to_hz
 
 from .references import slaney_hz_to_mel, slaney_mel_filterbank, slaney_mel_to_hz

@@ -136,9 +136,9 @@ def check_fairseq_loading_without_data(scratch, ckpt):
 
     moved = shutil.move(str(scratch / "manifests"), str(scratch / "elsewhere"))
     shutil.rmtree(scratch / "clap_targets")
-    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([ckpt])
+    ensemble, cfg, task = checkpoint_utils.load_model_ensemble_and_task([ckpt])
     assert cfg.task.data == "manifests" and type(task).__name__ == "MamClapPretrainingTask"
-    model = models[0].eval()
+    model = ensemble[0].eval()
     assert model.classifier is not None and model.cfg.target_dim == TEACHER_DIM
     with torch.no_grad():
         assert model.extract_features(torch.zeros(1, 1, 64, 128))["x"].shape == (1, 1 + 4 * 8, 64)
@@ -340,6 +340,6 @@ def test_clap_variants_offline_and_online_teacher(tone_set, clap_checkpoint, ext
 
     from mam_clap_plugin import criterions, models, tasks  # noqa: F401
 
-    models, _, task = checkpoint_utils.load_model_ensemble_and_task(
+    ensemble, _, task = checkpoint_utils.load_model_ensemble_and_task(
         [str(tmp_path / "on" / "checkpoint_last.pt")], arg_overrides={"teacher_checkpoint": str(tmp_path / "gone.pt")})
-    assert task._teacher is None and models[0].cfg.target_dim == 128
+    assert task._teacher is None and ensemble[0].cfg.target_dim == 128

@@ -41,8 +41,13 @@ import torch.nn as nn
 from torch.nn.utils.rnn import pad_sequence
 
 from mam_clap_plugin.checkpoint import load_encoder_with_stats
-from mam_clap_plugin.features import DOWNSAMPLE_RATE, check_window, clip_fbank, encode_windows
-from mam_clap_plugin.features import num_steps  # noqa: F401  (part of this module's API)
+from mam_clap_plugin.features import (
+    DOWNSAMPLE_RATE,
+    check_window,
+    clip_fbank,
+    encode_windows,
+    num_steps,  # noqa: F401  (part of this module's API)
+)
 
 try:  # s3prl's base class (hooks support); the expert works without s3prl installed too
     from s3prl.upstream.interfaces import UpstreamBase as _Base

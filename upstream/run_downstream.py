@@ -42,12 +42,12 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Tuple
 
+from mam_clap_plugin.data.speech_commands import CLASSES as SC_CLASSES  # the 12 folders s3prl's test set reads
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 #: The hub entry this launcher adds to ``s3prl.hub``.
 ENTRY = "supmam_clap_local"
-#: The 12 class folders s3prl's speech_commands test set reads (``dataset.CLASSES``).
-SC_CLASSES = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go", "_unknown_", "_silence_")
 
 
 def _fix_sys_path() -> None:
@@ -111,7 +111,6 @@ def speech_commands_sizes(datarc: Dict, check_test: bool = True) -> Dict[str, in
     ``{"train", "dev", "test"}`` item counts (the ``_background_noise_`` files are
     ``_silence_`` items of both train and dev, as in s3prl). Raises :class:`DataError`."""
     import soundfile
-
     from s3prl.downstream.speech_commands.expert import split_dataset
 
     sizes = {}
@@ -155,7 +154,7 @@ def check_downstream(args: argparse.Namespace, config: Dict) -> None:
         sizes = speech_commands_sizes(datarc, check_test=args.mode == "evaluate" or
                                       "test" in config.get("runner", {}).get("eval_dataloaders", []))
     except DataError as exc:
-        raise SystemExit(f"run_downstream.py: error: {exc}")
+        raise SystemExit(f"run_downstream.py: error: {exc}") from None
     if args.mode == "train":
         batch_size = int(datarc.get("batch_size", 1))
         world = int(os.environ.get("WORLD_SIZE", "1")) if args.local_rank is not None else 1

@@ -20,7 +20,6 @@ import os
 import sys
 from typing import List, Optional
 
-
 from mam_clap_plugin.checkpoint import CheckpointError
 from mam_clap_plugin.convert import convert_audiomae
 

@@ -44,14 +44,14 @@ import time
 import numpy as np
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from mam_clap_fixtures.clap import save_random_clap_checkpoint
 from mam_clap_plugin.checkpoint import export_encoder, load_checkpoint, load_encoder, model_config
 from mam_clap_plugin.data.dataset import MamClapDataset
 from mam_clap_plugin.data.manifest import read_class_list, read_labels, read_manifest
 from mam_clap_plugin.hydra_runs import run_hydra_train
 from mam_clap_plugin.modules.encoder import AudioEncoder
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 PREPARE = os.path.join(REPO, "examples", "prepare")
 CONFIG_DIR = os.path.join(REPO, "examples", "pretraining", "config")

@@ -42,7 +42,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-
 from mam_clap_plugin.data.audio import AudioError, load_teacher_audio
 from mam_clap_plugin.data.manifest import Manifest, read_manifest
 from mam_clap_plugin.data.target_store import (
@@ -52,8 +51,8 @@ from mam_clap_plugin.data.target_store import (
     check_one_teacher,
     open_target_store_for_writing,
 )
-from mam_clap_plugin.teacher import file_sha256, load_clap_teacher
-
+from mam_clap_plugin.files import file_sha256
+from mam_clap_plugin.teacher import load_clap_teacher
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 

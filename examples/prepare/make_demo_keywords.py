@@ -188,7 +188,7 @@ def make_demo_keywords(out_dir, seed: int = 0, voices: int = 80, clips_per_word:
     words = render_words(jobs)
 
     bar = tqdm(total=len(plan), desc="keyword clips", unit="clip", disable=not progress)
-    for (spk, word, k, rel), rng, w in zip(plan, rngs, words):
+    for (*_, rel), rng, w in zip(plan, rngs, words):
         path = out_dir / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         write_wav(path, _word_clip(rng, w, n), SAMPLE_RATE)

@@ -32,8 +32,9 @@ import soundfile as sf
 from tqdm import tqdm
 
 from mam_clap_plugin.data.manifest import write_class_list, write_labels, write_manifest
+from mam_clap_plugin.data.speech_commands import CLASSES as SPC1_CLASSES
 from mam_clap_plugin.data.speech_commands import KEYWORDS
-SPC1_CLASSES = KEYWORDS + ("_unknown_", "_silence_")
+
 NOISE = "_background_noise_"
 SAMPLE_RATE = 16000
 

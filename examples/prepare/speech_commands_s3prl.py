@@ -42,9 +42,9 @@ import tarfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from mam_clap_plugin.data.speech_commands import CLASSES as TEST_CLASSES
 from mam_clap_plugin.data.speech_commands import KEYWORDS, s3prl_bucket  # s3prl's hash split, tested against s3prl
 
-TEST_CLASSES = KEYWORDS + ("_unknown_", "_silence_")
 NOISE = "_background_noise_"
 #: Words only in Speech Commands v0.02 (SUPERB KS is defined on v0.01).
 V2_ONLY_WORDS = ("backward", "forward", "follow", "learn", "visual")

@@ -35,7 +35,8 @@ import torch
 from torchaudio.compliance.kaldi import inverse_mel_scale_scalar, mel_scale_scalar
 
 from ..modules.encoder import PATCH_SIZE as PATCH
-from .audio import NUM_MEL_BINS as STUDENT_MEL_BINS, SAMPLE_RATE, SHIFT_SAMPLES, num_fbank_frames
+from .audio import NUM_MEL_BINS as STUDENT_MEL_BINS
+from .audio import SAMPLE_RATE, SHIFT_SAMPLES, num_fbank_frames
 
 STUDENT_LOW_HZ = 20.0  # Kaldi fbank's default low_freq (wav_to_fbank keeps it)
 STUDENT_HIGH_HZ = SAMPLE_RATE / 2

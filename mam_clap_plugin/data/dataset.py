@@ -16,8 +16,20 @@ from fairseq.data import FairseqDataset
 
 from ..modules.precision import carry_exact, exact
 from .alignment import Alignment, align_tokens, loss_mask, real_time_patches
-from .audio import (NORM_STATS, SAMPLE_RATE, AudioError, batch_fbank, batch_resample, frames_to_samples, load_audio,
-                    load_native_audio, load_student_and_teacher_audio, normalize_fbank, resampled_length, wav_to_fbank)
+from .audio import (
+    NORM_STATS,
+    SAMPLE_RATE,
+    AudioError,
+    batch_fbank,
+    batch_resample,
+    frames_to_samples,
+    load_audio,
+    load_native_audio,
+    load_student_and_teacher_audio,
+    normalize_fbank,
+    resampled_length,
+    wav_to_fbank,
+)
 from .manifest import Manifest, PackedRows
 from .target_store import TargetStore
 

@@ -1,7 +1,9 @@
 """Speech Commands v0.01 as SUPERB keyword spotting (s3prl's ``speech_commands``) uses it.
 
-Shared by the real-data layout script (``examples/prepare/speech_commands_s3prl.py``) and
-the generated demo keyword set (``examples/prepare/make_demo_keywords.py``).
+Shared by the data scripts (``examples/prepare/speech_commands.py``,
+``examples/prepare/speech_commands_s3prl.py``), the generated demo keyword set
+(``examples/prepare/make_demo_keywords.py``) and the SUPERB runner (``upstream/run_downstream.py``).
+Imports nothing heavy (no torch, no fairseq).
 """
 from __future__ import annotations
 
@@ -10,6 +12,9 @@ import re
 
 #: The 10 SUPERB keywords (s3prl's ``CLASSES`` without ``_unknown_`` / ``_silence_``).
 KEYWORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
+#: SPC-1's 12 classes in s3prl's order: the keywords, ``_unknown_`` (every other word) and
+#: ``_silence_`` (background noise). The one list: the data scripts and the upstream read it here.
+CLASSES = KEYWORDS + ("_unknown_", "_silence_")
 
 #: s3prl's ``split_dataset``: ``max_uttr_per_class`` and the dev / dropped percentages.
 _MAX_UTTR = 2 ** 27 - 1

@@ -31,33 +31,25 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.dataclass import ChoiceEnum
 from fairseq.models import BaseFairseqModel, register_model
 from omegaconf import open_dict
 
 from ..checkpoint import load_encoder_with_stats
 from ..modules.encoder import AudioEncoder
 from ..optim import set_overrides
+from .encoder_config import ARCHITECTURE, EncoderConfig
 
 logger = logging.getLogger(__name__)
 
 POOLING_CHOICES = ChoiceEnum(["mean", "cls"])
-#: Config fields of the encoder's shape (taken from ``model_path`` when it is set).
-ARCHITECTURE = ("encoder_embed_dim", "encoder_layers", "encoder_attention_heads", "mlp_ratio", "max_frames")
 
 
 @dataclass
-class MamClapClassifierConfig(FairseqDataclass):
+class MamClapClassifierConfig(EncoderConfig):
     model_path: Optional[str] = field(
         default=None,
         metadata={"help": "pretrained encoder: a pretraining checkpoint or an encoder export; unset = random init"},
-    )
-    encoder_embed_dim: int = field(default=768, metadata={"help": "encoder width (random init; else from model_path)"})
-    encoder_layers: int = field(default=12, metadata={"help": "encoder blocks (random init; else from model_path)"})
-    encoder_attention_heads: int = field(default=12, metadata={"help": "encoder heads (random init; else from model_path)"})
-    mlp_ratio: float = field(default=4.0, metadata={"help": "MLP width / block width (random init; else from model_path)"})
-    max_frames: int = field(
-        default=1024, metadata={"help": "position-table length in frames (random init; else from model_path)"}
     )
     num_classes: int = field(default=0, metadata={"help": "head outputs; 0 = the task's class list"})
     pooling: POOLING_CHOICES = field(  # type: ignore

@@ -21,26 +21,20 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.dataclass import ChoiceEnum
 from fairseq.models import BaseFairseqModel, register_model
 
 from ..modules.decoder import WindowDecoder
 from ..modules.encoder import PATCH_SIZE, AudioEncoder
 from ..modules.precision import Fp32BatchNorm1d
 from ..optim import set_overrides
+from .encoder_config import EncoderConfig
 
 TARGET_CHOICES = ChoiceEnum(["pixel", "clap"])
 
 
 @dataclass
-class SupMamClapConfig(FairseqDataclass):
-    encoder_embed_dim: int = field(default=768, metadata={"help": "encoder width (ViT-B: 768)"})
-    encoder_layers: int = field(default=12, metadata={"help": "encoder blocks (ViT-B: 12)"})
-    encoder_attention_heads: int = field(default=12, metadata={"help": "encoder heads (ViT-B: 12)"})
-    mlp_ratio: float = field(default=4.0, metadata={"help": "MLP width as a multiple of the block width"})
-    max_frames: int = field(
-        default=1024, metadata={"help": "longest input in fbank frames; sets the position-table grid (1024 -> 64x8)"}
-    )
+class SupMamClapConfig(EncoderConfig):
     mask_ratio: float = field(
         default=0.8, metadata={"help": "fraction gamma of patches masked (MAM 0.8, CLAP variants 0.2, SupMAM 0.4)"}
     )

@@ -7,6 +7,11 @@ matches the saved one (``FairseqAdam`` against ``MamClapAdamW``; under ``common.
 name needs changing. The original is kept as ``<checkpoint>.adam.bak``.
 
     python -m mam_clap_plugin.optim.adopt_adam checkpoints/mam/checkpoint_last.pt
+
+Why it lives in the runtime package: it is a user's command (``python -m ...`` from any
+directory, with nothing but the installed package), and it belongs to the optimizer whose
+state it prepares: :class:`~mam_clap_plugin.optim.mam_clap_adamw.MamClapAdamW` reads what it
+writes, so the two change together.
 """
 from __future__ import annotations
 

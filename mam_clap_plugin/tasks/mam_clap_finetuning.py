@@ -30,7 +30,7 @@ from ..data.audio import resolve_norm_stats
 from ..data.finetuning import Augmentation, FinetuningDataset
 from ..data.manifest import ManifestError, read_class_list, read_labels, read_manifest
 from ..data.sampling import read_weights
-from ..models.mam_clap_classifier import ARCHITECTURE
+from ..models.encoder_config import ARCHITECTURE
 from ..modules.encoder import PATCH_SIZE
 from .base import FbankTask
 

@@ -40,9 +40,10 @@ from ..data.audio import resolve_norm_stats
 from ..data.dataset import MamClapDataset, on_device
 from ..data.manifest import read_class_list, read_labels, read_manifest
 from ..data.target_store import TargetStoreError, check_one_teacher, open_target_store
+from ..files import file_sha256
 from ..modules.encoder import PATCH_SIZE
 from ..modules.precision import exact
-from ..teacher import file_sha256, load_clap_teacher
+from ..teacher import load_clap_teacher
 from .base import FbankTask
 
 logger = logging.getLogger(__name__)

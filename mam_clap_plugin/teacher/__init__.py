@@ -1,4 +1,4 @@
 """Frozen CLAP (HTS-AT) audio towers as teachers producing token maps; see :mod:`.clap`."""
-from .clap import ClapCheckpointError, ClapTeacher, file_sha256, load_clap_teacher  # noqa: F401
+from .clap import ClapCheckpointError, ClapTeacher, load_clap_teacher
 
-__all__ = ["ClapCheckpointError", "ClapTeacher", "file_sha256", "load_clap_teacher"]
+__all__ = ["ClapCheckpointError", "ClapTeacher", "load_clap_teacher"]

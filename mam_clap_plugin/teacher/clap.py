@@ -35,7 +35,6 @@ skipped. Every other audio key must match the module tree exactly.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 import warnings
@@ -46,7 +45,7 @@ import torch.nn.functional as F
 import torchaudio
 from torch import Tensor, nn
 
-from ..checkpoint import CheckpointError, read_torch_file
+from ..files import CheckpointError, read_torch_file
 from .htsat import HTSAT, fold_spectrogram
 
 LAYERS = ("final", "stage3")
@@ -293,15 +292,6 @@ class ClapTeacher(nn.Module):
 
 # --------------------------------------------------------------------------------------------
 # Loading
-
-
-def file_sha256(path: str) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _numpy_scalar_globals() -> list:

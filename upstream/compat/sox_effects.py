@@ -95,7 +95,7 @@ def shim_sox_effects() -> bool:
     import torchaudio
 
     try:
-        import torchaudio.sox_effects  # noqa: F401
+        import torchaudio.sox_effects
 
         return False
     except ImportError:

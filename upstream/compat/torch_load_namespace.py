@@ -19,7 +19,7 @@ def shim_torch_load_namespace() -> bool:
     in torch 2.6. Deliberately narrow: the weights-only loader stays on; only Namespace is
     added to its allow-list.
     """
-    safe = getattr(torch.serialization, "get_safe_globals", lambda: [])()
+    safe = getattr(torch.serialization, "get_safe_globals", list)()
     if argparse.Namespace in safe:
         return False
     torch.serialization.add_safe_globals([argparse.Namespace])
