@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 PIP_INSTALL = $(1)/python -m pip install --disable-pip-version-check -q
 REFRESH_VENV := $(VENV)-constraints
 
-.PHONY: demo test bench env clean python-check constraints
+.PHONY: demo test test-fast lint bench env clean python-check constraints
 
 env: $(STAMP)
 
@@ -46,6 +46,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# The edit-test loop: every test not marked `slow` (no training runs, no subprocesses).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+# ruff (rules in ruff.toml); .ci/run runs it before the tests.
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_pretrain --out outputs/bench/pretrain.json

@@ -1,8 +1,8 @@
 """mam-clap: SupMAM-CLAP pretraining as a fairseq user-dir plugin, plus an s3prl upstream.
 
-Installs ``mam_clap_plugin`` (the fairseq plugin), ``mam_clap_fixtures`` (test and demo fixtures) and ``upstream`` (the s3prl
-upstream: ``from upstream.hubconf import register`` works from any directory, and its
-``config/*.yaml`` are installed with it).
+Installs ``mam_clap_plugin`` (the fairseq plugin), ``mam_clap_fixtures`` (test and demo fixtures)
+and ``upstream`` (the s3prl upstream: ``from upstream.hubconf import register`` works from any
+directory, and its ``config/*.yaml`` are installed with it).
 
 fairseq itself is deliberately NOT listed in install_requires: on Python 3.11 the
 distribution that works is ``ve-fairseq`` (it installs the ``fairseq`` package, cp311 and
@@ -27,7 +27,8 @@ setup(
     name="mam-clap",
     version=VERSION,
     description="SupMAM-CLAP: masked audio modeling with CLAP targets and a supervised branch (fairseq plugin)",
-    packages=find_packages(include=["mam_clap_plugin", "mam_clap_plugin.*", "mam_clap_fixtures", "upstream", "upstream.*"]),
+    packages=find_packages(
+        include=["mam_clap_plugin", "mam_clap_plugin.*", "mam_clap_fixtures", "upstream", "upstream.*"]),
     package_data={"upstream": ["config/*.yaml"]},
     python_requires=">=3.11,<3.13",
     install_requires=[

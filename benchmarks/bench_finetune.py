@@ -44,7 +44,8 @@ from mam_clap_plugin.modules.encoder import AudioEncoder
 from mam_clap_plugin.optim.mam_clap_adamw import MamClapAdamW, MamClapAdamWConfig
 from mam_clap_plugin.tasks.mam_clap_finetuning import MamClapFinetuningConfig, MamClapFinetuningTask
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "finetuning", "config")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_DIR = os.path.join(REPO, "examples", "finetuning", "config")
 QUICK = dict(encoder_embed_dim=32, encoder_layers=2, encoder_attention_heads=4)
 
 
@@ -67,7 +68,8 @@ def build_model(spec: Dict[str, Any]) -> MamClapClassifier:
 def bench_step(spec: Dict[str, Any], args) -> Dict[str, Any]:
     model = build_model(spec).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = MamClapAdamW(MamClapAdamWConfig(weight_decay=spec["weight_decay"], adam_betas="(0.9,0.999)", lr=[1e-4]), params)
+    opt_cfg = MamClapAdamWConfig(weight_decay=spec["weight_decay"], adam_betas="(0.9,0.999)", lr=[1e-4])
+    opt = MamClapAdamW(opt_cfg, params)
     opt.set_lr(1e-4)
     g = torch.Generator().manual_seed(1)
     source = torch.randn(args.batch_size, 1, spec["target_length"], 128, generator=g)

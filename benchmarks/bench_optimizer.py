@@ -181,7 +181,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     for name, r in results.items():
         print(f"| {name} | {r['update_ms']:.1f} | {r['clip_grad_norm_ms']:.1f} | {r['step_ms']:.1f} |")
     verdict = "met" if report["target_met"] else "NOT met"
-    print(f"speed-up {speedup:.2f}x (per-round median {round_speedup:.2f}x; target >= {TARGET_SPEEDUP:g}x: {verdict}); report: {out}; {report['wall_s']:.0f} s")
+    print(f"speed-up {speedup:.2f}x (per-round median {round_speedup:.2f}x; target >= {TARGET_SPEEDUP:g}x: "
+          f"{verdict}); report: {out}; {report['wall_s']:.0f} s")
     return report
 
 

@@ -88,7 +88,8 @@ def print_table(report: Dict[str, Any]) -> None:
     )
     head = (
         f"{'variant':<12} {'mask':>4} {'target':>6} {'cls':>3} {'dec':>3} {'params':>7} {'step ms':>9} "
-        f"{'AdamW ms':>8} {'clips/s':>7} {'GFLOP/st':>8} {'GFLOP/s':>7} {'mm GF/s':>7} {'%mm':>5} {'%best':>5} {'cpu%':>4} {'>=85%':>5}"
+        f"{'AdamW ms':>8} {'clips/s':>7} {'GFLOP/st':>8} {'GFLOP/s':>7} {'mm GF/s':>7} {'%mm':>5} {'%best':>5} "
+        f"{'cpu%':>4} {'>=85%':>5}"
     )
     log(head)
     log("-" * len(head))
@@ -117,7 +118,8 @@ def print_table(report: Dict[str, Any]) -> None:
     pipe = report["pipeline"]
     log("")
     print_pipeline(pipe)
-    log(f"pipeline (fbank in the worker) clips/s per core / model clips/s per core (target >= {TARGET_PIPELINE_RATIO:.0f}x):")
+    log("pipeline (fbank in the worker) clips/s per core / model clips/s per core "
+        f"(target >= {TARGET_PIPELINE_RATIO:.0f}x):")
     for name, ratios in pipe["ratio_to_model_per_core"].items():
         log("  " + f"{name:<12} " + "  ".join(f"{fmt} {r:8.0f}x" for fmt, r in ratios.items()))
     log(f"  worst case {pipe['min_ratio']:.0f}x -> {'met' if pipe['target_met'] else 'NOT met'}")
@@ -137,7 +139,8 @@ def print_table(report: Dict[str, Any]) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--steps", type=int, default=3, help="timed steps per variant (median reported)")
@@ -157,7 +160,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         "--adamw-impl", choices=("fused", "foreach", "forloop"), default="fused",
         help="torch.optim.AdamW implementation (fused: one C++ kernel over all parameters; same maths)",
     )
-    p.add_argument("--no-profile", dest="profile", action="store_false", help="do not run torch.profiler on the timed steps")
+    p.add_argument("--no-profile", dest="profile", action="store_false",
+                   help="do not run torch.profiler on the timed steps")
     p.add_argument("--teacher-batch", type=int, default=8, help="clips per teacher batch (0: skip the teacher)")
     p.add_argument("--teacher-steps", type=int, default=3, help="timed teacher batches (median reported)")
     p.add_argument("--teacher-size", choices=("tiny", "small"), default="tiny",
@@ -171,7 +175,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     machine = machine_info()
-    log(f"torch {torch.__version__}, {threads} threads, {machine['cpu_model']}, load {machine['loadavg_at_start'][0]:.2f}")
+    log(f"torch {torch.__version__}, {threads} threads, {machine['cpu_model']}, "
+        f"load {machine['loadavg_at_start'][0]:.2f}")
 
     specs = {name: load_variant(name, args.size) for name in args.variants}
     frames = next(iter(specs.values()))["target_length"]

@@ -55,7 +55,8 @@ def build_upstream(config: Dict[str, Any], workdir: str, seed: int = 0) -> Upstr
     return UpstreamExpert(path).eval()
 
 
-def time_case(upstream: UpstreamExpert, seconds: float, batch: int, warmup: int, repeats: int, seed: int = 0) -> Dict[str, Any]:
+def time_case(upstream: UpstreamExpert, seconds: float, batch: int, warmup: int, repeats: int,
+              seed: int = 0) -> Dict[str, Any]:
     g = torch.Generator().manual_seed(seed)
     wavs = [0.1 * torch.randn(int(seconds * SAMPLE_RATE), generator=g) for _ in range(batch)]
     times: List[float] = []
@@ -81,7 +82,8 @@ def time_case(upstream: UpstreamExpert, seconds: float, batch: int, warmup: int,
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None, help="write the report as JSON here")
     p.add_argument("--quick", action="store_true", help="tiny encoder and small batches (smoke test)")
     p.add_argument("--warmup", type=int, default=1)

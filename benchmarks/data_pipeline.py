@@ -125,7 +125,8 @@ def bench_worker_side(clips: int, passes: int, frames: int, norm: tuple, root: s
         entry["ms_per_clip"] = entry["fbank_in_worker"]["ms_per_clip"]
         entry["clips_per_s_per_worker"] = entry["fbank_in_worker"]["clips_per_s_per_worker"]
         entry["timed_clips"] = entry["fbank_in_worker"]["timed_clips"]
-        entry["on_device_speedup"] = entry["fbank_on_device"]["clips_per_s_per_worker"] / entry["clips_per_s_per_worker"]
+        on_device = entry["fbank_on_device"]["clips_per_s_per_worker"]
+        entry["on_device_speedup"] = on_device / entry["clips_per_s_per_worker"]
         out[fmt] = entry
     return out
 
@@ -150,7 +151,8 @@ def bench_device_side(batch_size: int, passes: int, frames: int, norm: tuple, ro
             times.append(time.perf_counter() - t0)
         ms = median(times) * 1e3
         out[name] = {"ms_per_batch": ms, "ms_per_clip": ms / batch_size}
-        log(f"[pipeline] device side ({device}, {out['threads']} threads), {name}: {ms:.1f} ms per batch of {batch_size}")
+        log(f"[pipeline] device side ({device}, {out['threads']} threads), {name}: "
+            f"{ms:.1f} ms per batch of {batch_size}")
     return out
 
 
@@ -172,7 +174,8 @@ def loader_bytes(formats: Dict[str, Any], frames: int) -> Dict[str, Any]:
 
 def workers_needed(formats: Dict[str, Any], gpu_clips_per_s: float = GPU_CLIPS_PER_S_ESTIMATE) -> Dict[str, Any]:
     """DataLoader workers (one core each) per 1000 clips/s, and for ``gpu_clips_per_s``."""
-    out: Dict[str, Any] = {"gpu_clips_per_s_assumed": gpu_clips_per_s, "per_1000_clips_per_s": {}, "for_assumed_gpu": {}}
+    out: Dict[str, Any] = {"gpu_clips_per_s_assumed": gpu_clips_per_s, "per_1000_clips_per_s": {},
+                           "for_assumed_gpu": {}}
     for fmt, entry in formats.items():
         for mode in MODES:
             rate = entry[mode]["clips_per_s_per_worker"]
@@ -234,8 +237,8 @@ def print_pipeline(pipe: Dict[str, Any]) -> None:
     log(f"  44.1 kHz stereo speed-up {pipe['on_device_speedup_44k1_stereo']:.2f}x (target >= "
         f"{pipe['target_on_device_speedup']:.0f}x) -> {'met' if pipe['on_device_speedup_target_met'] else 'NOT met'}")
     d = pipe["device_side"]
-    log(f"  device side ({d['device']}, {d['threads']} threads), batch {d['batch_size']}: resampling + fbank + normalisation "
-        f"{d['resample_fbank_and_normalisation']['ms_per_batch']:.1f} ms, offline target alignment "
+    log(f"  device side ({d['device']}, {d['threads']} threads), batch {d['batch_size']}: resampling + fbank + "
+        f"normalisation {d['resample_fbank_and_normalisation']['ms_per_batch']:.1f} ms, offline target alignment "
         f"{d['offline_target_alignment']['ms_per_batch']:.2f} ms")
     b = pipe["loader_bytes_per_clip"]
     log(f"  bytes per clip through the loader: fbank {b['fbank']}, waveform {b['waveform']}, offline targets "
@@ -244,7 +247,8 @@ def print_pipeline(pipe: Dict[str, Any]) -> None:
     w = pipe["workers_needed"]
     log(f"  workers per 1000 clips/s; for {w['gpu_clips_per_s_assumed']:.0f} clips/s (an estimate, not measured):")
     for fmt, per in w["per_1000_clips_per_s"].items():
-        log(f"  {fmt:<12} " + "  ".join(f"{mode} {n:5.1f} ({w['for_assumed_gpu'][fmt][mode]})" for mode, n in per.items()))
+        cells = (f"{mode} {n:5.1f} ({w['for_assumed_gpu'][fmt][mode]})" for mode, n in per.items())
+        log(f"  {fmt:<12} " + "  ".join(cells))
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:

@@ -1,6 +1,7 @@
 """One-GPU check (sized for an H200, under 8 minutes): the bf16 training step of each paper
 variant, ``task.fbank_on_device``'s parity and cost, the teacher's bf16 extraction and the
-upstream forward, against a bf16 ``torch.mm`` measured in the same run. Writes a JSON report after every section (``--out``).
+upstream forward, against a bf16 ``torch.mm`` measured in the same run. Writes a JSON report
+after every section (``--out``).
 
 Run it through ``benchmarks/device_check.sh`` (the time limit); CI never runs it. A CPU smoke
 run: ``python -m benchmarks.device_check --device cpu --size tiny --batch 2 --steps 1 --warmup 1
@@ -217,7 +218,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     write()
     sections = [(f"variant:{v}", lambda v=v: variant_step(v, args, device)) for v in args.variants]
     sections += [("fbank_on_device", lambda: fbank_on_device_check(args, device)),
-                 ("teacher", lambda: teacher_extraction(args, device)), ("upstream", lambda: upstream_forward(args, device))]
+                 ("teacher", lambda: teacher_extraction(args, device)),
+                 ("upstream", lambda: upstream_forward(args, device))]
     for key, run in sections:
         if time.perf_counter() - start > args.budget_s:
             report["skipped"].append(key)

@@ -122,9 +122,11 @@ def bench_variant(name: str, spec: Dict[str, Any], args) -> Dict[str, Any]:
     counter = FlopCounterMode(display=False, custom_mapping=cpu_sdpa_flop_mapping())
     for i in range(args.warmup):
         total, _, _, loss, _ = step(counter if i == 0 else None)
-        log(f"[{name}] warm-up {i + 1}/{args.warmup}{' (FLOP count)' if i == 0 else ''}: {total:.2f} s, loss {loss:.4f}")
+        note = " (FLOP count)" if i == 0 else ""
+        log(f"[{name}] warm-up {i + 1}/{args.warmup}{note}: {total:.2f} s, loss {loss:.4f}")
     flops = counter.get_total_flops()
-    flops_by_op = {str(k).replace("aten.", "aten::", 1): v for k, v in counter.get_flop_counts().get("Global", {}).items()}
+    global_counts = counter.get_flop_counts().get("Global", {})
+    flops_by_op = {str(k).replace("aten.", "aten::", 1): v for k, v in global_counts.items()}
     fwd_flops = sum(fwd_counts.get("Global", {}).values())
     by_module = flops_by_module(fwd_counts)
 
@@ -145,7 +147,8 @@ def bench_variant(name: str, spec: Dict[str, Any], args) -> Dict[str, Any]:
         totals.append(total)
         fwd_bwd.append(fb)
         opt_times.append(op)
-        log(f"[{name}] step {i + 1}/{args.steps}: {total:.2f} s (fwd+loss+bwd {fb:.2f} s, AdamW {op:.3f} s), loss {loss:.4f}")
+        log(f"[{name}] step {i + 1}/{args.steps}: {total:.2f} s (fwd+loss+bwd {fb:.2f} s, AdamW {op:.3f} s), "
+            f"loss {loss:.4f}")
         for n in args.adjacent_sizes:
             mm_rates[n] += matmul_samples(n, max(2, args.matmul_reps // 2))
     load_after = os.getloadavg()

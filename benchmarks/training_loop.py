@@ -55,7 +55,8 @@ def write_clips(root: str, clips: int, seed: int = 0) -> None:
         write_random_store(os.path.join(root, "targets", f"{split}.tgt"), clips, rng)
 
 
-_TRAIN_INNER = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]\[[\w.]+\]\[INFO\] - \{.*\"num_updates\": \"(\d+)\"")
+_TRAIN_INNER = re.compile(
+    r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]\[[\w.]+\]\[INFO\] - \{.*\"num_updates\": \"(\d+)\"")
 
 
 def update_times(text: str) -> Dict[int, float]:

@@ -194,7 +194,8 @@ def _build_encoder(state: Dict[str, Any], path: str) -> AudioEncoder:
     encoder = AudioEncoder(**encoder_config(state, path))
     missing, unexpected = encoder.load_state_dict(_encoder_weights(state), strict=False)
     if missing or unexpected:
-        raise CheckpointError(f"{path}: encoder weights do not match the config: missing {missing}, unexpected {unexpected}")
+        raise CheckpointError(
+            f"{path}: encoder weights do not match the config: missing {missing}, unexpected {unexpected}")
     return encoder.eval()
 
 
@@ -218,7 +219,8 @@ def _frontend(state: Dict[str, Any], path: str) -> Dict[str, Any]:
     if frontend.get("sample_rate") != SAMPLE_RATE or frontend.get("fbank_options") != FBANK_OPTIONS:
         raise CheckpointError(
             f"{path}: the encoder expects another front end (sample_rate {frontend.get('sample_rate')}, fbank "
-            f"{frontend.get('fbank_options')}) than this code computes (sample_rate {SAMPLE_RATE}, fbank {FBANK_OPTIONS})")
+            f"{frontend.get('fbank_options')}) than this code computes (sample_rate {SAMPLE_RATE}, "
+            f"fbank {FBANK_OPTIONS})")
     return frontend
 
 

@@ -92,8 +92,9 @@ def read_state_dict(path: str, trusted: bool = False) -> Dict[str, torch.Tensor]
                     state = state[wrapper]
                     break
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        keys = list(state)[:8] if isinstance(state, dict) else ""
         raise ConversionError(f"{path}: expected a state dict of tensors (or {{'model': state_dict}}), "
-                              f"got {type(state).__name__} with keys {list(state)[:8] if isinstance(state, dict) else ''}")
+                              f"got {type(state).__name__} with keys {keys}")
     if all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     return state
@@ -129,7 +130,8 @@ def convert_state_dict(state: Dict[str, torch.Tensor], path: str = "<state dict>
                               f"unexpected keys {unexpected}, wrong shapes {shapes}")
     if head is not None:
         classes = head["head.weight"].shape[0]
-        want = {"fc_norm.weight": (dim,), "fc_norm.bias": (dim,), "head.weight": (classes, dim), "head.bias": (classes,)}
+        want = {"fc_norm.weight": (dim,), "fc_norm.bias": (dim,), "head.weight": (classes, dim),
+                "head.bias": (classes,)}
         bad = [f"{k} {tuple(v.shape)} (expected {want[k]})" for k, v in head.items() if tuple(v.shape) != want[k]]
         if bad:
             raise ConversionError(f"{path}: head tensors of the wrong shape: {bad}")

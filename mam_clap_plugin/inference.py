@@ -85,7 +85,8 @@ def _classifier_from_export(state: Dict, path: str, class_list: Optional[str]) -
         raise CheckpointError(f"{path}: head pooling {head.get('pooling')!r}; only 'mean' (AudioMAE's) is supported")
     if class_list is None:
         raise CheckpointError(f"{path}: an encoder export keeps no class names; give its class list file "
-                              f"({head['num_classes']} names, one per line; AudioSet's from examples/prepare/labels.py)")
+                              f"({head['num_classes']} names, one per line; AudioSet's from "
+                              "examples/prepare/labels.py)")
     names = read_class_list(class_list)
     if len(names) != int(head["num_classes"]):
         raise CheckpointError(f"{class_list}: {len(names)} classes, but the head of {path} has "

@@ -12,6 +12,12 @@ from mam_clap_plugin.data.manifest import write_class_list, write_labels, write_
 from mam_clap_plugin.data.target_store import TargetStoreHeader, create_target_store
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "slow: starts subprocesses or trains (fairseq-hydra-train, scripts, s3prl); "
+        "`make test-fast` runs everything else")
 CONFIG_DIR = os.path.join(REPO, "examples", "pretraining", "config")
 
 def load_script(relpath: str, name: str | None = None):

@@ -136,7 +136,8 @@ def test_wrong_class_lists_and_headless_exports_are_refused(files, capsys, tmp_p
     evaluate = load_script("examples/finetuning/evaluate.py")
     wav = files["wavs"][0]
     capsys.readouterr()
-    assert predict.main([wav, "--checkpoint", files["export"], "--class-list-file", str(files["root"] / "short.txt")]) == 1
+    short = str(files["root"] / "short.txt")
+    assert predict.main([wav, "--checkpoint", files["export"], "--class-list-file", short]) == 1
     err = capsys.readouterr().err
     assert "short.txt: 4 classes" in err and f"{NUM_CLASSES} outputs" in err
     assert predict.main([wav, "--checkpoint", files["export"]]) == 1
@@ -155,7 +156,8 @@ def test_readme_commands_run_verbatim(files, tmp_path):
     """The README's commands for a converted head, run as shown in a scratch dir holding
     ``finetuned_as2m.pth``, ``clip.wav`` and ``audioset/`` (eval split and classes.txt), with
     ``examples/`` linked in as in a checkout."""
-    section = readme.section("## Start from AudioMAE's weights").split("**Score audio with a fine-tuned AudioMAE head.**")[1]
+    section = readme.section("## Start from AudioMAE's weights")
+    section = section.split("**Score audio with a fine-tuned AudioMAE head.**")[1]
     cmds = readme.commands(section.split("\n\n**")[0], "python")
     assert [c.split()[1] for c in cmds] == ["examples/convert/audiomae_to_mam_clap.py", "examples/predict.py",
                                             "examples/finetuning/evaluate.py"]
@@ -185,5 +187,6 @@ def test_head_on_an_encoder_with_a_final_norm_is_refused(files, tmp_path):
     out = str(tmp_path / "both.safetensors")
     save_encoder(out, bundle.encoder, bundle.encoder.config, bundle.norm_mean, bundle.norm_std, "audioset",
                  TARGET_LENGTH, "pre.safetensors", head=head)
-    with pytest.raises(CheckpointError, match=r"missing \[\], unexpected \['encoder.norm.weight', 'encoder.norm.bias'\]"):
+    unexpected = r"missing \[\], unexpected \['encoder.norm.weight', 'encoder.norm.bias'\]"
+    with pytest.raises(CheckpointError, match=unexpected):
         load_classifier(out, files["classes"])

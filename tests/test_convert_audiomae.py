@@ -81,7 +81,8 @@ def finetuned(encoder_sd, classes=527, seed=1):
     g = torch.Generator().manual_seed(seed)
     dim = encoder_sd["cls_token"].shape[-1]
     sd = {k: v for k, v in encoder_sd.items() if not k.startswith("norm.")}
-    sd.update({"fc_norm.weight": 1 + 0.1 * torch.randn(dim, generator=g), "fc_norm.bias": 0.1 * torch.randn(dim, generator=g),
+    sd.update({"fc_norm.weight": 1 + 0.1 * torch.randn(dim, generator=g),
+               "fc_norm.bias": 0.1 * torch.randn(dim, generator=g),
                "head.weight": 0.02 * torch.randn(classes, dim, generator=g), "head.bias": torch.zeros(classes)})
     return sd
 
@@ -165,8 +166,9 @@ def released_files(tmp_path_factory):
     torch.save(released(ft), ft_path)
     pre_meta = convert_audiomae(str(pre_path), str(root / "pretrained.safetensors"), num_heads=4)
     ft_meta = convert_audiomae(str(ft_path), str(root / "finetuned.safetensors"), num_heads=4)
-    return {"enc": enc, "ft": ft, "pre": str(root / "pretrained.safetensors"), "ftout": str(root / "finetuned.safetensors"),
-            "pre_meta": pre_meta, "ft_meta": ft_meta, "pre_src": str(pre_path)}
+    return {"enc": enc, "ft": ft, "pre": str(root / "pretrained.safetensors"),
+            "ftout": str(root / "finetuned.safetensors"), "pre_meta": pre_meta, "ft_meta": ft_meta,
+            "pre_src": str(pre_path)}
 
 
 def test_released_pretraining_file(released_files):
@@ -240,7 +242,8 @@ def test_strict_mapping_errors(tmp_path):
         convert_audiomae(str(tmp_path / "nonorm.pth"), str(tmp_path / "x.safetensors"), num_heads=4)
     bad = dict(enc, **{"patch_embed.proj.weight": torch.zeros(64, 3, 16, 16)})  # an RGB ImageNet patch conv
     torch.save({"model": bad}, tmp_path / "rgb.pth")
-    with pytest.raises(ConversionError, match=r"patch_embed.proj.weight \(64, 3, 16, 16\) \(expected \(64, 1, 16, 16\)\)"):
+    rgb = r"patch_embed.proj.weight \(64, 3, 16, 16\) \(expected \(64, 1, 16, 16\)\)"
+    with pytest.raises(ConversionError, match=rgb):
         convert_audiomae(str(tmp_path / "rgb.pth"), str(tmp_path / "x.safetensors"), num_heads=4)
     half_head = dict(finetuned(enc, classes=5))
     del half_head["fc_norm.bias"]

@@ -177,8 +177,9 @@ def test_batch_resample_equals_torchaudio_per_clip():
 
 
 def test_fbank_on_device_gives_the_online_teachers_input(mixed_set):
-    """An online teacher at 48 kHz, 2 s (longer than the student's 1.295 s): the device-side teacher input from the one native read equals
-    the workers' load_student_and_teacher_audio, and so do the student's fbanks."""
+    """An online teacher at 48 kHz, 2 s (longer than the student's 1.295 s): the device-side teacher input
+    from the one native read equals the workers' load_student_and_teacher_audio, and so do the student's
+    fbanks."""
     from mam_clap_plugin.modules.precision import exact
 
     manifest = read_manifest(str(mixed_set / "train.tsv"))
@@ -242,8 +243,9 @@ def test_training_losses_do_not_depend_on_where_the_fbank_runs(tone_set, clap_ch
             "checkpoint.save_interval_updates=0", "dataset.num_workers=1"]
     workers = run_hydra_train(CONFIG_DIR, "supmam_clap", base + [f"checkpoint.save_dir={tmp_path / 'a'}"],
                               tmp_path / "a")
-    device = run_hydra_train(CONFIG_DIR, "supmam_clap", base + ["task.fbank_on_device=true",
-                                                                f"checkpoint.save_dir={tmp_path / 'b'}"], tmp_path / "b")
+    device = run_hydra_train(CONFIG_DIR, "supmam_clap",
+                             base + ["task.fbank_on_device=true", f"checkpoint.save_dir={tmp_path / 'b'}"],
+                             tmp_path / "b")
     assert ("online teacher" in device.text) == (teacher == "online")
     assert len(workers.losses()) == len(device.losses()) == 3
     assert device.losses() == pytest.approx(workers.losses(), rel=1e-4)

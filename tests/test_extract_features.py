@@ -103,7 +103,8 @@ def test_memmap_equals_per_file_arrays(setup, tmp_path):
     assert lines[0] == "path\toffset\trows" and len(lines) == 1 + len(names)
     for line in lines[1:]:
         rel, offset, rows = line.split("\t")
-        np.testing.assert_array_equal(feats[int(offset):int(offset) + int(rows)], np.load(tmp_path / "npy" / f"{rel}.npy"))
+        start, stop = int(offset), int(offset) + int(rows)
+        np.testing.assert_array_equal(feats[start:stop], np.load(tmp_path / "npy" / f"{rel}.npy"))
     assert feats.shape[0] == sum(int(line.split("\t")[2]) for line in lines[1:])
     assert np.load(tmp_path / "mm" / "status.npy").tolist() == [1] * len(names)
     # clip level with all layers: (L, files, D)
@@ -206,7 +207,8 @@ def test_readme_export_and_extract_commands_run_verbatim(setup, pretraining_chec
     shutil.copy(pretraining_checkpoint, demo / "checkpoint_last.pt")
     shutil.copytree(setup["audio"], tmp_path / "clips")
     names = sorted(str(p.relative_to(setup["audio"])) for p in setup["audio"].rglob("*.*"))
-    write_manifest(str(tmp_path / "train.tsv"), str(tmp_path / "clips"), names + ["missing.wav"], [1] * (len(names) + 1))
+    write_manifest(str(tmp_path / "train.tsv"), str(tmp_path / "clips"), names + ["missing.wav"],
+                   [1] * (len(names) + 1))
     shutil.copy(setup["ckpt"], tmp_path / "audiomae.safetensors")
     os.symlink(REPO / "examples", tmp_path / "examples")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -218,13 +220,15 @@ def test_readme_export_and_extract_commands_run_verbatim(setup, pretraining_chec
     config = json.loads((tmp_path / "encoder.json").read_text())
     assert config["format"] == "mam_clap_encoder" and config["source"]["file"] == "checkpoint_last.pt"
     assert (tmp_path / "encoder.safetensors").is_file()
-    # the folder run: one (T, D) array per clip; the manifest run: every layer, one row per clip, the missing file skipped
+    # the folder run: one (T, D) array per clip; the manifest run: every layer, one row per clip,
+    # the missing file skipped
     for name in names:
         frames = np.load(tmp_path / "feats" / f"{name}.npy")
         assert frames.ndim == 2 and frames.shape[1] == config["encoder"]["embed_dim"], name
     index = (tmp_path / "feats_mm" / "index.tsv").read_text()
     status = np.load(tmp_path / "feats_mm" / "status.npy")
-    assert sorted(status.tolist()) == [1] * len(names) + [2] and "missing.wav" in (tmp_path / "feats_mm" / "bad_files.tsv").read_text()
+    assert sorted(status.tolist()) == [1] * len(names) + [2]
+    assert "missing.wav" in (tmp_path / "feats_mm" / "bad_files.tsv").read_text()
     features = np.load(tmp_path / "feats_mm" / "features.npy", mmap_mode="r")
     assert features.shape == (DEPTH + 1, len(names) + 1, DIM)  # the missing file keeps its row, marked bad
     assert all(name in index for name in names) and np.isfinite(features[:, : len(names)]).all()

@@ -104,8 +104,8 @@ def test_single_label_finetune_beats_chance_and_resumes(tones, tmp_path, capsys,
 
     # evaluate.py on the best checkpoint: same accuracy as the best validation
     out = tmp_path / "eval.json"
-    stdout = run_script(capsys, monkeypatch, "finetuning/evaluate.py", str(tmp_path / "a" / "checkpoint_best.pt"), tones, "valid",
-                        "--json", str(out), "--no-progress")
+    stdout = run_script(capsys, monkeypatch, "finetuning/evaluate.py", str(tmp_path / "a" / "checkpoint_best.pt"),
+                        tones, "valid", "--json", str(out), "--no-progress")
     report = json.loads(out.read_text())
     assert report["num_clips"] == 12
     assert report["accuracy"] == pytest.approx(max(r["valid_accuracy"] for r in valid), abs=1e-3)
@@ -162,8 +162,9 @@ def test_two_process_multilabel_finetune_matches_single_process_map(tmp_path, ca
 
     # predict.py: top-k names and scores, as JSON
     wav = os.path.join(data, "audio", "valid_0.wav")
-    pred = json.loads(run_script(capsys, monkeypatch, "predict.py", wav, "--checkpoint", str(tmp_path / "ckpt" / "checkpoint_last.pt"),
-                                 "--top-k", "2", "--json"))
+    ckpt = str(tmp_path / "ckpt" / "checkpoint_last.pt")
+    pred = json.loads(run_script(capsys, monkeypatch, "predict.py", wav, "--checkpoint", ckpt, "--top-k", "2",
+                                 "--json"))
     assert pred[0]["file"] == wav and len(pred[0]["top"]) == 2
     assert {p["class"] for p in pred[0]["top"]} <= {"low", "mid", "high"}
     assert torch.load(tmp_path / "ckpt" / "checkpoint_last.pt", weights_only=True)["task_state"]["class_names"]

@@ -291,11 +291,12 @@ def test_resume_from_fairseq_adam_state():
     assert order != [n for n, _ in ours.named_parameters()]  # the groups reorder the parameters
     opt.load_state_dict(saved, {})
     assert all(g["fused"] for g in opt.param_groups) and [g["weight_decay"] for g in opt.param_groups] == [0.0, WD]
-    ref_state = dict(zip((n for n, _ in ref.named_parameters()), (ref_opt.optimizer.state[p] for p in ref.parameters())))
+    ref_state = {n: ref_opt.optimizer.state[p] for n, p in ref.named_parameters()}
     for n, p in ours.named_parameters():
         mine = opt.optimizer.state[p]
         assert float(mine["step"]) == ref_state[n]["step"] == 3
-        assert torch.equal(mine["exp_avg"], ref_state[n]["exp_avg"]) and torch.equal(mine["exp_avg_sq"], ref_state[n]["exp_avg_sq"])
+        assert torch.equal(mine["exp_avg"], ref_state[n]["exp_avg"])
+        assert torch.equal(mine["exp_avg_sq"], ref_state[n]["exp_avg_sq"])
     # continue: fairseq's adam kernel over mam_clap_adamw's groups, from the same state
     kernel = kernel_with_groups(list(ref.parameters()), WD)
     for p in ref.parameters():
@@ -395,7 +396,8 @@ def test_adam_checkpoint_resumes_under_mam_clap_adamw(tone_set, tmp_path):
 
     save = tmp_path / "checkpoints" / "mam"  # the README's path for the relabelling command
     args = [f"task.data={tone_set}", f"checkpoint.save_dir={save}", *FAST]
-    first = run_hydra_train(CONFIG_DIR, "mam", args + ["optimizer._name=adam", "optimization.max_epoch=1"], tmp_path / "r1")
+    first = run_hydra_train(CONFIG_DIR, "mam", args + ["optimizer._name=adam", "optimization.max_epoch=1"],
+                            tmp_path / "r1")
     assert "'_name': 'adam'" in first.text and "mam_clap_adamw" not in first.text
     assert [int(r["num_updates"]) for r in first.records["train_inner"]] == [1, 2]
     ckpt = str(save / "checkpoint_last.pt")

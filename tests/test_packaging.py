@@ -115,8 +115,8 @@ def test_make_refuses_another_python(tmp_path):
     assert ok.returncode == 0, ok.stderr
     assert not venv.exists()
     # the install target runs that check first and installs with the constraints
-    dry = subprocess.run(["make", "-n", "--no-print-directory", "-C", str(REPO), "env", f"VENV={venv}", f"PYTHON={sys.executable}"],
-                         capture_output=True, text=True, timeout=60)
+    dry = subprocess.run(["make", "-n", "--no-print-directory", "-C", str(REPO), "env", f"VENV={venv}",
+                          f"PYTHON={sys.executable}"], capture_output=True, text=True, timeout=60)
     lines = [line for line in dry.stdout.splitlines() if line.strip()]
     assert "3.11|3.12" in lines[0]
     installs = [line for line in lines if " -m pip install " in line]

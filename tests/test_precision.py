@@ -51,7 +51,8 @@ def variant_setup(name, seed=0):
         num_classes=K if branch else 0, cls_hidden_dim=16))
     crit = SupMamClapCriterion(SupMamClapCriterionConfig(lambda_cls=lambda_cls), task=None)
     g = torch.Generator().manual_seed(seed)
-    sample = {"id": torch.arange(4), "nsentences": 4, "net_input": {"source": torch.randn(4, 1, FRAMES, 128, generator=g)}}
+    source = torch.randn(4, 1, FRAMES, 128, generator=g)
+    sample = {"id": torch.arange(4), "nsentences": 4, "net_input": {"source": source}}
     if target == "clap":
         sample["target"] = torch.randn(4, N, TARGET_DIM, generator=g).half()  # as the dataset delivers them
     if branch:

@@ -70,7 +70,8 @@ def test_stores_from_different_teachers(data):
     header = store_header(6, teacher="another-teacher")
     with create_target_store(str(data / "targets" / "valid.tgt"), header) as w:
         w.write(0, np.zeros((*TEACHER_GRID, TEACHER_DIM), np.float32))
-    with pytest.raises(TargetStoreError, match=r"valid\.tgt: made with another teacher or map than train\.tgt.*'teacher'"):
+    other = r"valid\.tgt: made with another teacher or map than train\.tgt.*'teacher'"
+    with pytest.raises(TargetStoreError, match=other):
         task(data).load_dataset("train")
 
 

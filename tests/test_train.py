@@ -154,7 +154,8 @@ def test_resume_follows_uninterrupted_run(tone_set, tmp_path):
     The interrupted run goes through hydra_runs as a user would: relative task.data, the
     configs' own checkpoint directory, the same call again in the same directory."""
     common = ["optimization.max_update=8"]
-    straight = run_hydra_train(CONFIG_DIR, "supmam", overrides(tone_set, "supmam", tmp_path / "a", *common), tmp_path / "ra")
+    straight = run_hydra_train(CONFIG_DIR, "supmam", overrides(tone_set, "supmam", tmp_path / "a", *common),
+                               tmp_path / "ra")
     run_dir = tmp_path / "rb"
     run_dir.mkdir()
     os.symlink(tone_set, run_dir / "data")
@@ -276,8 +277,8 @@ def test_missing_audio_stops_with_file_and_line(tone_set, tmp_path):
         lines = open(path).read().splitlines()
         lines[0] = os.path.join(data, "audio")
         open(path, "w").write("\n".join(lines) + "\n")
-    run = run_hydra_train(CONFIG_DIR, "supmam", overrides(data, "supmam", tmp_path / "ckpt", "optimization.max_update=4"),
-                          tmp_path / "r1", check=False)
+    args = overrides(data, "supmam", tmp_path / "ckpt", "optimization.max_update=4")
+    run = run_hydra_train(CONFIG_DIR, "supmam", args, tmp_path / "r1", check=False)
     assert run.returncode != 0
     assert "train_3.wav" in run.text and "train.tsv:5" in run.text
 
@@ -294,8 +295,8 @@ def test_label_file_of_wrong_length_is_refused(tone_set, tmp_path):
     data = _copy_set(tone_set, tmp_path / "data")
     path = os.path.join(data, "valid.lbl")
     open(path, "w").write("".join(open(path).readlines()[:-1]))
-    run = run_hydra_train(CONFIG_DIR, "supmam", overrides(data, "supmam", tmp_path / "ckpt", "optimization.max_update=1"),
-                          tmp_path / "r", check=False)
+    args = overrides(data, "supmam", tmp_path / "ckpt", "optimization.max_update=1")
+    run = run_hydra_train(CONFIG_DIR, "supmam", args, tmp_path / "r", check=False)
     assert run.returncode != 0
     assert "valid.lbl" in run.text
 

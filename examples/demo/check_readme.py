@@ -185,7 +185,8 @@ def check_claims(report: dict, readme: str, name: str = "README.md",
     return failed, claims
 
 
-def check(report: dict, readme: str, name: str = "README.md", report_name: str = "report.json") -> Tuple[List[str], int]:
+def check(report: dict, readme: str, name: str = "README.md",
+          report_name: str = "report.json") -> Tuple[List[str], int]:
     """(differences, number of values and claims compared) between the README's demo section and
     ``report``: the abridged block, then the claims."""
     text, first_line = find_block(readme, name)

@@ -228,7 +228,8 @@ def finetune(data_dir: str, out_dir: str, norm: tuple[float, float], checkpoints
         overrides = [
             "+size=tiny", f"task.data={data_dir}", f"task.target_length={TARGET_LENGTH}",
             f"task.norm_stats='{norm[0]:.6f},{norm[1]:.6f}'", "common.cpu=true", f"common.seed={seed}",
-            f"common.log_interval={max(1, min(10, max_update // 4))}", f"dataset.batch_size={batch_size}", "dataset.num_workers=0",
+            f"common.log_interval={max(1, min(10, max_update // 4))}", f"dataset.batch_size={batch_size}",
+            "dataset.num_workers=0",
             f"optimization.max_update={max_update}", "optimization.max_epoch=0", f"optimization.lr=[{lr}]",
             f"lr_scheduler.warmup_updates={max(1, max_update // 10)}", f"checkpoint.save_dir={ckpt_dir}",
             "dataset.validate_interval=1000", "checkpoint.save_interval=1000",  # validate and save at the end

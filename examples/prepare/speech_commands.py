@@ -42,7 +42,8 @@ SAMPLE_RATE = 16000
 def _read_list(root: str, name: str) -> set:
     path = os.path.join(root, name)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: official split list not found (is {root} an extracted Speech Commands archive?)")
+        raise FileNotFoundError(
+            f"{path}: official split list not found (is {root} an extracted Speech Commands archive?)")
     with open(path) as f:
         return {line.strip() for line in f if line.strip()}
 

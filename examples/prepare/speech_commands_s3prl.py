@@ -23,9 +23,10 @@ This script builds ``OUT/train`` (word folders + ``_background_noise_``) and ``O
 (the 12 folders) from the extracted archives, as directory symlinks (default) or copies,
 or by extracting the ``.tar.gz`` files directly, and checks what s3prl relies on.  Then::
 
+    d=config.downstream_expert.datarc
     python upstream/run_downstream.py -m train -d speech_commands -u fbank -p exp/ks_fbank \\
         -c upstream/config/speech_commands.yaml \\
-        -o "config.downstream_expert.datarc.speech_commands_root=OUT/train,,config.downstream_expert.datarc.speech_commands_test_root=OUT/test"
+        -o "$d.speech_commands_root=OUT/train,,$d.speech_commands_test_root=OUT/test"
 
 Usage::
 

@@ -62,7 +62,8 @@ class FinetuningDataset(MamClapDataset):
         self.epoch = epoch
 
     def _wav(self, index: int):
-        return load_audio(self.manifest.full_path(index), max_frames=self.target_length, where=self.manifest.where(index))
+        return load_audio(self.manifest.full_path(index), max_frames=self.target_length,
+                          where=self.manifest.where(index))
 
     def _load(self, index: int) -> dict:
         if self.augment is None:

@@ -51,7 +51,8 @@ def param_settings(param: torch.Tensor, weight_decay: float) -> Dict[str, float]
             f"key(s) {sorted(unknown)}; known: {list(SETTINGS)}"
         )
     default_decay = 0.0 if param.ndim <= 1 else weight_decay
-    return {"lr_scale": float(tags.get("lr_scale", 1.0)), "weight_decay": float(tags.get("weight_decay", default_decay))}
+    return {"lr_scale": float(tags.get("lr_scale", 1.0)),
+            "weight_decay": float(tags.get("weight_decay", default_decay))}
 
 
 def param_groups(params: Iterable[torch.Tensor], weight_decay: float) -> List[dict]:

@@ -53,7 +53,9 @@ class MamClapFinetuningConfig(FairseqDataclass):
     skip_bad_files: bool = field(
         default=False, metadata={"help": "skip (and count) unreadable audio instead of stopping with an error"}
     )
-    mixup: float = field(default=0.0, metadata={"help": "probability of mixing a training clip with another (AudioMAE 0.5)"})
+    mixup: float = field(
+        default=0.0, metadata={"help": "probability of mixing a training clip with another (AudioMAE 0.5)"}
+    )
     mixup_alpha: float = field(default=10.0, metadata={"help": "mixup lambda ~ Beta(alpha, alpha)"})
     roll_gain: bool = field(
         default=False, metadata={"help": "random circular shift and Beta(10,10)+0.5 gain of the training waveform"}

@@ -210,7 +210,8 @@ class MamClapPretrainingTask(FbankTask):
             )
         if first.projection != cfg.teacher_projection:
             raise TargetStoreError(
-                f"{where}: stores have projection={first.projection} but task.teacher_projection={cfg.teacher_projection}"
+                f"{where}: stores have projection={first.projection} but "
+                f"task.teacher_projection={cfg.teacher_projection}"
             )
         if cfg.teacher_checkpoint:
             sha = file_sha256(cfg.teacher_checkpoint)

@@ -23,7 +23,8 @@ _SUBTYPE_INFO = {
 }
 
 
-def soundfile_info(uri, format: Optional[str] = None, buffer_size: int = 4096, backend: Optional[str] = None) -> AudioMetaData:
+def soundfile_info(uri, format: Optional[str] = None, buffer_size: int = 4096,
+                   backend: Optional[str] = None) -> AudioMetaData:
     """``torchaudio.info`` with soundfile."""
     import soundfile
 

@@ -77,7 +77,8 @@ def apply_effects_tensor(
 
 
 def apply_effects_file(
-    path, effects: Sequence[Sequence[str]], normalize: bool = True, channels_first: bool = True, format: Optional[str] = None
+    path, effects: Sequence[Sequence[str]], normalize: bool = True, channels_first: bool = True,
+    format: Optional[str] = None,
 ) -> Tuple[torch.Tensor, int]:
     """Load ``path`` with :func:`soundfile_load`, then :func:`apply_effects_tensor`."""
     wav, rate = soundfile_load(path, normalize=True, channels_first=True)
