@@ -80,7 +80,7 @@ def _classifier_from_export(state: Dict, path: str, class_list: Optional[str]) -
         raise CheckpointError(
             f"{path}: an encoder export without a classifier head (config 'head' is null), so it cannot score "
             "classes. Fine-tune one: fairseq-hydra-train --config-dir examples/finetuning/config --config-name "
-            f"as20k task.data=DATA model.model_path={path} (see the README's fine-tuning section)")
+            f"as20k task.data=DATA model.model_path={path} (see docs/finetuning.md)")
     if head.get("pooling", "mean") != "mean":
         raise CheckpointError(f"{path}: head pooling {head.get('pooling')!r}; only 'mean' (AudioMAE's) is supported")
     if class_list is None:

@@ -1,5 +1,8 @@
-"""The README's shell commands, read from README.md itself, so that the tests run exactly
-what it shows (README and tests cannot drift apart)."""
+"""The documentation's shell commands, read from the pages themselves (README.md and
+docs/*.md), so that the tests run exactly what the docs show (docs and tests cannot drift
+apart). A heading is looked up in every page; a test names the heading, not the page, so a
+section can move between pages without a test change."""
+import glob
 import os
 import re
 import shlex
@@ -10,21 +13,45 @@ from .conftest import REPO
 README = os.path.join(REPO, "README.md")
 
 
-def section(heading: str) -> str:
-    """Text under the README heading ``heading`` (e.g. ``"## Pretraining"``), up to the next
-    heading of the same or a higher level."""
-    level = len(heading) - len(heading.lstrip("#"))
-    lines = open(README, encoding="utf-8").read().splitlines()
-    start = lines.index(heading) + 1
+def pages() -> list:
+    """Every documentation page, relative to the repository: README.md, then docs/*.md."""
+    found = sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "docs", "*.md")))
+    return ["README.md", *found]
+
+
+def page(name: str) -> str:
+    """The text of the page ``name`` (e.g. ``"docs/pretraining.md"``)."""
+    with open(os.path.join(REPO, name), encoding="utf-8") as f:
+        return f.read()
+
+
+def headings(text: str) -> list:
+    """(line index, level, title) of every markdown heading of ``text`` outside code blocks."""
     out, in_code = [], False
-    for line in lines[start:]:
+    for i, line in enumerate(text.splitlines()):
         if line.lstrip().startswith("```"):
             in_code = not in_code
-        m = re.match(r"(#+) ", line)
-        if m and not in_code and len(m.group(1)) <= level:
-            break
-        out.append(line)
-    return "\n".join(out)
+            continue
+        m = re.match(r"(#+) (.*\S)\s*$", line)
+        if m and not in_code:
+            out.append((i, len(m.group(1)), m.group(2)))
+    return out
+
+
+def section(heading: str) -> str:
+    """Text under the heading ``heading`` (e.g. ``"# Pretraining"``, ``"## Optimizer"``), up
+    to the next heading of the same or a higher level, from whichever page holds it. Fails,
+    naming the pages, unless exactly one page holds that heading exactly once."""
+    level = len(heading) - len(heading.lstrip("#"))
+    title = heading.lstrip("#").strip()
+    hits = [(name, i) for name in pages() for i, lvl, t in headings(page(name)) if (lvl, t) == (level, title)]
+    if len(hits) != 1:
+        where = ", ".join(f"{name}:{i + 1}" for name, i in hits) or "none of " + ", ".join(pages())
+        raise LookupError(f"heading {heading!r} must be in exactly one page, found in {where}")
+    name, start = hits[0]
+    lines = page(name).splitlines()
+    end = next((i for i, lvl, _ in headings(page(name)) if i > start and lvl <= level), len(lines))
+    return "\n".join(lines[start + 1:end])
 
 
 def commands(text: str, program: str = "fairseq-hydra-train") -> list:
@@ -40,6 +67,11 @@ def commands(text: str, program: str = "fairseq-hydra-train") -> list:
             if line.startswith(program + " "):
                 found.append(re.sub(r"\s+", " ", line))
     return found
+
+
+def page_commands(name: str, program: str = "fairseq-hydra-train") -> list:
+    """Every ``program`` command of the page ``name`` (see :func:`commands`)."""
+    return commands(page(name), program)
 
 
 def words(command: str, env: dict) -> list:

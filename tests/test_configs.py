@@ -100,7 +100,8 @@ def test_paper_settings(name):
     assert cfg.task.teacher_layer == "final" and cfg.task.teacher_projection is False
 
 
-README_COMMANDS = readme.commands(readme.section("## CLAP teacher")) + readme.commands(readme.section("## Pretraining"))
+README_COMMANDS = (readme.commands(readme.section("# CLAP teacher")) + readme.commands(readme.section("# Pretraining"))
+                   + readme.commands(readme.section("## The paper's ablations as overrides")))
 
 
 def test_readme_shows_every_variant():

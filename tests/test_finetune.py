@@ -466,7 +466,7 @@ def test_converted_audiomae_file_as_model_path(data_dir, tmp_path):
 def _readme_finetune_commands():
     from . import readme
 
-    return (readme.commands(readme.section("## Fine-tuning"))
+    return (readme.commands(readme.section("# Fine-tuning"))
             + readme.commands(readme.section("## Reproducing the paper")))
 
 

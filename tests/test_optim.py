@@ -408,7 +408,7 @@ def test_adam_checkpoint_resumes_under_mam_clap_adamw(tone_set, tmp_path):
     # the README's command, verbatim, from the run's directory
     from . import readme
 
-    (command,) = [c for c in readme.commands(readme.section("### Optimizer"), "python") if "adopt_adam" in c]
+    (command,) = [c for c in readme.commands(readme.section("## Optimizer"), "python") if "adopt_adam" in c]
     argv = readme.words(command, {"PATH": os.environ["PATH"]})
     proc = subprocess.run([sys.executable, *argv[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

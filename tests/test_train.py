@@ -38,7 +38,7 @@ FAST = [
     "checkpoint.save_interval_updates=0",
 ]
 
-PRETRAINING = readme.commands(readme.section("## Pretraining"))
+PRETRAINING = readme.commands(readme.section("# Pretraining"))
 #: The README's command for each variant (the first one shown), its sweep and its 2-process command.
 README_COMMAND = {v: next(c for c in PRETRAINING if readme.config_name(c) == v) for v in VARIANTS}
 README_SWEEP = next(c for c in PRETRAINING if c.startswith("fairseq-hydra-train -m "))

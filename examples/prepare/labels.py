@@ -168,7 +168,7 @@ def drop_unlabelled(manifest: Manifest, labels: list, out_dir: str) -> list[list
     """Write DIR/{split}.tsv with the labelled entries only; returns their labels.
 
     When that is the input manifest itself (``--out-dir`` = the manifest's folder, as in
-    the README), it is replaced atomically and the unfiltered original is kept next to it
+    docs/data.md), it is replaced atomically and the unfiltered original is kept next to it
     as ``{split}.unfiltered.tsv`` (written once: a rerun keeps the first original)."""
     out_path = os.path.join(out_dir, os.path.basename(manifest.path))
     keep = [i for i, ids in enumerate(labels) if ids is not None]
