@@ -1,6 +1,10 @@
-"""Shared fixtures: a tiny generated labelled audio set with teacher-target stores."""
+"""Shared fixtures (a tiny generated labelled audio set with teacher-target stores, a small CLAP
+teacher, a pretraining checkpoint, a tiny keyword set), the `slow` marker and the fast lane's
+guard: a test not marked `slow` may start no process."""
 import importlib.util
+import multiprocessing.process
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -12,13 +16,85 @@ from mam_clap_plugin.data.manifest import write_class_list, write_labels, write_
 from mam_clap_plugin.data.target_store import TargetStoreHeader, create_target_store
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_DIR = os.path.join(REPO, "examples", "pretraining", "config")
+
+# ---------------------------------------------------------------- the slow marker and the fast lane
+
+#: Fixtures that train (fairseq-hydra-train in a subprocess): every test that uses one, directly
+#: or through another fixture, is marked `slow` at collection.
+TRAINING_FIXTURES = ("pretraining_checkpoint",)
+
+#: The processes a test outside the `slow` lane may start, by the function that starts them
+#: (module, function): cheap helpers that belong to a fixture.
+ALLOWED_PROCESSES = {
+    ("tests.readme", "words"): "bash expands a README command's words (milliseconds)",
+    ("mam_clap_fixtures.speech", "synthesize_speech"):
+        "the eSpeak NG worker that renders generated speech (a fresh process keeps it reproducible)",
+}
 
 
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "slow: starts subprocesses or trains (fairseq-hydra-train, scripts, s3prl); "
         "`make test-fast` runs everything else")
-CONFIG_DIR = os.path.join(REPO, "examples", "pretraining", "config")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items):
+    """Mark the users of a training fixture `slow` before `-m "not slow"` deselects."""
+    for item in items:
+        if any(name in getattr(item, "fixturenames", ()) for name in TRAINING_FIXTURES):
+            item.add_marker(pytest.mark.slow)
+
+
+def _allowed_starter():
+    """(module, function) of an allowed process starter on the call stack, else None."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        caller = (frame.f_globals.get("__name__"), frame.f_code.co_name)
+        if caller in ALLOWED_PROCESSES:
+            return caller
+        frame = frame.f_back
+    return None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Outside the `slow` lane (setup, call and teardown of a test not marked `slow`), starting a
+    process fails the test: ``subprocess.Popen`` (``run``, ``check_output``, ...) and
+    ``multiprocessing`` (``torch.multiprocessing``, DataLoader workers), except the helpers in
+    :data:`ALLOWED_PROCESSES`. `make test` and `make test-fast` both enforce it."""
+    if item.get_closest_marker("slow") is not None:
+        yield
+        return
+    execute_child = subprocess.Popen._execute_child
+    start = multiprocessing.process.BaseProcess.start
+
+    def refuse(what):
+        pytest.fail(f"{item.nodeid} starts a process ({what}) but is not marked slow: add "
+                    "@pytest.mark.slow (tests/conftest.py: pytest_runtest_protocol)", pytrace=False)
+
+    def guarded_execute_child(self, args, *rest, **kwargs):
+        if _allowed_starter() is None:
+            refuse(f"subprocess {args if isinstance(args, (str, bytes)) else list(args)[:3]}")
+        return execute_child(self, args, *rest, **kwargs)
+
+    def guarded_start(self):
+        if _allowed_starter() is None:
+            refuse(f"multiprocessing {type(self).__name__}")
+        return start(self)
+
+    subprocess.Popen._execute_child = guarded_execute_child
+    multiprocessing.process.BaseProcess.start = guarded_start
+    try:
+        yield
+    finally:
+        subprocess.Popen._execute_child = execute_child
+        multiprocessing.process.BaseProcess.start = start
+
+
+# ---------------------------------------------------------------- helpers and fixtures
+
 
 def load_script(relpath: str, name: str | None = None):
     """Import a script of this repository (``examples/...``) by its path, as module ``name``
@@ -153,3 +229,24 @@ def no_syncs(monkeypatch):
         return getitem(self, index)
 
     monkeypatch.setattr(torch.Tensor, "__getitem__", checked_getitem)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``):
+    tiny models are dominated by per-op overhead, which extra threads only add to on a busy
+    2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def keywords(tmp_path_factory):
+    """A tiny keyword set (examples/prepare/make_demo_keywords.py): 6 voices (4 train, 1 dev,
+    1 test speaker), 2 s noise files. Returns (root, summary)."""
+    mdk = load_script("examples/prepare/make_demo_keywords.py")
+    out = tmp_path_factory.mktemp("kw") / "set"
+    summary = mdk.make_demo_keywords(out, seed=3, voices=6, clips_per_word=1, noise_seconds=2.0, progress=False)
+    return out, summary

@@ -1,10 +1,10 @@
-"""A converted fine-tuned AudioMAE file keeps its head: examples/finetuning/evaluate.py and
-examples/predict.py score audio with it directly, given a class list of the head's size.
+"""A converted fine-tuned AudioMAE file keeps its head: evaluate.py and predict.py score with it.
 
-Random weights in AudioMAE's fine-tuned key layout (narrow: 64 wide, 2 blocks, all 513
-positions; the writers of tests/test_convert_audiomae.py) are converted with the real CLI;
-the scores must equal a direct computation from the checkpoint's tensors (the reference
-forward pass of that test -> mean of the patch tokens -> fc_norm -> head -> sigmoid,
+examples/finetuning/evaluate.py and examples/predict.py score audio with the converted file
+directly, given a class list of the head's size. Random weights in AudioMAE's fine-tuned key
+layout (narrow: 64 wide, 2 blocks, all 513 positions; the writers of tests/audiomae.py) are
+converted with the real CLI; the scores must equal a direct computation from the checkpoint's
+tensors (its reference forward pass -> mean of the patch tokens -> fc_norm -> head -> sigmoid,
 averaged over the clip's 1024-frame windows) within 1e-5.
 """
 import json
@@ -27,8 +27,10 @@ from mam_clap_plugin.inference import load_classifier, score_waveforms
 from mam_clap_plugin.metrics import classification_metrics
 
 from . import readme
+from .audiomae import audiomae_encoder, finetuned, reference_forward, released
 from .conftest import REPO, load_script
-from .test_convert_audiomae import _one_thread, audiomae_encoder, finetuned, reference_forward, released  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 NUM_CLASSES = 5
 NAMES = ["speech", "music", "dog", "rain", "siren"]
@@ -152,6 +154,7 @@ def test_wrong_class_lists_and_headless_exports_are_refused(files, capsys, tmp_p
     assert "six.txt: 6 classes" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_readme_commands_run_verbatim(files, tmp_path):
     """The README's commands for a converted head, run as shown in a scratch dir holding
     ``finetuned_as2m.pth``, ``clip.wav`` and ``audioset/`` (eval split and classes.txt), with

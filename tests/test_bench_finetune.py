@@ -4,7 +4,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from .conftest import REPO
+
+pytestmark = pytest.mark.slow  # a benchmark run in a subprocess
 
 
 def test_bench_finetune_quick(tmp_path):

@@ -419,6 +419,7 @@ def test_validation_metrics_over_several_batches():
     assert vals["loss"] == pytest.approx(np.mean([float(log["loss"]) for log in logs]), abs=1e-4)
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_in_training_names_the_sample_ids(tone_set, tmp_path):
     """Through fairseq-hydra-train: a diverging run (lr 1e30) stops at fairseq's gradient-norm check,
     and its NanDetector re-run reaches the criterion, which names the batch's sample ids."""

@@ -1,8 +1,10 @@
-"""The data path of issue 11: one batched fbank (equal to torchaudio's Kaldi fbank for clips
-of any length in one batch), ``task.fbank_on_device`` (workers send waveforms, the batch's
-fbank equals the workers' one), offline targets crossing the loader as the store's fp16
-maps, cached resampling kernels and mel matrix, manifests and labels in numpy arrays, and a
-fairseq-hydra-train run whose losses do not depend on where the fbank is computed."""
+"""The training data path: batched fbank, fbank on the device, targets and arrays through the loader.
+
+One batched fbank (equal to torchaudio's Kaldi fbank for clips of any length in one batch),
+``task.fbank_on_device`` (workers send waveforms, the batch's fbank equals the workers' one),
+offline targets crossing the loader as the store's fp16 maps, cached resampling kernels and mel
+matrix, manifests and labels in numpy arrays, and a fairseq-hydra-train run whose losses do not
+depend on where the fbank is computed."""
 import os
 import pickle
 
@@ -228,6 +230,7 @@ def test_manifest_and_labels_live_in_numpy_arrays(mixed_set):
     assert PackedRows.of_strings(["é/ü.wav"])[0] == "é/ü.wav"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("teacher", ["offline", "online"])
 def test_training_losses_do_not_depend_on_where_the_fbank_runs(tone_set, clap_checkpoint, tmp_path, teacher):
     """fairseq-hydra-train, SupMAM-CLAP, same seed, one worker process: the workers' path vs

@@ -1,6 +1,7 @@
-"""The demo's own checks, without running the demo: the loss must fall
-(examples/demo/run_demo.py) and the README's demo section must state what the demo's
-report holds (examples/demo/check_readme.py)."""
+"""The demo's own checks, without running the demo: the loss must fall, the README must match the report.
+
+The loss check is examples/demo/run_demo.py's; the README's demo section must state what the
+demo's report holds (examples/demo/check_readme.py)."""
 import json
 import math
 import os
@@ -101,6 +102,7 @@ def test_check_readme_checks_the_claims_of_the_text():
     assert count == 2 and failed == ["README.md:3: claim pretrain.log < 3: report.json has no number at pretrain.log"]
 
 
+@pytest.mark.slow
 def test_check_readme_command_line(tmp_path):
     (tmp_path / "README.md").write_text(README)
     (tmp_path / "report.json").write_text(json.dumps(REPORT))

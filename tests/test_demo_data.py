@@ -1,7 +1,7 @@
-"""Tests for examples/prepare/make_demo_data.py (the built-in demo audio set) and its eSpeak NG
-speech (mam_clap_fixtures.speech)."""
+"""The built-in demo audio set (examples/prepare/make_demo_data.py) and its eSpeak NG speech.
+
+The speech comes from mam_clap_fixtures.speech."""
 import hashlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,6 +13,8 @@ import pytest
 
 from mam_clap_fixtures import speech
 
+from .conftest import load_script
+
 pytest.importorskip("espeakng_loader")
 sf = pytest.importorskip("soundfile")
 
@@ -23,14 +25,7 @@ CLASSES = ["yes", "no", "up", "down", "tone", "chirp", "clicks", "noise_burst"]
 SPEECH = CLASSES[:4]
 
 
-def _load_module():
-    spec = importlib.util.spec_from_file_location("make_demo_data_under_test", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-mdd = _load_module()
+mdd = load_script("examples/prepare/make_demo_data.py", "make_demo_data_under_test")
 
 
 def _hashes(root: Path) -> dict:
@@ -134,6 +129,7 @@ def test_deterministic(demo, tmp_path):
     assert all(other_hashes[k] != reference[k] for k in wavs)
 
 
+@pytest.mark.slow
 def test_cli_prints_summary(tmp_path):
     out = tmp_path / "cli"
     proc = subprocess.run(

@@ -1,10 +1,15 @@
-"""The demo's fine-tuning stage on its own (tiny settings): a pretrained and a random encoder
-fine-tune through fairseq-hydra-train and report finetune.<encoder>.accuracy."""
+"""The demo's fine-tuning stage on its own (tiny settings), through fairseq-hydra-train.
+
+A pretrained and a random encoder fine-tune and report finetune.<encoder>.accuracy."""
 import os
 import runpy
 
+import pytest
+
 from .conftest import REPO
-from .test_finetune import save_pretraining_checkpoint
+from .helpers import save_pretraining_checkpoint
+
+pytestmark = pytest.mark.slow  # fine-tunes through fairseq-hydra-train
 
 
 def test_demo_finetune_stage(tone_set, tmp_path):

@@ -1,7 +1,8 @@
-"""Standalone encoder files: the safetensors export (+ JSON config), and the torch-only
-``mam_clap_plugin.load_encoder`` on every kind of file (an export of either version, a
-pretraining checkpoint, a fine-tuning checkpoint, a converted AudioMAE file), also with
-fairseq unimportable."""
+"""Standalone encoder files: the safetensors export and ``mam_clap_plugin.load_encoder`` on every layout.
+
+The export holds the weights and a JSON config; the torch-only loader reads every kind of file
+(an export of either version, a pretraining checkpoint, a fine-tuning checkpoint, a converted
+AudioMAE file), also with fairseq unimportable."""
 import json
 import os
 import runpy
@@ -24,6 +25,8 @@ from mam_clap_plugin.checkpoint import (
 from mam_clap_plugin.data.audio import FBANK_OPTIONS, NORM_STATS
 from mam_clap_plugin.files import file_sha256
 from mam_clap_plugin.modules.encoder import AudioEncoder
+
+from .audiomae import audiomae_encoder
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_CFG = {"_name": "supmam_clap", "encoder_embed_dim": 32, "encoder_layers": 2, "encoder_attention_heads": 4,
@@ -141,11 +144,10 @@ def test_clear_errors(files, tmp_path):
         mam_clap_plugin.load_encoder(str(tmp_path / "noheads.pt"))
 
 
+@pytest.mark.slow
 def test_cli_and_every_loader_without_fairseq(files, tmp_path):
     """In a process where importing fairseq raises: the export CLI writes a safetensors file
     and mam_clap_plugin.load_encoder reads every layout (also a converted AudioMAE file)."""
-    from tests.test_convert_audiomae import audiomae_encoder
-
     save_file(audiomae_encoder(32, 2), str(tmp_path / "timm.safetensors"))
     from mam_clap_plugin.convert import convert_audiomae
 

@@ -1,5 +1,7 @@
-"""examples/extract_features.py on generated audio: levels, layers, both output formats,
-clips longer than one 10.24 s window, resuming after an interruption, bad files."""
+"""Feature extraction with a trained encoder (examples/extract_features.py) on generated audio.
+
+Levels, layers, both output formats, clips longer than one 10.24 s window, resuming after an
+interruption, bad files."""
 import json
 import runpy
 from pathlib import Path
@@ -17,20 +19,11 @@ from upstream.expert import UpstreamExpert
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "extract_features.py"
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 DIM, DEPTH = 32, 2
 #: name -> (seconds, sample rate, channels); 12.5 s spans two 10.24 s windows.
 CLIPS = {"a/short.wav": (0.3, 16000, 1), "a/one.wav": (1.0, 16000, 1), "b/long.flac": (12.5, 16000, 1),
          "b/stereo44k.wav": (2.0, 44100, 2)}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models are dominated by per-op overhead; extra threads only add to it on a busy
-    2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -187,6 +180,7 @@ def test_usage_errors(setup, tmp_path, capsys):
     assert "none.pt: checkpoint not found" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_readme_export_and_extract_commands_run_verbatim(setup, pretraining_checkpoint, tmp_path):
     """The README's export command and its two extraction commands, run as shown in a scratch dir
     holding the demo's checkpoint path (a real fairseq-hydra-train checkpoint), ``clips/``,

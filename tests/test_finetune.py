@@ -1,6 +1,8 @@
-"""Fine-tuning components, in-process: metrics (vs scikit-learn, 2-process gather), the
-encoder's drop_path and token masking, augmentations, weighted sampling, the classifier's
-loading of each kind of model_path and its layer-decay tags, and the task's data checks."""
+"""Fine-tuning components, in-process: metrics, masking, augmentations, sampling, model_path, configs.
+
+Metrics (vs scikit-learn, 2-process gather), the encoder's drop_path and token masking,
+augmentations, weighted sampling, the classifier's loading of each kind of model_path and its
+layer-decay tags, the task's data checks, and the recipes in examples/finetuning/config."""
 import os
 import shutil
 
@@ -24,8 +26,9 @@ from mam_clap_plugin.modules.encoder import AudioEncoder, time_freq_masking
 from mam_clap_plugin.modules.transformer import Block
 from mam_clap_plugin.tasks.mam_clap_finetuning import MamClapFinetuningConfig, MamClapFinetuningTask
 
-TINY = dict(encoder_embed_dim=32, encoder_layers=2, encoder_attention_heads=4, mlp_ratio=4.0, max_frames=1024)
-
+from .audiomae import audiomae_encoder, decoder_keys, finetuned, released
+from .conftest import REPO
+from .helpers import LR, build, config_names, expectation, full_cfg, model_cfg, save_pretraining_checkpoint, task_cfg
 
 # ---------------------------------------------------------------- metrics
 
@@ -64,6 +67,7 @@ def _gather_worker(rank, init, out_dir):
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_process_gather_equals_single_process(tmp_path):
     init = f"file://{tmp_path / 'rendezvous'}"
     mp.start_processes(_gather_worker, args=(init, str(tmp_path)), nprocs=2, start_method="fork")
@@ -196,18 +200,6 @@ def data_dir(tmp_path_factory):
     return root
 
 
-def task_cfg(data, **kw):
-    values = dict(data=data, target_length=64, train_subset="train", seed=1)
-    values.update(kw)
-    return OmegaConf.structured(MamClapFinetuningConfig(**values))
-
-
-def model_cfg(**kw):
-    values = {"_name": "mam_clap_classifier", **TINY, "drop_path": 0.1}
-    values.update(kw)
-    return OmegaConf.create(values)
-
-
 def test_task_data_errors(data_dir, tmp_path):
     with pytest.raises(ValueError, match="target_length=100 must be a positive multiple of 16"):
         MamClapFinetuningTask.setup_task(task_cfg(data_dir, target_length=100))
@@ -266,18 +258,6 @@ def test_weighted_epochs_are_reproducible_and_disjoint_across_ranks(data_dir):
     resumed = task.get_batch_iterator(ds, max_sentences=3, seed=1, epoch=1, num_shards=2, shard_id=0)
     resumed.load_state_dict(state)
     assert first + [b["id"].tolist() for b in resumed.next_epoch_itr(shuffle=True)] == a0
-
-
-def save_pretraining_checkpoint(path, max_frames=1024, seed=0):
-    """A tiny supmam_clap checkpoint in fairseq's saved layout (cfg as plain dicts)."""
-    torch.manual_seed(seed)
-    cfg = {"_name": "supmam_clap", **TINY, "max_frames": max_frames}
-    encoder = AudioEncoder.from_model_config(cfg)
-    state = {"args": None, "cfg": {"model": cfg, "task": {"_name": "mam_clap_pretraining", "target_length": 1024}},
-             "model": {**{f"encoder.{k}": v for k, v in encoder.state_dict().items()},
-                       "decoder.embed.weight": torch.zeros(4, 32)}}
-    torch.save(state, path)
-    return encoder
 
 
 @pytest.mark.parametrize("kind", ["pretraining", "export"])
@@ -351,6 +331,7 @@ def test_token_masking_in_training_only(data_dir, monkeypatch):
     assert seen == [1 + 6 * 6, 1 + 8 * 8]  # 8 time columns -> 6, 8 rows -> 6; all 64 tokens in eval
 
 
+@pytest.mark.slow
 def test_sample_weights_script(data_dir, tmp_path):
     import subprocess
     import sys
@@ -366,6 +347,9 @@ def test_sample_weights_script(data_dir, tmp_path):
 
 # ---------------------------------------------------------------- configs
 
+FT_CONFIG_DIR = os.path.join(REPO, "examples", "finetuning", "config")
+#: The expected values of each recipe in FT_CONFIG_DIR (the tests run over the files there, so a new
+#: recipe fails until it has a row here).
 RECIPES = {  # name: (blr, batch, epochs, warmup epochs, weight decay, target_length, loss, freqm, timem, metric)
     "as20k": (1e-3, 32, 60, 4, 5e-4, 1024, "bce", 48, 192, "mAP"),
     "as2m": (2e-4, 256, 100, 10, 5e-4, 1024, "bce", 48, 192, "mAP"),
@@ -375,14 +359,19 @@ RECIPES = {  # name: (blr, batch, epochs, warmup epochs, weight decay, target_le
 }
 
 
-@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_every_recipe_row_has_a_file():
+    stale = sorted(set(RECIPES) - set(config_names(FT_CONFIG_DIR)))
+    assert not stale, f"RECIPES rows without a file in {os.path.relpath(FT_CONFIG_DIR, REPO)}: {stale}"
+
+
+@pytest.mark.parametrize("name", config_names(FT_CONFIG_DIR))
 def test_recipe_configs(name):
     from mam_clap_plugin.criterions.mam_clap_classification import MamClapClassificationConfig
     from mam_clap_plugin.models.mam_clap_classifier import MamClapClassifierConfig
 
-    from .conftest import REPO
-
-    cfg_dir = os.path.join(REPO, "examples", "finetuning", "config")
+    blr, batch, epochs, warmup, wd, length, loss, freqm, timem, metric = expectation(
+        RECIPES, name, FT_CONFIG_DIR, "RECIPES in tests/test_finetune.py")
+    cfg_dir = FT_CONFIG_DIR
     base, recipe = OmegaConf.load(f"{cfg_dir}/base.yaml"), OmegaConf.load(f"{cfg_dir}/{name}.yaml")
     assert list(recipe.defaults) == ["_self_", "base"]
     both = [(s, k) for s in recipe if s != "defaults" and s in base for k in recipe[s] if k in base[s]]
@@ -394,7 +383,6 @@ def test_recipe_configs(name):
 
         fields = {f.name for f in dataclasses.fields(dc) if not f.name.startswith("_")}
         assert set(cfg[section]) - {"_name"} == fields, (section, fields ^ set(cfg[section]))
-    blr, batch, epochs, warmup, wd, length, loss, freqm, timem, metric = RECIPES[name]
     eff_batch = cfg.dataset.batch_size * cfg.optimization.update_freq[0]
     assert eff_batch == batch
     assert cfg.optimization.lr[0] == pytest.approx(blr * batch / 256)
@@ -413,8 +401,6 @@ def test_recipe_configs(name):
 def test_layer_decay_reaches_fairseq_optimizer_through_the_scheduler(data_dir, precision):
     """The per-group lr of the built fairseq optimizer after scheduler steps (fp16: no flattening)."""
     from fairseq.optim.lr_scheduler import build_lr_scheduler
-
-    from .test_optim import LR, build, full_cfg
 
     cfg = full_cfg(**({"fp16": True, "fp16_no_flatten_grads": True} if precision == "fp16" else {}))
     task = MamClapFinetuningTask.setup_task(task_cfg(data_dir))
@@ -445,8 +431,6 @@ def test_layer_decay_reaches_fairseq_optimizer_through_the_scheduler(data_dir, p
 def test_converted_audiomae_file_as_model_path(data_dir, tmp_path):
     """A converted AudioMAE file (pretraining and fine-tuned layouts) starts a 128-frame fine-tune."""
     from mam_clap_plugin.convert import convert_audiomae
-
-    from .test_convert_audiomae import audiomae_encoder, decoder_keys, finetuned, released
 
     enc = audiomae_encoder(64, 2, seed=7)
     torch.save(released({**enc, **decoder_keys(64)}), tmp_path / "pretrained.pth")

@@ -1,6 +1,7 @@
-"""Integration: fine-tuning through `fairseq-hydra-train` (tiny size, generated data) beats
-chance for a single-label (esc50) and a multi-label (as20k, 2 gloo processes) recipe, a
-resumed run follows the uninterrupted one, the 2-process validation mAP equals a
+"""Fine-tuning runs through `fairseq-hydra-train` (tiny size, generated data).
+
+Fine-tuning beats chance for a single-label (esc50) and a multi-label (as20k, 2 gloo processes)
+recipe, a resumed run follows the uninterrupted one, the 2-process validation mAP equals a
 single-process evaluation of the checkpoint, and evaluate.py / predict.py read it."""
 import json
 import math
@@ -19,6 +20,9 @@ from mam_clap_plugin.data.manifest import write_class_list, write_labels, write_
 from mam_clap_plugin.hydra_runs import hydra_train_executable, parse_json_log, plugin_dir, run_hydra_train
 
 from .conftest import REPO
+from .helpers import model_cfg, task_cfg
+
+pytestmark = pytest.mark.slow  # every test trains through fairseq-hydra-train
 
 FT_CONFIG_DIR = os.path.join(REPO, "examples", "finetuning", "config")
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # 2 shared cores: one thread per process avoids oversubscription
@@ -171,8 +175,6 @@ def test_two_process_multilabel_finetune_matches_single_process_map(tmp_path, ca
 
     # a fine-tuned checkpoint is a model_path too (its encoder; the head starts afresh)
     from mam_clap_plugin.tasks.mam_clap_finetuning import MamClapFinetuningTask
-
-    from .test_finetune import model_cfg, task_cfg
 
     task = MamClapFinetuningTask.setup_task(task_cfg(data))
     again = task.build_model(model_cfg(model_path=str(tmp_path / "ckpt" / "checkpoint_last.pt")))

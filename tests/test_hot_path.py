@@ -1,5 +1,7 @@
-"""Per-step work that is built once: the decoder's batched window mask and the alignment
-index on the teacher's device (cached per device, grid and batch size)."""
+"""Per-step work that is built once: the decoder's window mask and the alignment index.
+
+The batched window mask and the alignment index on the teacher's device are cached per device,
+grid and batch size."""
 import torch
 
 from mam_clap_plugin.data.alignment import align_tokens, alignment

@@ -1,6 +1,8 @@
-"""The fused `mam_clap_adamw` optimizer: groups from the per-parameter tags, fairseq `adam`'s
-update rule, exact resume, per-group lr under the cosine scheduler and fairseq's fp16/bf16
-wrappers, and the refused configurations (flattened fp16, amp)."""
+"""The fused `mam_clap_adamw` optimizer against fairseq's `adam`, its resume and its refusals.
+
+Groups from the per-parameter tags, fairseq `adam`'s update rule, exact resume, per-group lr
+under the cosine scheduler and fairseq's fp16/bf16 wrappers, and the refused configurations
+(flattened fp16, amp)."""
 import io
 import os
 import subprocess
@@ -10,20 +12,15 @@ import fairseq  # noqa: F401  (must be imported before the plugin's model module
 import pytest
 import torch
 from fairseq import optim, utils
-from fairseq.dataclass.configs import FairseqConfig
 from fairseq.optim.adam import Adam as FairseqAdamKernel
-from fairseq.optim.adam import FairseqAdamConfig
 from fairseq.optim.lr_scheduler import build_lr_scheduler
-from fairseq.optim.lr_scheduler.cosine_lr_scheduler import CosineLRScheduleConfig
-from omegaconf import OmegaConf
 
 import mam_clap_plugin  # noqa: F401  (registers mam_clap_adamw)
 from mam_clap_plugin.models.supmam_clap import SupMamClapConfig, SupMamClapModel
 from mam_clap_plugin.optim import param_groups, set_overrides
-from mam_clap_plugin.optim.mam_clap_adamw import MamClapAdamW, MamClapAdamWConfig
+from mam_clap_plugin.optim.mam_clap_adamw import MamClapAdamW
 
-LR = 1e-3
-WD = 0.05
+from .helpers import LR, WD, build, full_cfg
 
 
 def make_model(seed=0, lr_decay=False, branch=True):
@@ -39,28 +36,6 @@ def make_model(seed=0, lr_decay=False, branch=True):
                 set_overrides(p, lr_scale=0.5 ** (len(model.encoder.blocks) - depth))
         set_overrides(model.encoder.patch_embed.weight, lr_scale=0.125)
     return model
-
-
-def full_cfg(optimizer="mam_clap_adamw", weight_decay=WD, **common):
-    """A fairseq config with the optimizer and a cosine schedule (4 warmup updates of 20)."""
-    cfg = OmegaConf.structured(FairseqConfig())
-    dc = MamClapAdamWConfig if optimizer == "mam_clap_adamw" else FairseqAdamConfig
-    cfg.optimizer = OmegaConf.structured(dc(weight_decay=weight_decay, adam_betas="(0.9,0.95)"))
-    cfg.optimizer._name = optimizer
-    cfg.lr_scheduler = OmegaConf.structured(CosineLRScheduleConfig(warmup_updates=4, warmup_init_lr=1e-7))
-    cfg.lr_scheduler._name = "cosine"
-    cfg.optimization.lr = [LR]
-    cfg.optimization.max_update = 20
-    for key, value in common.items():
-        cfg.common[key] = value
-    return cfg
-
-
-def build(cfg, model):
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.common.fp16 or cfg.common.bf16:
-        return optim.FP16Optimizer.build_optimizer(cfg, params)
-    return optim.build_optimizer(cfg.optimizer, params)
 
 
 def train_steps(model, opt, steps, start=0, dtype=torch.float32):
@@ -387,6 +362,7 @@ FAST = [
 ]
 
 
+@pytest.mark.slow
 def test_adam_checkpoint_resumes_under_mam_clap_adamw(tone_set, tmp_path):
     """A run written with fairseq's adam: refused as is (fairseq's name check), resumed with its moments
     and schedule after adopt_adam, or restarted from update 0 with checkpoint.reset_optimizer=true."""

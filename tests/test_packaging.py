@@ -1,5 +1,7 @@
-"""What setup.py, requirements*.txt, constraints.txt and the Makefile declare: the packages
-installed (``upstream`` with its config), the interpreter check, and pins that agree."""
+"""What setup.py, requirements*.txt, constraints.txt and the Makefile declare.
+
+The packages installed (``upstream`` with its config), the interpreter check, and pins that
+agree."""
 import os
 import re
 import runpy
@@ -85,6 +87,7 @@ def test_constraints_pin_every_requirement_consistently(setup_kwargs):
         assert pkg in constraints
 
 
+@pytest.mark.slow
 def test_upstream_imports_from_another_directory(tmp_path):
     """s3prl users import the hub entry from anywhere: upstream is an installed package."""
     code = ("import os, upstream.hubconf as h, upstream.run_downstream as r; "
@@ -95,6 +98,7 @@ def test_upstream_imports_from_another_directory(tmp_path):
     assert ok == "True" and Path(root) == REPO
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_make_refuses_another_python(tmp_path):
     """`make` names the variable to set when python3 is not 3.11 / 3.12 (checked before any venv exists)."""

@@ -1,7 +1,9 @@
-"""Mixed precision: every variant under bf16 autocast and under fairseq's model cast (losses and
-BatchNorm in float32), fairseq's batch cast leaving targets and the teacher's waveform exact,
-the teacher's float32 front end with a bf16 transformer, bf16 extraction against fp32,
-common.bf16 / common.fp16 through fairseq-hydra-train, common.amp refused, TF32 for float32 GPU runs."""
+"""Mixed precision (bf16, fp16, TF32) in the models, the teacher, extraction and training runs.
+
+Every variant under bf16 autocast and under fairseq's model cast (losses and BatchNorm in
+float32), fairseq's batch cast leaving targets and the teacher's waveform exact, the teacher's
+float32 front end with a bf16 transformer, bf16 extraction against fp32, common.bf16 /
+common.fp16 through fairseq-hydra-train, common.amp refused, TF32 for float32 GPU runs."""
 import json
 import os
 
@@ -177,6 +179,7 @@ def test_teacher_front_end_float32_transformer_bf16(clap_checkpoint, monkeypatch
     assert cos.min() > 0.99  # bf16 input waveform here; the extraction test below checks fp32 input
 
 
+@pytest.mark.slow
 def test_extraction_bf16_matches_fp32(tone_set, clap_checkpoint, tmp_path):
     """examples/prepare/extract_clap_targets.py --dtype bf16 against fp32: cosine >= 0.999 per token."""
     import subprocess
@@ -215,6 +218,7 @@ PRECISION = {"bf16": ["common.bf16=true"], "fp16": ["common.fp16=true", "common.
 RUNS = [(v, p) for p in ("bf16", "fp16") for v in ("supmam", "supmam_clap")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant,precision", RUNS)
 def test_variant_trains_in_mixed_precision(tone_set, tmp_path, variant, precision):
     args = [f"task.data={tone_set}", f"checkpoint.save_dir={tmp_path / 'ckpt'}", *FAST, *PRECISION[precision]]
@@ -226,6 +230,7 @@ def test_variant_trains_in_mixed_precision(tone_set, tmp_path, variant, precisio
     assert f"'{precision}': True" in run.text  # fairseq's logged config
 
 
+@pytest.mark.slow
 def test_amp_is_refused_with_the_reason(tone_set, tmp_path):
     args = [f"task.data={tone_set}", f"checkpoint.save_dir={tmp_path / 'ckpt'}", *FAST, "common.amp=true"]
     run = run_hydra_train(CONFIG_DIR, "mam", args, tmp_path / "run", check=False)

@@ -38,6 +38,7 @@ def write_tsv(path, root, names):
     write_manifest(str(path), str(root), names, [1600] * len(names))
 
 
+@pytest.mark.slow
 def test_manifest_cli(tmp_path):
     root = tmp_path / "audio"
     write_wav(root / "b" / "y.wav", 1600)
@@ -77,6 +78,7 @@ def write_audioset_meta(tmp_path):
     (tmp_path / "seg2.csv").write_text('Yxyz, 0.000, 10.000, "/m/0jbk"\n')
 
 
+@pytest.mark.slow
 def test_labels_audioset(tmp_path):
     write_audioset_meta(tmp_path)
     names = ["Y--4gqARaEJE.wav", "sub/abc.wav", "Yxyz.wav"]  # Yxyz is itself the YTID
@@ -89,6 +91,7 @@ def test_labels_audioset(tmp_path):
     assert read_labels(str(tmp_path / "out" / "train.lbl"), 3, 3) == [[0, 2], [1], [2]]
 
 
+@pytest.mark.slow
 def test_labels_audioset_unlabelled(tmp_path):
     write_audioset_meta(tmp_path)
     write_tsv(tmp_path / "train.tsv", tmp_path, ["abc.wav", "nolabel.wav", "other.wav"])
@@ -106,6 +109,7 @@ def test_labels_audioset_unlabelled(tmp_path):
     assert not list(tmp_path.rglob("*.unfiltered.tsv"))
 
 
+@pytest.mark.slow
 def test_labels_drop_unlabelled_in_the_manifest_folder(tmp_path):
     """The README's combination: --out-dir is the folder of the input manifest (relative paths)."""
     write_audioset_meta(tmp_path)
@@ -135,6 +139,7 @@ def test_labels_drop_unlabelled_in_the_manifest_folder(tmp_path):
     assert (tmp_path / "manifests" / "train.tsv").read_text() == before
 
 
+@pytest.mark.slow
 def test_labels_esc50(tmp_path):
     (tmp_path / "esc50.csv").write_text(
         "filename,fold,target,category,esc10,src_file,take\n"
@@ -148,6 +153,7 @@ def test_labels_esc50(tmp_path):
     assert read_labels(str(tmp_path / "out" / "valid.lbl"), 2, 2) == [[0], [1]]
 
 
+@pytest.mark.slow
 def test_labels_speech_commands(tmp_path):
     names = ["yes/a.wav", "no/b.wav", "_background_noise_/noise.wav", "up/c.wav"]
     write_tsv(tmp_path / "train.tsv", tmp_path, names)
@@ -167,6 +173,7 @@ def test_labels_speech_commands(tmp_path):
     assert proc.returncode != 0 and "already exists with different classes" in proc.stderr
 
 
+@pytest.mark.slow
 def test_norm_stats(tmp_path):
     """Against a hand computation: numpy's Kaldi fbank (tests/references.py) of each clip's first
     1.295 s, mean-removed, zero-padded to 128 frames, then numpy mean / std over every value."""

@@ -1,7 +1,9 @@
-"""upstream/compat: each shim's error happens without it (checked in a fresh subprocess,
-where the environment lacks the piece) and the behaviour with it (in this process, for this
-module only: the shims are installed with ``compat.shims_installed()`` and the process state
-they touch is checked to be restored afterwards)."""
+"""The s3prl compatibility shims (upstream/compat): each one is needed, scoped and reversible.
+
+Each shim's error happens without it (checked in a fresh subprocess, where the environment lacks
+the piece) and the behaviour with it (in this process, for this module only: the shims are
+installed with ``compat.shims_installed()`` and the process state they touch is checked to be
+restored afterwards)."""
 import argparse
 import fractions
 import json
@@ -108,6 +110,7 @@ def _needs(condition: bool, why: str):
 # ---------------------------------------------------------------------------- without the shims
 
 
+@pytest.mark.slow
 def test_errors_without_shims(unshimmed):
     """The exact errors the module docstring quotes, where this environment lacks the piece
     (decided in the fresh process: this one may already have the shims)."""
@@ -135,6 +138,7 @@ def test_errors_without_shims(unshimmed):
     assert ns.startswith("UnpicklingError: Weights only load failed") and "argparse.Namespace" in ns, ns
 
 
+@pytest.mark.slow
 def test_this_environment_needs_every_shim(unshimmed):
     """The pinned set (torchaudio 2.11, huggingface_hub 2.x, no tensorboardX/catalyst/torchcodec)
     lacks every piece; if a pin changes, the matching shim becomes a no-op (see install_shims)."""

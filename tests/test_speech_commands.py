@@ -1,10 +1,13 @@
-"""The Speech Commands converter: SPC-2 (35 words) and SPC-1 (SUPERB's 12 classes) manifests
-and labels from the official validation / test lists, on a generated miniature archive."""
+"""The Speech Commands converter (examples/prepare/speech_commands.py) on a generated archive.
+
+SPC-2 (35 words) and SPC-1 (SUPERB's 12 classes) manifests and labels from the official
+validation / test lists, on a generated miniature archive."""
 import os
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 import soundfile as sf
 
 from mam_clap_plugin.data.manifest import read_class_list, read_labels, read_manifest
@@ -12,6 +15,7 @@ from mam_clap_plugin.data.manifest import read_class_list, read_labels, read_man
 from .conftest import REPO
 
 SCRIPT = os.path.join(REPO, "examples", "prepare", "speech_commands.py")
+pytestmark = pytest.mark.slow  # every test runs the converter in a subprocess
 
 
 def write_archive(root, words, per_word=3):

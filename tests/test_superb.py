@@ -1,10 +1,9 @@
-"""SUPERB keyword spotting through s3prl: the launcher (upstream/run_downstream.py), its
-config, the data layout scripts and the upstream comparison.
+"""SUPERB keyword spotting through s3prl: the launcher, its config, the data layout and the comparison.
 
-Fast, CPU only. The launcher's argument parser and checks run in this process (s3prl
-imported once, with the compat shims); real s3prl training and evaluation run as
-subprocesses through examples/superb/compare_upstreams.py, on a tiny generated keyword
-set, for ``fbank`` and for ``supmam_clap_local`` with a tiny random encoder.
+The launcher is upstream/run_downstream.py. Its argument parser and checks run in this process
+(s3prl imported once, with the compat shims); real s3prl training and evaluation run as
+subprocesses (marked slow) through examples/superb/compare_upstreams.py, on a tiny generated
+keyword set, for ``fbank`` and for ``supmam_clap_local`` with a tiny random encoder.
 """
 import argparse
 import hashlib
@@ -51,15 +50,7 @@ def launcher():
 
 
 @pytest.fixture(scope="module")
-def keywords(tmp_path_factory):
-    """A tiny keyword set: 6 voices (4 train, 1 dev, 1 test speaker), 2 s noise files."""
-    out = tmp_path_factory.mktemp("kw") / "set"
-    summary = mdk.make_demo_keywords(out, seed=3, voices=6, clips_per_word=1, noise_seconds=2.0, progress=False)
-    return out, summary
-
-
-@pytest.fixture(scope="module")
-def tiny_encoder(pretraining_checkpoint, tmp_path_factory):
+def tiny_encoder(pretraining_checkpoint, tmp_path_factory):  # trains: the tests using it are slow (conftest)
     """The encoder export of a tiny SupMAM checkpoint written by fairseq-hydra-train (32 dims, 2 layers)."""
     from mam_clap_plugin.checkpoint import export_encoder
 
@@ -339,6 +330,7 @@ def test_speech_commands_layout_errors(tmp_path, capsys):
 # ---------------------------------------------------------------------------- real runs
 
 
+@pytest.mark.slow
 def test_compare_upstreams_trains_and_evaluates(keywords, tiny_encoder, tmp_path):
     """Two real s3prl runs (fbank and supmam_clap_local), each train + evaluate through the
     launcher on the CPU: a few steps, dev evaluation, dev-best.ckpt, test accuracy."""

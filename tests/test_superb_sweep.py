@@ -1,8 +1,9 @@
-"""examples/superb/compare_upstreams.py --lrs: a learning-rate sweep per upstream with real
-s3prl trainings (subprocesses through upstream/run_downstream.py, as in test_superb.py):
-2 learning rates, 4 steps, on the tiny generated keyword set, for a converted AudioMAE
-file listed as ``audiomae=supmam_clap_local:FILE`` (s3prl's own entries such as fbank are
-listed the same way; test_superb.py runs one), twice with the same seed."""
+"""The learning-rate sweep of examples/superb/compare_upstreams.py (--lrs) with real s3prl runs.
+
+A sweep per upstream with real s3prl trainings (subprocesses through upstream/run_downstream.py,
+as in test_superb.py): 2 learning rates, 4 steps, on the tiny generated keyword set, for a
+converted AudioMAE file listed as ``audiomae=supmam_clap_local:FILE`` (s3prl's own entries such
+as fbank are listed the same way; test_superb.py runs one), twice with the same seed."""
 import json
 import subprocess
 import sys
@@ -11,13 +12,11 @@ from pathlib import Path
 import pytest
 from safetensors.torch import save_file
 
-from tests.test_convert_audiomae import audiomae_encoder
-from tests.test_superb import COMPARE, keywords  # noqa: F401  (the tiny keyword set fixture)
+from .audiomae import audiomae_encoder
+from .conftest import REPO, load_script
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "examples" / "superb"))
-
-import compare_upstreams as cu  # noqa: E402
+COMPARE = Path(REPO) / "examples" / "superb" / "compare_upstreams.py"
+cu = load_script("examples/superb/compare_upstreams.py")
 
 
 def compare(tmp_path, data, out, *upstreams):
@@ -35,7 +34,8 @@ def rows(md, label):
     return [line for line in md.splitlines() if line.startswith(f"| {label} |")]
 
 
-def test_lr_sweep_chooses_on_dev_and_repeats(keywords, tmp_path):  # noqa: F811
+@pytest.mark.slow
+def test_lr_sweep_chooses_on_dev_and_repeats(keywords, tmp_path):
     data, _ = keywords
     save_file(audiomae_encoder(32, 2), str(tmp_path / "timm.safetensors"))
     from mam_clap_plugin.convert import convert_audiomae

@@ -1,9 +1,9 @@
-"""The s3prl upstream (upstream/expert.py, upstream/hubconf.py), the encoder export, and the
-upstream benchmark's smoke run.
+"""The s3prl upstream (upstream/expert.py, upstream/hubconf.py), the encoder export, its benchmark.
 
 Tiny encoders (2 layers, 32 dims, max_frames 1024) saved as a fairseq-layout pretraining
-checkpoint and as an encoder export; s3prl's own upstream contract (S3PRLUpstream and the
-legacy Featurizer) runs against them with the compat shims installed.
+checkpoint (written by fairseq-hydra-train: the tests that use it are slow) and as an encoder
+export; s3prl's own upstream contract (S3PRLUpstream and the legacy Featurizer) runs against
+them with the compat shims installed; the upstream benchmark's smoke run.
 """
 import json
 import math
@@ -48,7 +48,7 @@ def _process_state():
 
 
 @pytest.fixture(scope="module")
-def ckpts(pretraining_checkpoint, tmp_path_factory):
+def ckpts(pretraining_checkpoint, tmp_path_factory):  # trains: the tests using it are slow (conftest)
     """(checkpoint written by fairseq-hydra-train, its encoder export, the encoder) of one tiny
     pretrained encoder."""
     export_path = tmp_path_factory.mktemp("upstream") / "encoder.pt"
@@ -90,6 +90,7 @@ def test_export_holds_config_weights_and_stats(ckpts):
     assert isinstance(load_encoder(export_path), AudioEncoder)
 
 
+@pytest.mark.slow
 def test_export_cli_and_loading_without_fairseq(ckpts, tmp_path):
     """examples/export_encoder.py, then the expert on its output, with fairseq unimportable."""
     fairseq_path, _, _ = ckpts
@@ -116,6 +117,7 @@ def test_export_cli_and_loading_without_fairseq(ckpts, tmp_path):
     assert '"spec": "speech_commands"' in proc.stdout and proc.stdout.split()[-1] == "7"
 
 
+@pytest.mark.slow
 def test_missing_checkpoint_is_an_error_under_python_O(tmp_path):
     """A real exception, not an assert that ``python -O`` strips."""
     code = ("from upstream.hubconf import supmam_clap_local\n"
@@ -318,6 +320,7 @@ def test_legacy_featurizer(s3prl_hub, ckpts):
 # ---------------------------------------------------------------------------- benchmark smoke run
 
 
+@pytest.mark.slow  # a benchmark smoke run (its machine report runs `uname -p`)
 def test_bench_upstream_quick(tmp_path, capsys):
     """benchmarks/bench_upstream.py --quick, in this process (its main(argv))."""
     import runpy

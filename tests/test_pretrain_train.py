@@ -1,9 +1,10 @@
-"""Integration: the README's pretraining commands run verbatim through `fairseq-hydra-train`
-(tiny size, generated data, a scratch working directory with relative paths), and the same
-command again resumes; the four paper configs train; resume reproduces an uninterrupted run;
-the README's 2-process command trains and resumes; a sweep keeps its jobs apart; a trained
-checkpoint loads the fairseq way without its data; bad input stops the run with an error
-that names the file."""
+"""Pretraining runs through `fairseq-hydra-train`: the README's commands, resume, 2 processes, errors.
+
+The README's pretraining commands run verbatim (tiny size, generated data, a scratch working
+directory with relative paths), and the same command again resumes; the four paper configs
+train; resume reproduces an uninterrupted run; the README's 2-process command trains and
+resumes; a sweep keeps its jobs apart; a trained checkpoint loads the fairseq way without its
+data; bad input stops the run with an error that names the file."""
 import glob
 import math
 import os
@@ -21,6 +22,8 @@ from mam_clap_plugin.hydra_runs import hydra_train_executable, parse_json_log, p
 
 from . import readme
 from .conftest import CONFIG_DIR, TEACHER_DIM
+
+pytestmark = pytest.mark.slow  # every test trains through fairseq-hydra-train
 
 VARIANTS = ["mam", "mam_clap", "supmam", "supmam_clap"]
 

@@ -1,6 +1,7 @@
-"""Smoke tests of ``python -m benchmarks.bench_pretrain`` (student step, teacher and data
-path modules together) and ``python -m benchmarks.training_loop``: tiny runs, and the JSON
-they write."""
+"""Smoke runs of the pretraining benchmarks (benchmarks.bench_pretrain, benchmarks.training_loop).
+
+``python -m benchmarks.bench_pretrain`` (student step, teacher and data path modules together)
+and ``python -m benchmarks.training_loop``: tiny runs, and the JSON they write."""
 import json
 import math
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # every test reads benchmark runs in subprocesses
 VARIANTS = ("mam", "mam_clap", "supmam", "supmam_clap")
 
 VARIANT_FIELDS = (

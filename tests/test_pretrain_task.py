@@ -1,4 +1,7 @@
-"""The task refuses inconsistent data with an error that names the file (and line)."""
+"""The pretraining task (mam_clap_pretraining): its data, its online teacher, and clear refusals.
+
+It loads labels and teacher targets, reads no file in its constructor, keeps the online teacher
+outside the model, and refuses inconsistent data with an error that names the file (and line)."""
 import os
 import shutil
 

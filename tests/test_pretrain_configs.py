@@ -1,6 +1,8 @@
-"""The four paper configs: one shared base (Hydra defaults) and variants that state only
-what differs; every plugin field is listed (so any can be overridden on the command line
-without `+`); the variant settings are the paper's; every README command composes."""
+"""The pretraining configs (examples/pretraining/config): the paper's four variants and the README's commands.
+
+One shared base (Hydra defaults) and variants that state only what differs; every plugin field
+is listed (so any can be overridden on the command line without `+`); the variant settings are
+the paper's; every README command composes. The tests run over the YAML files in the folder."""
 import dataclasses
 import os
 
@@ -15,14 +17,22 @@ from mam_clap_plugin.models.supmam_clap import SupMamClapConfig
 from mam_clap_plugin.tasks.mam_clap_pretraining import MamClapPretrainingConfig
 
 from . import readme
-from .conftest import CONFIG_DIR
+from .conftest import CONFIG_DIR, REPO
+from .helpers import config_names, expectation
 
+#: The paper's settings of each variant in CONFIG_DIR (the tests run over the files there, so a new
+#: config fails until it has a row here).
 PAPER = {  # variant: (mask ratio, target, classification branch, lambda_cls, decoder blocks)
     "mam": (0.8, "pixel", False, 0.0, 16),
     "mam_clap": (0.2, "clap", False, 0.0, 1),
     "supmam": (0.4, "pixel", True, 0.01, 16),
     "supmam_clap": (0.2, "clap", True, 1e-4, 1),
 }
+
+
+def test_every_paper_row_has_a_file():
+    stale = sorted(set(PAPER) - set(config_names(CONFIG_DIR)))
+    assert not stale, f"PAPER rows without a file in {os.path.relpath(CONFIG_DIR, REPO)}: {stale}"
 
 
 def load(name, overrides=("task.data=manifests",)):
@@ -41,7 +51,7 @@ def leaves(cfg, prefix=""):
     return out
 
 
-@pytest.mark.parametrize("name", sorted(PAPER))
+@pytest.mark.parametrize("name", config_names(CONFIG_DIR))
 def test_every_field_is_listed(name):
     cfg = load(name)
     for section, dc in (("task", MamClapPretrainingConfig), ("model", SupMamClapConfig),
@@ -51,7 +61,7 @@ def test_every_field_is_listed(name):
         assert listed == fields, (section, fields ^ listed)
 
 
-@pytest.mark.parametrize("name", sorted(PAPER))
+@pytest.mark.parametrize("name", config_names(CONFIG_DIR))
 def test_variant_states_only_what_differs(name):
     """fairseq's schema fills the variant's unlisted fields with fairseq defaults, and the
     base, merged after it, sets the shared ones: a key set in both would silently take the
@@ -76,15 +86,15 @@ def test_runs_stay_in_the_start_directory():
 
 def test_no_dead_keys():
     """skip_invalid_size_inputs_valid_test does nothing here: the task has no max_positions."""
-    for name in PAPER:
+    for name in config_names(CONFIG_DIR):
         assert "skip_invalid_size_inputs_valid_test" not in open(os.path.join(CONFIG_DIR, f"{name}.yaml")).read()
     assert "skip_invalid_size_inputs_valid_test" not in open(os.path.join(CONFIG_DIR, "base.yaml")).read()
 
 
-@pytest.mark.parametrize("name", sorted(PAPER))
+@pytest.mark.parametrize("name", config_names(CONFIG_DIR))
 def test_paper_settings(name):
+    ratio, target, branch, lam, dec = expectation(PAPER, name, CONFIG_DIR, "PAPER in tests/test_pretrain_configs.py")
     cfg = load(name)
-    ratio, target, branch, lam, dec = PAPER[name]
     m = cfg.model
     assert (m.mask_ratio, m.target, m.classification_branch, cfg.criterion.lambda_cls, m.decoder_layers) == (
         ratio, target, branch, lam, dec)

@@ -1,5 +1,7 @@
-"""examples/prepare/extract_clap_targets.py: stores the teacher's own maps, resumes, shards,
-refuses to mix teachers, and names bad audio."""
+"""CLAP teacher-target extraction (examples/prepare/extract_clap_targets.py) into target stores.
+
+The store holds the teacher's own maps; extraction resumes, shards, refuses to mix teachers and
+names bad audio."""
 import json
 import os
 import re
@@ -133,6 +135,7 @@ def test_bad_audio_is_named_or_marked(data, tmp_path, clap_checkpoint):
     assert states[2] == BAD_AUDIO and (np.delete(states, 2) == WRITTEN).all()
 
 
+@pytest.mark.slow
 def test_command_line(data, tmp_path, clap_checkpoint):
     proc = subprocess.run(
         [sys.executable, SCRIPT, str(data), "valid", "--checkpoint", clap_checkpoint, "--out", str(tmp_path / "o"),
