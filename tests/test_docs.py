@@ -1,7 +1,9 @@
-"""The documentation holds together: every relative link of README.md and docs/*.md points to
-a file that exists (and an ``#anchor`` to a heading of that page), every command of the
-README's tour is a command of the page it links to, and the README's demo block agrees with
-a report holding the figures it shows."""
+"""The documentation holds together: links, the tour's commands and the README's demo block.
+
+Every relative link of README.md and docs/*.md points to a file that exists (and an
+``#anchor`` to a heading of that page), every command of the README's tour is a command of
+the page it links to, and the README's demo block agrees with a report holding the figures it
+shows."""
 import json
 import os
 import re
