@@ -199,7 +199,7 @@ def test_head_is_kept(tmp_path):
     weights = {"fc_norm.weight": torch.rand(32), "fc_norm.bias": torch.rand(32), "head.weight": torch.rand(5, 32),
                "head.bias": torch.rand(5)}
     config = {**ENCODER_KWARGS, "final_norm": False}
-    save_encoder(str(tmp_path / "ft.safetensors"), encoder, config, -4.27, 4.57, "audioset", 1024, "ft.pth",
+    save_encoder(str(tmp_path / "ft.safetensors"), encoder, config, -4.27, 4.57, "audioset", 256, "ft.pth",
                  head={"config": {"num_classes": 5, "pooling": "mean"}, "weights": weights})
     export_hub_folder(str(tmp_path / "ft.safetensors"), str(tmp_path / "ft"))
     model = MamClapEncoder.from_pretrained(tmp_path / "ft")
@@ -210,6 +210,14 @@ def test_head_is_kept(tmp_path):
     assert "Classifier head: kept (5 classes, mean pooling" in (tmp_path / "ft" / "README.md").read_text()
     state = mam_clap_plugin.checkpoint.load_checkpoint(str(tmp_path / "ft"))
     assert mam_clap_plugin.checkpoint.head_keys(state) == sorted(weights)
+    from mam_clap_plugin.data.manifest import write_class_list
+    from mam_clap_plugin.inference import load_classifier, score_waveforms
+
+    write_class_list(str(tmp_path / "classes.txt"), [f"class{i}" for i in range(5)])
+    wavs = [torch.linspace(-0.3, 0.3, 12000).sin()]
+    scores = score_waveforms(load_classifier(str(tmp_path / "ft"), str(tmp_path / "classes.txt")), wavs)
+    ref = score_waveforms(load_classifier(str(tmp_path / "ft.safetensors"), str(tmp_path / "classes.txt")), wavs)
+    assert scores.shape == (1, 5) and np.array_equal(scores, ref)
 
 
 def _broken(files, tmp_path, name):
