@@ -46,6 +46,9 @@ setup(
         "fairseq": ["ve-fairseq>=0.12.3"],
         "s3prl": ["s3prl>=0.4.17", "sentencepiece", "pyyaml>=5.4", "matplotlib>=3.7"],
         "demo": ["espeakng-loader>=0.2", "matplotlib>=3.7"],
+        # mam_clap_plugin.hub (MamClapEncoder: save_pretrained / from_pretrained / push_to_hub) and
+        # examples/export_encoder.py --hub; reading a Hugging Face folder (load_encoder, hear) needs none
+        "hub": ["huggingface_hub>=0.23"],
         "test": ["pytest>=7"],
     },
 )

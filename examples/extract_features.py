@@ -8,7 +8,8 @@
 Input: a folder (searched recursively for wav, flac, ogg, mp3, aiff, au, opus files, sorted)
 or a fairseq manifest ``{split}.tsv`` (root line, then ``relpath<TAB>num_samples``). CKPT:
 anything ``mam_clap_plugin.load_encoder`` reads (an encoder export, a converted AudioMAE
-file, a pretraining or fine-tuning checkpoint). Any clip length works: the clip's fbank is
+file, a pretraining or fine-tuning checkpoint, or a Hugging Face folder written by
+``examples/export_encoder.py CKPT OUT --hub``). Any clip length works: the clip's fbank is
 encoded by windows of the encoder's ``max_frames`` (1024 frames = 10.24 s) exactly as in the
 s3prl upstream (``mam_clap_plugin.features``); one time step is 160 ms (16 frames).
 
@@ -49,14 +50,13 @@ import soundfile
 import torch
 from tqdm import tqdm
 
-from mam_clap_plugin.checkpoint import CheckpointError, load_encoder_with_stats
+from mam_clap_plugin import features
+from mam_clap_plugin.checkpoint import CheckpointError, checkpoint_sha256, load_encoder_with_stats
 from mam_clap_plugin.data.audio import SAMPLE_RATE, AudioError, load_audio, resampled_length
 from mam_clap_plugin.data.manifest import ManifestError, find_audio, read_manifest
-from mam_clap_plugin.features import check_window, clip_fbank, encode_windows, num_steps
-from mam_clap_plugin.files import file_sha256
+from mam_clap_plugin.features import LEVELS, check_window, clip_fbank, encode_windows, num_steps
 
 AUDIO_EXTENSIONS = {"wav", "flac", "ogg", "mp3", "aiff", "aif", "au", "opus"}
-LEVELS = ("clip", "frame", "patch")
 #: Settings that must match when a run resumes into an existing OUT.
 RESUME_KEYS = ("source", "checkpoint_sha256", "level", "layer", "format", "window_frames", "files")
 PENDING, DONE, BAD = 0, 1, 2
@@ -83,30 +83,15 @@ def list_inputs(source: str) -> tuple[str, List[str]]:
 
 
 def parse_layer(value: str, depth: int):
-    if value in ("final", "all"):
-        return value
     try:
-        layer = int(value)
-    except ValueError:
-        raise UsageError(f"--layer {value!r}: use final, all or a number 0..{depth}") from None
-    if not 0 <= layer <= depth:
-        raise UsageError(f"--layer {layer}: the encoder has hidden states 0..{depth} (0 = patch embedding)")
-    return layer
+        return features.parse_layer(value, depth)
+    except ValueError as err:
+        raise UsageError(f"--{err}") from None
 
 
 def file_features(outputs: List[torch.Tensor], level: str, layer) -> np.ndarray:
     """One clip's ``encode_windows`` outputs (depth + 2 grids (T, F, D)) -> the array to save."""
-    if layer == "final":
-        x = outputs[-1]
-    elif layer == "all":
-        x = torch.stack(outputs[:-1])  # (L, T, F, D)
-    else:
-        x = outputs[layer]
-    if level == "frame":
-        x = x.mean(dim=-2)
-    elif level == "clip":
-        x = x.mean(dim=(-3, -2))
-    return x.float().cpu().numpy()
+    return features.pool_outputs(outputs, level, layer).cpu().numpy()
 
 
 def samples_at_16k(path: str) -> int:
@@ -241,7 +226,7 @@ def extract(args) -> dict:
     os.makedirs(args.out, exist_ok=True)
     settings = {
         "source": os.path.abspath(args.input), "root": os.path.abspath(root), "files": len(rels),
-        "checkpoint": os.path.abspath(args.checkpoint), "checkpoint_sha256": file_sha256(args.checkpoint),
+        "checkpoint": os.path.abspath(args.checkpoint), "checkpoint_sha256": checkpoint_sha256(args.checkpoint),
         "level": args.level, "layer": layer, "format": args.format, "window_frames": window,
         "width": encoder.embed_dim, "grid_freq": encoder.grid_freq, "num_layers": depth + 1,
         "norm_stats": [bundle.norm_mean, bundle.norm_std], "step_seconds": 0.16, "dtype": "float32",
@@ -316,7 +301,8 @@ def parse_args(argv: Optional[Sequence[str]] = None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("input", metavar="AUDIO_DIR_OR_MANIFEST", help="folder of audio files or a fairseq manifest (.tsv)")
-    p.add_argument("--checkpoint", required=True, help="encoder export, converted AudioMAE file or checkpoint")
+    p.add_argument("--checkpoint", required=True,
+                   help="encoder export, converted AudioMAE file, checkpoint or Hugging Face folder")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--level", choices=LEVELS, default="clip", help="clip, frame (160 ms) or patch (default clip)")
     p.add_argument("--layer", default="final", help="final (default), a hidden state 0..depth, or all")

@@ -12,8 +12,10 @@ Torch-only API (no fairseq, no s3prl)::
     from mam_clap_plugin import load_encoder, load_encoder_with_stats
     encoder = load_encoder("encoder.safetensors")   # an AudioEncoder in eval mode
 
-Both accept an encoder export, a converted AudioMAE file and a pretraining or fine-tuning
-checkpoint (see :mod:`mam_clap_plugin.checkpoint`); they are imported on first use.
+Both accept an encoder export, a Hugging Face folder, a converted AudioMAE file and a
+pretraining or fine-tuning checkpoint (see :mod:`mam_clap_plugin.checkpoint`); they are
+imported on first use. :mod:`mam_clap_plugin.hear` is the HEAR 2021 API and
+:mod:`mam_clap_plugin.hub` the Hugging Face layout (``MamClapEncoder``).
 """
 import sys
 

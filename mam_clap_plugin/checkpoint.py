@@ -8,6 +8,10 @@ fairseq or s3prl):
   weights, with the JSON config (:func:`export_config`) in its header metadata under
   ``"mam_clap_config"`` and the same JSON written next to it as ``ENCODER.json``. The older
   torch export (``.pt``, version 1) stays readable and is still written for a ``.pt`` name;
+* a **Hugging Face folder** (``examples/export_encoder.py CKPT OUT --hub``,
+  :class:`mam_clap_plugin.hub.MamClapEncoder`): ``config.json`` holding the same JSON config
+  and ``model.safetensors`` holding the same weights (with the config in its metadata too,
+  so the file alone is an encoder export); the two must agree;
 * a converted AudioMAE file (``examples/convert/audiomae_to_mam_clap.py``): an encoder
   export whose config names the AudioMAE source, and which keeps a fine-tuned file's
   ``fc_norm.*`` / ``head.*`` weights (``config["head"]``);
@@ -51,6 +55,23 @@ FINETUNING_MODEL = "mam_clap_classifier"
 DEFAULT_NORM_STATS = "audioset"
 #: What an export's front end applies to the fbank.
 NORMALISATION = "(fbank - mean) / (2 * std)"
+#: The two files of a Hugging Face folder (huggingface_hub's CONFIG_NAME and SAFETENSORS_SINGLE_FILE).
+HUB_CONFIG, HUB_WEIGHTS = "config.json", "model.safetensors"
+
+
+def _export_state(config: Any, tensors: Dict[str, torch.Tensor], where: str) -> Dict[str, Any]:
+    """``{"format", "version", "config", "model"}`` of a JSON config read from ``where``, checked:
+    an object of this project's format and a known version, with ``encoder`` and ``frontend``."""
+    if not isinstance(config, dict) or config.get("format") != EXPORT_FORMAT:
+        found = config.get("format") if isinstance(config, dict) else type(config).__name__
+        raise CheckpointError(f"{where}: format {found!r}, expected '{EXPORT_FORMAT}': not the config of an "
+                              "encoder of this project")
+    state = {"format": config["format"], "version": config.get("version"), "config": config, "model": tensors}
+    _export_version(state, where)
+    missing = [k for k in ("encoder", "frontend") if not isinstance(config.get(k), dict)]
+    if missing:
+        raise CheckpointError(f"{where}: the config has no {missing} object")
+    return state
 
 
 def _read_export(path: str) -> Dict[str, Any]:
@@ -65,9 +86,41 @@ def _read_export(path: str) -> Dict[str, Any]:
         config = json.loads(meta[CONFIG_KEY])
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path}: '{CONFIG_KEY}' metadata is not valid JSON ({err})") from err
-    state = {"format": config.get("format"), "version": config.get("version"), "config": config, "model": tensors}
-    _export_version(state, path)
-    return state
+    return _export_state(config, tensors, path)
+
+
+def is_hub_folder(path: str) -> bool:
+    """True for a folder (a Hugging Face folder is the only folder :func:`load_checkpoint` reads)."""
+    return os.path.isdir(path)
+
+
+def _read_hub_folder(path: str) -> Dict[str, Any]:
+    """A Hugging Face folder (``config.json`` + ``model.safetensors``) as an export's state, plus
+    ``config_path`` and ``weights_path`` (named by later errors)."""
+    config_path, weights_path = os.path.join(path, HUB_CONFIG), os.path.join(path, HUB_WEIGHTS)
+    for name in (HUB_CONFIG, HUB_WEIGHTS):
+        if not os.path.isfile(os.path.join(path, name)):
+            raise CheckpointError(
+                f"{os.path.join(path, name)}: not found; a folder is read as a Hugging Face folder of this project, "
+                f"which holds {HUB_CONFIG} and {HUB_WEIGHTS} (examples/export_encoder.py CKPT OUT --hub)")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{config_path}: not valid JSON ({err})") from err
+    tensors, meta = read_safetensors(weights_path)
+    state = _export_state(config, tensors, config_path)
+    if CONFIG_KEY in meta:
+        try:
+            embedded = json.loads(meta[CONFIG_KEY])
+        except json.JSONDecodeError as err:
+            raise CheckpointError(f"{weights_path}: '{CONFIG_KEY}' metadata is not valid JSON ({err})") from err
+        if embedded != config:
+            fields = sorted(k for k in set(config) | set(embedded) if config.get(k) != embedded.get(k))
+            raise CheckpointError(
+                f"{config_path}: differs from the config that {weights_path} was written with (fields {fields}); "
+                "the folder was edited or mixes two exports")
+    return {**state, "config_path": config_path, "weights_path": weights_path}
 
 
 def _from_torch_export(state: Dict[str, Any]) -> Dict[str, Any]:
@@ -80,10 +133,13 @@ def _from_torch_export(state: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def load_checkpoint(path: str, trusted: bool = False) -> Dict[str, Any]:
-    """Read an encoder export (safetensors or torch) or a fairseq checkpoint onto the CPU
-    (torch files with ``weights_only=True`` unless ``trusted``). Returns a dict with a
-    ``model`` entry (the weights); an export of either version comes as ``{"format",
-    "version", "config", "model"}`` (``config``: see :func:`export_config`)."""
+    """Read an encoder export (safetensors or torch), a Hugging Face folder or a fairseq
+    checkpoint onto the CPU (torch files with ``weights_only=True`` unless ``trusted``).
+    Returns a dict with a ``model`` entry (the weights); an export of either version and a
+    Hugging Face folder come as ``{"format", "version", "config", "model"}`` (``config``: see
+    :func:`export_config`; a folder's also has ``config_path`` and ``weights_path``)."""
+    if is_hub_folder(path):
+        return _read_hub_folder(path)
     if os.path.isfile(path) and is_safetensors(path):
         return _read_export(path)
     state = read_torch_file(path, trusted)
@@ -190,13 +246,31 @@ def _encoder_weights(state: Dict[str, Any]) -> Dict[str, torch.Tensor]:
     return _prefixed(state["model"])
 
 
-def _build_encoder(state: Dict[str, Any], path: str) -> AudioEncoder:
-    encoder = AudioEncoder(**encoder_config(state, path))
-    missing, unexpected = encoder.load_state_dict(_encoder_weights(state), strict=False)
+def load_weights_strictly(module: torch.nn.Module, weights: Dict[str, torch.Tensor], state: Dict[str, Any],
+                          path: str) -> torch.nn.Module:
+    """``module.load_state_dict(weights)`` where every name and shape must match; a mismatch
+    raises :class:`CheckpointError` naming the weights file (a folder's ``model.safetensors``).
+    Returns the module in eval mode."""
+    where = state.get("weights_path", path)
+    against = f"the config in {state['config_path']}" if "config_path" in state else "the config"
+    try:
+        missing, unexpected = module.load_state_dict(weights, strict=False)
+    except RuntimeError as err:  # a shape mismatch
+        detail = " ".join(str(err).split())
+        raise CheckpointError(f"{where}: encoder weights do not fit {against} ({detail})") from err
     if missing or unexpected:
         raise CheckpointError(
-            f"{path}: encoder weights do not match the config: missing {missing}, unexpected {unexpected}")
-    return encoder.eval()
+            f"{where}: encoder weights do not match {against}: missing {missing}, unexpected {unexpected}")
+    return module.eval()
+
+
+def _build_encoder(state: Dict[str, Any], path: str) -> AudioEncoder:
+    config = encoder_config(state, path)
+    try:
+        encoder = AudioEncoder(**config)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{state.get('config_path', path)}: cannot build the encoder {config} ({err})") from err
+    return load_weights_strictly(encoder, _encoder_weights(state), state, path)
 
 
 def _task_config(state: Dict[str, Any]) -> Dict[str, Any]:
@@ -218,9 +292,9 @@ def _frontend(state: Dict[str, Any], path: str) -> Dict[str, Any]:
         return frontend
     if frontend.get("sample_rate") != SAMPLE_RATE or frontend.get("fbank_options") != FBANK_OPTIONS:
         raise CheckpointError(
-            f"{path}: the encoder expects another front end (sample_rate {frontend.get('sample_rate')}, fbank "
-            f"{frontend.get('fbank_options')}) than this code computes (sample_rate {SAMPLE_RATE}, "
-            f"fbank {FBANK_OPTIONS})")
+            f"{state.get('config_path', path)}: the encoder expects another front end (sample_rate "
+            f"{frontend.get('sample_rate')}, fbank {frontend.get('fbank_options')}) than this code computes "
+            f"(sample_rate {SAMPLE_RATE}, fbank {FBANK_OPTIONS})")
     return frontend
 
 
@@ -287,11 +361,16 @@ def _source_kind(state: Dict[str, Any]) -> str:
     return f"fairseq:{model_config(state)['_name']}"
 
 
-def export_encoder(checkpoint_path: str, out_path: str, trusted: bool = False) -> Dict[str, Any]:
-    """Write the encoder of any file :func:`load_encoder` reads as an encoder export:
-    ``OUT.safetensors`` (+ ``OUT.json``) for a ``.safetensors`` name, the torch export
-    (version 1) otherwise; see :func:`save_encoder`. A head kept by an export (a converted
-    fine-tuned AudioMAE file) is kept. Returns the written metadata."""
+def checkpoint_sha256(path: str) -> str:
+    """SHA-256 that identifies any file :func:`load_checkpoint` reads: the file's, or for a
+    Hugging Face folder its ``model.safetensors``'s (which holds the config too)."""
+    return file_sha256(os.path.join(path, HUB_WEIGHTS) if is_hub_folder(path) else path)
+
+
+def export_arguments(checkpoint_path: str, trusted: bool = False) -> Dict[str, Any]:
+    """The arguments of :func:`save_encoder` / :func:`export_contents` (all but ``out_path``)
+    that export the encoder of any file :func:`load_encoder` reads: its architecture, front
+    end, the source's name, sha256 and kind, and any head an export keeps."""
     state = load_checkpoint(checkpoint_path, trusted)
     bundle = _bundle(state, checkpoint_path)
     config = encoder_config(state, checkpoint_path)
@@ -299,10 +378,19 @@ def export_encoder(checkpoint_path: str, out_path: str, trusted: bool = False) -
     head = None
     if head_keys(state):
         head = {"config": dict(state["config"]["head"]), "weights": {k: state["model"][k] for k in head_keys(state)}}
-    return save_encoder(out_path, bundle.encoder, config, bundle.norm_mean, bundle.norm_std,
-                        _norm_spec_of(state, bundle.norm_mean, bundle.norm_std), bundle.target_length,
-                        os.path.basename(checkpoint_path), source_sha256=file_sha256(checkpoint_path),
-                        source_kind=_source_kind(state), head=head)
+    return dict(encoder=bundle.encoder, config=config, norm_mean=bundle.norm_mean, norm_std=bundle.norm_std,
+                norm_spec=_norm_spec_of(state, bundle.norm_mean, bundle.norm_std),
+                target_length=bundle.target_length, source=os.path.basename(os.path.normpath(checkpoint_path)),
+                source_sha256=checkpoint_sha256(checkpoint_path), source_kind=_source_kind(state), head=head)
+
+
+def export_encoder(checkpoint_path: str, out_path: str, trusted: bool = False) -> Dict[str, Any]:
+    """Write the encoder of any file :func:`load_encoder` reads as an encoder export:
+    ``OUT.safetensors`` (+ ``OUT.json``) for a ``.safetensors`` name, the torch export
+    (version 1) otherwise; see :func:`save_encoder`. A head kept by an export (a converted
+    fine-tuned AudioMAE file) is kept. Returns the written metadata. (A Hugging Face folder:
+    :func:`mam_clap_plugin.hub.export_hub_folder`.)"""
+    return save_encoder(out_path, **export_arguments(checkpoint_path, trusted))
 
 
 def export_config(encoder: AudioEncoder, config: Dict[str, Any], norm_mean: float, norm_std: float, norm_spec: str,
@@ -346,6 +434,51 @@ def sidecar_path(out_path: str) -> str:
     return os.path.splitext(out_path)[0] + ".json"
 
 
+def export_contents(encoder: AudioEncoder, config: Dict[str, Any], norm_mean: float, norm_std: float,
+                    norm_spec: str, target_length: Optional[int], source: str, *, source_sha256: Optional[str] = None,
+                    source_kind: Optional[str] = None, source_extra: Optional[Dict[str, Any]] = None,
+                    head: Optional[Dict[str, Any]] = None, where: str = "<export>"
+                    ) -> tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
+    """(:func:`export_config`, weights) of a safetensors export: the encoder's state dict (no
+    prefix, contiguous copies) plus any ``head["weights"]``. ``head`` is ``{"config":
+    {"num_classes", "pooling", ...}, "weights": {name: tensor}}``."""
+    weights = {k: v.detach().clone().contiguous() for k, v in encoder.state_dict().items()}
+    head_config = None
+    if head is not None:
+        head_weights = {k: v.detach().clone().contiguous() for k, v in head["weights"].items()}
+        clash = sorted(set(head_weights) & set(weights))
+        if clash:
+            raise CheckpointError(f"{where}: head weights {clash} clash with encoder keys")
+        weights.update(head_weights)
+        head_config = {**head["config"], "keys": sorted(head_weights)}
+    src = {"file": source, "sha256": source_sha256, "kind": source_kind, **(source_extra or {})}
+    return export_config(encoder, config, norm_mean, norm_std, norm_spec, target_length, src, head_config), weights
+
+
+def write_safetensors(out_path: str, weights: Dict[str, torch.Tensor], config: Dict[str, Any],
+                      metadata: Optional[Dict[str, str]] = None) -> str:
+    """Write ``weights`` to ``out_path`` atomically with ``config`` as the JSON header metadata
+    ``"mam_clap_config"`` (plus ``metadata``), with the usual file mode. Returns the JSON text."""
+    from safetensors.torch import save_file
+
+    text = json.dumps(config, indent=2)
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    tmp = f"{out_path}.tmp"
+    save_file(weights, tmp, metadata={**(metadata or {}), CONFIG_KEY: text})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates the file owner-only; give it the usual mode
+    os.replace(tmp, out_path)
+    return text
+
+
+def write_text(path: str, text: str) -> None:
+    """Write a text file atomically."""
+    with open(f"{path}.tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(f"{path}.tmp", path)
+
+
 def save_encoder(out_path: str, encoder: AudioEncoder, config: Dict[str, Any], norm_mean: float, norm_std: float,
                  norm_spec: str, target_length: Optional[int], source: str, *, source_sha256: Optional[str] = None,
                  source_kind: Optional[str] = None, source_extra: Optional[Dict[str, Any]] = None,
@@ -362,9 +495,6 @@ def save_encoder(out_path: str, encoder: AudioEncoder, config: Dict[str, Any], n
     ``head`` is ``{"config": {"num_classes", "pooling", ...}, "weights": {name: tensor}}``.
     Returns the metadata (everything except the weights).
     """
-    weights = {k: v.detach().clone().contiguous() for k, v in encoder.state_dict().items()}
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    tmp = f"{out_path}.tmp"
     if not out_path.endswith(".safetensors"):
         if head is not None:
             raise CheckpointError(f"{out_path}: a classifier head is kept only in a .safetensors export")
@@ -376,29 +506,14 @@ def save_encoder(out_path: str, encoder: AudioEncoder, config: Dict[str, Any], n
             "target_length": target_length,
             "source": source,
         }
-        torch.save({**meta, "model": weights}, tmp)
-        os.replace(tmp, out_path)
+        weights = {k: v.detach().clone().contiguous() for k, v in encoder.state_dict().items()}
+        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+        torch.save({**meta, "model": weights}, f"{out_path}.tmp")
+        os.replace(f"{out_path}.tmp", out_path)
         return meta
-    from safetensors.torch import save_file
-
-    head_config = None
-    if head is not None:
-        head_weights = {k: v.detach().clone().contiguous() for k, v in head["weights"].items()}
-        clash = sorted(set(head_weights) & set(weights))
-        if clash:
-            raise CheckpointError(f"{out_path}: head weights {clash} clash with encoder keys")
-        weights.update(head_weights)
-        head_config = {**head["config"], "keys": sorted(head_weights)}
-    src = {"file": source, "sha256": source_sha256, "kind": source_kind, **(source_extra or {})}
-    meta = export_config(encoder, config, norm_mean, norm_std, norm_spec, target_length, src, head_config)
-    text = json.dumps(meta, indent=2)
-    save_file(weights, tmp, metadata={CONFIG_KEY: text})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates the file owner-only; give it the usual mode
-    os.replace(tmp, out_path)
-    side = sidecar_path(out_path)
-    with open(f"{side}.tmp", "w") as f:
-        f.write(text + "\n")
-    os.replace(f"{side}.tmp", side)
+    meta, weights = export_contents(encoder, config, norm_mean, norm_std, norm_spec, target_length, source,
+                                    source_sha256=source_sha256, source_kind=source_kind, source_extra=source_extra,
+                                    head=head, where=out_path)
+    text = write_safetensors(out_path, weights, meta)
+    write_text(sidecar_path(out_path), text + "\n")
     return meta

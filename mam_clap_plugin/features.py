@@ -3,6 +3,9 @@
 
     clip_fbank(wav, mean, std)                 -> (16 * num_steps(S), 128) normalised fbank
     encode_windows(encoder, fbanks, frames)    -> per clip: depth + 2 token grids (t, F, D)
+    pool_outputs(outputs, level, layer)        -> one clip's feature at a level and layer
+
+Also used by :mod:`mam_clap_plugin.hear` (the HEAR API) and :class:`mam_clap_plugin.hub.MamClapEncoder`.
 
 1. A clip of ``S`` samples at 16 kHz has ``num_steps(S) = len(range(0, S, 2560))`` time
    steps (s3prl's length contract; one step = one 16-frame time patch = 160 ms).
@@ -31,6 +34,8 @@ from .modules.encoder import PATCH_SIZE, AudioEncoder
 
 #: Samples per output step: one 16-frame time patch of 10 ms frames.
 DOWNSAMPLE_RATE = PATCH_SIZE * SHIFT_SAMPLES  # 2560
+#: Feature levels of :func:`pool_outputs`.
+LEVELS = ("clip", "frame", "patch")
 
 
 def num_steps(num_samples: int) -> int:
@@ -114,3 +119,43 @@ def encode_windows(encoder: AudioEncoder, fbanks: List[torch.Tensor], window_fra
         n_win = -(-fb.shape[0] // window_frames)
         result.append([torch.cat([pieces[(i, k)][out] for k in range(n_win)], dim=0) for out in range(num_outputs)])
     return result
+
+
+def parse_layer(value, depth: int):
+    """``"final"``, ``"all"`` or a hidden-state index 0..depth (an int or its text); raises
+    ValueError naming the allowed values."""
+    if value in ("final", "all"):
+        return value
+    try:
+        layer = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"layer {value!r}: use final, all or a number 0..{depth}") from None
+    if isinstance(value, float) and value != layer:
+        raise ValueError(f"layer {value!r}: use final, all or a number 0..{depth}")
+    if not 0 <= layer <= depth:
+        raise ValueError(f"layer {layer}: the encoder has hidden states 0..{depth} (0 = patch embedding)")
+    return layer
+
+
+def pool_outputs(outputs: List[torch.Tensor], level: str, layer) -> torch.Tensor:
+    """One clip's :func:`encode_windows` outputs (depth + 2 grids (T, F, D)) at a level and layer.
+
+    ``layer``: ``"final"`` (the encoder's output after its final norm), a hidden state
+    ``0..depth`` (0 = patch embedding with positions, N = block N), or ``"all"`` (the
+    depth + 1 hidden states stacked first: (L, ...)). ``level``: ``"clip"`` (D,): mean over
+    time and frequency; ``"frame"`` (T, D): mean over the F frequency patches of each 160 ms
+    step; ``"patch"`` (T, F, D): the grid. Returns float32 on the outputs' device.
+    """
+    if level not in LEVELS:
+        raise ValueError(f"level {level!r}: use one of {LEVELS}")
+    if layer == "final":
+        x = outputs[-1]
+    elif layer == "all":
+        x = torch.stack(outputs[:-1])  # (L, T, F, D)
+    else:
+        x = outputs[layer]
+    if level == "frame":
+        x = x.mean(dim=-2)
+    elif level == "clip":
+        x = x.mean(dim=(-3, -2))
+    return x.float()

@@ -74,6 +74,23 @@ def page_commands(name: str, program: str = "fairseq-hydra-train") -> list:
     return commands(page(name), program)
 
 
+def command_lines(text: str) -> list:
+    """Every command line of the ```bash blocks in ``text`` as ``(command, comment)``:
+    continuation lines joined, a trailing ``&`` removed; ``comment`` is the text after ``#``
+    (empty if none). Comment-only and blank lines are left out."""
+    found = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in re.sub(r"\\\n", " ", block).splitlines():
+            match = re.search(r"(^|\s)#(.*)$", line)
+            comment = match.group(2).strip() if match else ""
+            command = line[:match.start()].strip() if match else line.strip()
+            if command.endswith("&"):
+                command = command[:-1].strip()
+            if command:
+                found.append((re.sub(r"\s+", " ", command), comment))
+    return found
+
+
 def words(command: str, env: dict) -> list:
     """``command``'s words as bash expands them with ``env`` (variables, ``${X:-default}``)."""
     out = subprocess.run(["bash", "-c", f'set -- {command}; printf "%s\\0" "$@"'], env=env, check=True,

@@ -231,9 +231,11 @@ def test_options_and_errors(ckpts, tmp_path):
         UpstreamExpert(ckpts[1])([torch.zeros(0)])
     from upstream.hubconf import supmam_clap_local
 
-    for missing in (str(tmp_path / "missing.pt"), tmp_path / "missing.pt", str(tmp_path), None):
+    for missing in (str(tmp_path / "missing.pt"), tmp_path / "missing.pt", None):
         with pytest.raises(FileNotFoundError, match="supmam_clap_local: checkpoint not found"):
             supmam_clap_local(missing)
+    with pytest.raises(CheckpointError, match="config.json: not found; a folder is read as a Hugging Face folder"):
+        supmam_clap_local(str(tmp_path))  # a folder is read as a Hugging Face folder (tests/test_hub.py)
     with pytest.raises(CheckpointError):
         (tmp_path / "junk.pt").write_bytes(b"junk")
         supmam_clap_local(str(tmp_path / "junk.pt"))

@@ -78,8 +78,9 @@ class UpstreamExpert(_Base):
     Args:
         ckpt: any file ``mam_clap_plugin.load_encoder`` reads: a pretraining or fine-tuning
             checkpoint of this plugin (fairseq layout), an encoder export
-            (``examples/export_encoder.py``, safetensors or ``.pt``) or a converted AudioMAE
-            file (``examples/convert/audiomae_to_mam_clap.py``); torch files load with
+            (``examples/export_encoder.py``, safetensors or ``.pt``), a Hugging Face folder
+            (``examples/export_encoder.py CKPT OUT --hub``) or a converted AudioMAE file
+            (``examples/convert/audiomae_to_mam_clap.py``); torch files load with
             ``weights_only=True``.
         model_config: optional YAML/JSON file with the options below (s3prl's ``-g``);
             keyword arguments take precedence.

@@ -18,21 +18,21 @@ from .expert import UpstreamExpert as _UpstreamExpert
 
 
 def supmam_clap_local(ckpt: str, *args, **kwargs) -> _UpstreamExpert:
-    """The pretrained encoder of a local checkpoint (a pretraining checkpoint of this plugin
-    or an encoder export) as an s3prl upstream.
+    """The pretrained encoder of a local checkpoint (a pretraining checkpoint of this plugin,
+    an encoder export or a Hugging Face folder) as an s3prl upstream.
 
     Args:
-        ckpt: path of the file (s3prl's ``-k``).
+        ckpt: path of the file or Hugging Face folder (s3prl's ``-k``).
         model_config: optional YAML/JSON file of expert options (s3prl's ``-g``).
         kwargs: expert options (``freq_pool``, ``window_frames``, ...); see
             :class:`upstream.expert.UpstreamExpert`.
 
     Raises:
-        FileNotFoundError: ``ckpt`` is not an existing file (also under ``python -O``).
+        FileNotFoundError: ``ckpt`` is not an existing file or folder (also under ``python -O``).
     """
-    if not isinstance(ckpt, (str, os.PathLike)) or not os.path.isfile(ckpt):
-        raise FileNotFoundError(f"supmam_clap_local: checkpoint not found: {ckpt!r} (pass a pretraining checkpoint "
-                                "or an encoder export of this plugin, s3prl's -k)")
+    if not isinstance(ckpt, (str, os.PathLike)) or not os.path.exists(ckpt):
+        raise FileNotFoundError(f"supmam_clap_local: checkpoint not found: {ckpt!r} (pass a pretraining checkpoint, "
+                                "an encoder export or a Hugging Face folder of this plugin, s3prl's -k)")
     return _UpstreamExpert(os.fspath(ckpt), *args, **kwargs)
 
 
