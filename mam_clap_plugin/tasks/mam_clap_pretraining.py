@@ -223,10 +223,13 @@ class MamClapPretrainingTask(FbankTask):
         return first
 
     def build_model(self, cfg, from_checkpoint: bool = False):
-        """Check task.target_length against the model's decoder window, and fill
-        ``model.target_dim`` / ``model.num_classes`` from the data if still 0.
+        """Check task.target_length against the model's decoder window, fill
+        ``model.target_dim`` / ``model.num_classes`` from the data if still 0, and for a new
+        run (not ``from_checkpoint``) load ``model.encoder_init``'s encoder.
 
-        Written into the run's own config, so saved checkpoints rebuild without the data.
+        The sizes are written into the run's own config, so saved checkpoints rebuild without
+        the data; a model rebuilt from a checkpoint (``load_model_ensemble_and_task``) gets
+        its weights from that checkpoint and never reads ``model.encoder_init``.
         """
         window = cfg.get("decoder_window_time")
         if window and self.cfg.target_length % (PATCH_SIZE * window):
@@ -240,7 +243,10 @@ class MamClapPretrainingTask(FbankTask):
                 cfg.target_dim = self.target_dim
             if cfg.get("classification_branch") and cfg.get("num_classes", 0) <= 0:
                 cfg.num_classes = self.num_classes
-        return super().build_model(cfg, from_checkpoint)
+        model = super().build_model(cfg, from_checkpoint)
+        if cfg.get("encoder_init") and not from_checkpoint:
+            model.init_encoder(cfg.encoder_init)
+        return model
 
     def load_dataset(self, split: str, combine: bool = False, **kwargs):
         """Read ``{split}.tsv`` (and labels, store or teacher input); all data checks happen here."""
