@@ -11,6 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf, open_dict
 
+from mam_clap_plugin.data.audio import resolve_norm_stats
 from mam_clap_plugin.models.supmam_clap import SupMamClapConfig, SupMamClapModel, patchify
 from mam_clap_plugin.modules.decoder import (
     CosineWindowAttention,
@@ -661,8 +662,9 @@ def test_remove_pretraining_modules():
 class StubTask(MamClapPretrainingTask):
     """The pretraining task without data: only what build_model reads (class list, store header)."""
 
-    def __init__(self, target_dim=24, num_classes=7):
-        self.cfg = MamClapPretrainingConfig(data="unused", target_length=64)
+    def __init__(self, target_dim=24, num_classes=7, norm_stats="audioset"):
+        self.cfg = MamClapPretrainingConfig(data="unused", target_length=64, norm_stats=norm_stats)
+        self.norm_mean, self.norm_std = resolve_norm_stats(norm_stats)
         self._class_names = [f"class{i}" for i in range(num_classes)]
         self._target_header = SimpleNamespace(dim=target_dim) if target_dim else None
         self._teacher = None
@@ -814,8 +816,11 @@ def test_init_encoder_refuses_another_architecture(tmp_path):
 def test_task_applies_encoder_init_to_new_runs_only(tmp_path):
     """A new run's build_model loads model.encoder_init; a model rebuilt from a checkpoint
     (from_checkpoint=True, as load_model_ensemble_and_task does) never reads the file."""
-    path, encoder = _export(tmp_path)
-    task = StubTask(target_dim=24, num_classes=7)
+    path, encoder = _export(tmp_path)  # trained on fbanks normalised with mean 0, std 1
+    with pytest.raises(ValueError, match=r"normalised with mean 0.0, std 1.0, but task.norm_stats=audioset gives "
+                                         r"mean -4.2677393, std 4.5689974: set task.norm_stats=0.0,1.0"):
+        StubTask().build_model(_yaml_cfg(target="clap", encoder_init=path))
+    task = StubTask(target_dim=24, num_classes=7, norm_stats="0,1")
     model = task.build_model(_yaml_cfg(target="clap", encoder_init=path))
     assert torch.equal(model.encoder.pos_embed, encoder.pos_embed)
     gone = str(tmp_path / "moved_away.safetensors")

@@ -40,7 +40,7 @@ new model, whose decoder and heads stay freshly initialised; see
 
 import logging
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -202,17 +202,19 @@ class SupMamClapModel(BaseFairseqModel):
         applies ``model.encoder_init`` (:meth:`init_encoder`) to a new run's model."""
         return cls(cfg)
 
-    def init_encoder(self, path: str) -> None:
+    def init_encoder(self, path: str) -> Tuple[float, float]:
         """Load the encoder of ``path`` (any file :func:`~mam_clap_plugin.checkpoint.load_encoder`
         reads) strictly into this model; the decoder and heads keep their fresh initialisation.
+        Returns the fbank normalisation ``(mean, std)`` the file's encoder was trained with.
 
         Raises ValueError naming the fields when the file's encoder differs from the
         ``model.encoder_*`` fields (a converted ViT-B AudioMAE file needs the paper's ViT-B:
         768 dims, 12 layers, 12 heads, 1024 frames).
         """
-        from ..checkpoint import load_encoder  # reads files: imported only when used
+        from ..checkpoint import load_encoder_with_stats  # reads files: imported only when used
 
-        loaded = load_encoder(path)
+        bundle = load_encoder_with_stats(path)
+        loaded = bundle.encoder
         want = self.encoder.config
         diff = [f"model.{name}={getattr(self.cfg, name)} but the file's encoder has {loaded.config[arg]}"
                 for name, arg in ENCODER_FIELDS.items() if loaded.config[arg] != want[arg]]
@@ -229,6 +231,7 @@ class SupMamClapModel(BaseFairseqModel):
             "decoder and heads freshly initialised. If a checkpoint is loaded next to resume (checkpoint_last.pt in "
             "checkpoint.save_dir, or checkpoint.restore_file), its weights replace these."
         )
+        return bundle.norm_mean, bundle.norm_std
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
         """fairseq's load (resuming, or loading a saved model): says when it replaces

@@ -26,6 +26,7 @@ the fbank and its normalisation (and an online teacher's resampling) run there t
 """
 
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -245,7 +246,14 @@ class MamClapPretrainingTask(FbankTask):
                 cfg.num_classes = self.num_classes
         model = super().build_model(cfg, from_checkpoint)
         if cfg.get("encoder_init") and not from_checkpoint:
-            model.init_encoder(cfg.encoder_init)
+            mean, std = model.init_encoder(cfg.encoder_init)
+            same = math.isclose(mean, self.norm_mean, rel_tol=1e-6) and math.isclose(std, self.norm_std, rel_tol=1e-6)
+            if not same:
+                raise ValueError(
+                    f"model.encoder_init={cfg.encoder_init} was trained on fbanks normalised with mean {mean}, std "
+                    f"{std}, but task.norm_stats={self.cfg.norm_stats} gives mean {self.norm_mean}, std "
+                    f"{self.norm_std}: set task.norm_stats={mean},{std} (or the name of those stats)"
+                )
         return model
 
     def load_dataset(self, split: str, combine: bool = False, **kwargs):
