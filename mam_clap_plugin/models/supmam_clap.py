@@ -2,14 +2,17 @@
 
 One model covers the paper's four variants; the config selects the parts:
 
-=============  =============  ==========================  ======================
-variant        model.target   model.classification_branch  criterion.lambda_cls
-=============  =============  ==========================  ======================
-MAM            pixel          false                        0
-MAM-CLAP       clap           false                        0
-SupMAM         pixel          true                         0.01
-SupMAM-CLAP    clap           true                         1e-4
-=============  =============  ==========================  ======================
+=============  ============  ======================  ===========  ======================  ==================
+variant        model.target  classification_branch   lambda_cls   decoder (blocks/width)  visible_prediction
+=============  ============  ======================  ===========  ======================  ==================
+MAM            pixel         false                   0            16 / 512                decoder
+MAM-CLAP       clap          false                   0            1 / 768 (the encoder)   encoder
+SupMAM         pixel         true                    0.01         16 / 512                decoder
+SupMAM-CLAP    clap          true                    1e-4         1 / 768 (the encoder)   encoder
+=============  ============  ======================  ===========  ======================  ==================
+
+(``criterion.lambda_cls``; every decoder uses AudioMAE's Swin V2 block, ``model.decoder_block=swinv2``,
+with 4x4 windows shifted by (2, 0); see :mod:`mam_clap_plugin.modules.decoder`.)
 
 Forward pass (B clips, N = t * f patches, N_vis visible):
     source (B, 1, T, 128) -> encoder on visible patches -> z (B, 1 + N_vis, D)

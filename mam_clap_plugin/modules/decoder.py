@@ -13,7 +13,8 @@ windows, shift (2, 0).
   ``cos(q_i, k_j) * s_h + B_h(i, j)`` with a learned per-head logit scale ``s_h`` (stored as
   ``log s_h``, initialised to ``log 10`` and clamped at ``log 100``); a continuous position
   bias ``B_h`` from a small MLP (2 -> 384 -> ReLU -> heads) over the log-spaced relative
-  coordinates ``sign(d) * log(1 + |d|)`` of every pair of tokens in a window.
+  coordinates ``sign(d) * log(1 + |d|)`` of every pair of tokens in a window. No dropout
+  (pretraining uses none); Linear layers start Xavier-uniform like the rest of the decoder.
 * ``vit`` (:class:`~.transformer.Block`): a pre-norm ViT block with scaled dot-product
   attention and no position bias (the encoder's block).
 
