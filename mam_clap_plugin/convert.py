@@ -147,7 +147,8 @@ def convert_audiomae(in_path: str, out_path: str, norm_stats: str = "audioset", 
     ``norm_stats``: the fbank stats the weights were trained with (``audioset`` for
     AudioMAE's AudioSet models; a name of ``NORM_STATS`` or ``'mean,std'``). The target
     length recorded is the file's grid (``max_frames``). Returns the export's metadata plus
-    ``dropped`` (the decoder keys left out).
+    ``dropped`` (the decoder keys left out) and ``kind``; ``encoder`` (the architecture) and
+    ``head`` (None for a ``.pt``) are there for both output forms.
     """
     conv = convert_state_dict(read_state_dict(in_path, trusted), in_path, num_heads)
     try:
@@ -162,4 +163,7 @@ def convert_audiomae(in_path: str, out_path: str, norm_stats: str = "audioset", 
     meta = save_encoder(out_path, conv.encoder, conv.config, mean, std, norm_stats, conv.config["max_frames"],
                         os.path.basename(in_path), source_sha256=file_sha256(in_path),
                         source_kind=f"audiomae:{conv.kind}", source_extra={"dropped": conv.dropped}, head=head)
-    return {**meta, "dropped": conv.dropped, "kind": conv.kind}
+    # the torch export (.pt) records its architecture as encoder_config and has no head:
+    # report both forms with the same "encoder" and "head" entries
+    return {**meta, "encoder": meta.get("encoder", dict(conv.config)), "head": meta.get("head"),
+            "dropped": conv.dropped, "kind": conv.kind}

@@ -189,3 +189,83 @@ def test_cli_and_upstream(tmp_path, capsys):
     assert len(hs) == 3 and hs[-1].shape == (1, 7, 64)
     want = layers[-1][:, 1:].reshape(1, 7, 8, 64).mean(dim=2)
     assert (hs[-1] - want).abs().max().item() <= 1e-5
+
+
+def run_cli(cwd, *args):
+    """The converter as a user runs it: a subprocess in ``cwd`` with relative paths."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, str(CLI), *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_cli_every_output_form(tmp_path):
+    """Every output form the script's docstring documents, through the CLI: a pretraining file
+    into OUT.safetensors (+ OUT.json) and into OUT.pt (the torch export), a fine-tuned file into
+    .safetensors (head kept) and into .pt (refused: exit 1, the error names the file, nothing
+    written). Each written file loads and gives the reference tokens."""
+    enc = audiomae_encoder(64, 2, seed=11)
+    torch.save(released({**enc, **decoder_keys(64)}), tmp_path / "pretrained.pth")
+    torch.save(released(finetuned(enc)), tmp_path / "finetuned.pth")
+    torch.manual_seed(4)
+    fbank = torch.randn(1, 1, 128, 128)
+    for out in ("audiomae.safetensors", "audiomae.pt"):
+        proc = run_cli(tmp_path, "pretrained.pth", out, "--num-heads", "4")
+        assert proc.returncode == 0, proc.stderr
+        report = json.loads(proc.stdout)
+        assert report["out"] == out and report["kind"] == "pretraining" and report["head"] is None
+        assert report["encoder"]["depth"] == 2 and report["encoder"]["embed_dim"] == 64
+        assert len(report["dropped"]) == 20
+        assert f"-> {out}: 2 blocks, width 64, 1024 frames; no head; dropped 20 decoder keys" in proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert_tokens_match(load_encoder(str(tmp_path / out)), enc, fbank, 4)
+    assert (tmp_path / "audiomae.json").is_file() and not (tmp_path / "audiomae.pt.json").exists()
+    assert torch.load(tmp_path / "audiomae.pt", weights_only=True)["version"] == 1  # the torch export
+    proc = run_cli(tmp_path, "finetuned.pth", "ft.safetensors", "--num-heads", "4")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["head"]["num_classes"] == 527 and report["kind"] == "finetuning"
+    assert "head 527 classes kept" in proc.stderr and (tmp_path / "ft.json").is_file()
+    assert torch.equal(load_file(str(tmp_path / "ft.safetensors"))["head.weight"], finetuned(enc)["head.weight"])
+    proc = run_cli(tmp_path, "finetuned.pth", "ft.pt", "--num-heads", "4")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "ft.pt: a classifier head is kept only in a .safetensors export" in proc.stderr
+    assert not (tmp_path / "ft.pt").exists() and not (tmp_path / "ft.pt.tmp").exists()
+
+
+@pytest.mark.slow
+def test_pretraining_continues_from_converted_audiomae_file(tone_set, tmp_path):
+    """model.encoder_init through fairseq-hydra-train: MAM-CLAP (+size=tiny: 64 wide, 2 blocks,
+    4 heads, 1024-frame table, the shapes of this narrow AudioMAE-layout file) starts from the
+    converted encoder, with a fresh decoder and head; the same command again resumes from its
+    checkpoint_last.pt instead, and says so."""
+    from mam_clap_plugin.checkpoint import load_checkpoint
+    from mam_clap_plugin.hydra_runs import run_hydra_train
+
+    from .conftest import CONFIG_DIR
+
+    enc = audiomae_encoder(64, 2, seed=13)
+    torch.save(released({**enc, **decoder_keys(64)}), tmp_path / "pretrained.pth")
+    convert_audiomae(str(tmp_path / "pretrained.pth"), str(tmp_path / "audiomae.safetensors"), num_heads=4)
+    save_dir = tmp_path / "checkpoints"
+    args = ["+size=tiny", f"task.data={tone_set}", f"task.target_store={tone_set}/targets", "task.target_length=64",
+            f"model.encoder_init={tmp_path / 'audiomae.safetensors'}", f"checkpoint.save_dir={save_dir}",
+            "common.cpu=true", "common.log_interval=1", "dataset.batch_size=6", "dataset.num_workers=0",
+            "optimization.update_freq=[1]", "optimization.lr=[1e-6]", "lr_scheduler.warmup_updates=0",
+            "checkpoint.save_interval_updates=0"]
+    run = run_hydra_train(CONFIG_DIR, "mam_clap", args + ["optimization.max_update=1"], str(tmp_path / "run1"))
+    assert "model.encoder_init: encoder weights from" in run.text and "audiomae.safetensors" in run.text
+    assert "they replace the encoder from model.encoder_init" not in run.text
+    assert [r["num_updates"] for r in run.records["train_inner"]] == [1.0]
+    saved = load_checkpoint(str(save_dir / "checkpoint_last.pt"))["model"]
+    # the position table is a buffer (never trained): exactly the file's; the weights moved by ~lr only
+    assert torch.equal(saved["encoder.pos_embed"], enc["pos_embed"])
+    assert torch.allclose(saved["encoder.blocks.1.mlp.fc2.weight"], enc["blocks.1.mlp.fc2.weight"], atol=1e-4)
+    assert torch.allclose(saved["encoder.patch_embed.weight"], enc["patch_embed.proj.weight"], atol=1e-4)
+    assert saved["decoder.embed.weight"].shape == (64, 64)  # a fresh decoder at the encoder's width
+
+    rerun = run_hydra_train(CONFIG_DIR, "mam_clap", args + ["optimization.max_update=2"], str(tmp_path / "run2"))
+    assert "they replace the encoder from model.encoder_init" in rerun.text
+    assert "checkpoint_last.pt" in rerun.text and "@ 1 updates" in rerun.text
+    assert [r["num_updates"] for r in rerun.records["train_inner"]] == [2.0]

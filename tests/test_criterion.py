@@ -31,48 +31,105 @@ N = 64
 # ----------------------------------------------------------------------------- loss functions
 
 
-def test_clap_target_loss_by_hand():
-    pred = torch.tensor([[[1.0, 2.0], [0.0, 0.0], [3.0, -1.0], [0.5, 0.5]]])
-    target = torch.tensor([[[0.0, 0.0], [1.0, 1.0], [1.0, 1.0], [0.5, -0.5]]])
-    mask = torch.tensor([[False, True, True, False]])
-    # squared L2 norm per token: 1+4=5, 1+1=2, 4+4=8, 0+1=1
-    # visible tokens 0, 3 -> (5 + 1) / 2 = 3; masked tokens 1, 2 -> (2 + 8) / 2 = 5
-    loss_vis, loss_mask = clap_target_loss(pred, target, mask)
-    assert loss_vis.item() == pytest.approx(3.0)
-    assert loss_mask.item() == pytest.approx(5.0)
+PRED = torch.tensor([[[1.0, 2.0], [0.0, 0.0], [3.0, -1.0], [0.5, 0.5]]])
+TARGET = torch.tensor([[[0.0, 0.0], [1.0, 1.0], [1.0, 1.0], [0.5, -0.5]]])
+MASK = torch.tensor([[False, True, True, False]])
+# squared distance per token: 1+4=5, 1+1=2, 4+4=8, 0+1=1; visible tokens 0, 3; masked tokens 1, 2
+BY_HAND = {
+    "sum_sq": ((5 + 1) / 2, (2 + 8) / 2),
+    "mse": ((5 / 2 + 1 / 2) / 2, (2 / 2 + 8 / 2) / 2),  # averaged over the 2 channels
+    "l2": ((math.sqrt(5) + 1) / 2, (math.sqrt(2) + math.sqrt(8)) / 2),
+    "set_l2": (math.sqrt(5 + 1) / 2, math.sqrt(2 + 8) / 2),  # ||Y - T|| over the set / its count
+}
 
 
-def test_clap_target_loss_against_loop():
+@pytest.mark.parametrize("kind", sorted(BY_HAND))
+def test_clap_target_loss_by_hand(kind):
+    loss_vis, loss_mask = clap_target_loss(PRED, TARGET, MASK, kind=kind)
+    assert loss_vis.item() == pytest.approx(BY_HAND[kind][0], rel=1e-6)
+    assert loss_mask.item() == pytest.approx(BY_HAND[kind][1], rel=1e-6)
+
+
+def test_clap_target_loss_default_is_mse():
+    assert SupMamClapCriterionConfig().clap_loss == "mse"
+    torch.testing.assert_close(torch.stack(clap_target_loss(PRED, TARGET, MASK)),
+                               torch.stack(clap_target_loss(PRED, TARGET, MASK, kind="mse")))
+    with pytest.raises(ValueError, match="clap_loss='huber'"):
+        clap_target_loss(PRED, TARGET, MASK, kind="huber")
+
+
+def _loop_losses(pred, target, mask, keep, kind):
+    """Eq. 1 with plain Python loops over clips and tokens."""
+    B, n, C = pred.shape
+    out = []
+    for want_masked in (False, True):
+        per_token, per_clip = [], []
+        for b in range(B):
+            clip = []
+            for i in range(n):
+                if bool(mask[b, i]) != want_masked or (keep is not None and not keep[b, i]):
+                    continue
+                d = sum((pred[b, i, c].item() - target[b, i, c].item()) ** 2 for c in range(C))
+                clip.append(d)
+                per_token.append({"sum_sq": d, "mse": d / C, "l2": math.sqrt(d)}.get(kind, d))
+            if clip:
+                per_clip.append(math.sqrt(sum(clip)) / len(clip))
+        if kind == "set_l2":
+            out.append(sum(per_clip) / len(per_clip) if per_clip else 0.0)
+        else:
+            out.append(sum(per_token) / len(per_token) if per_token else 0.0)
+    return out
+
+
+@pytest.mark.parametrize("kind", sorted(BY_HAND))
+def test_clap_target_loss_against_loop(kind):
     g = torch.Generator().manual_seed(0)
     B, n, C = 3, 10, 6
     pred, target = torch.randn(B, n, C, generator=g), torch.randn(B, n, C, generator=g)
     mask = torch.rand(B, n, generator=g) < 0.3
     mask[0, 0], mask[0, 1] = True, False  # both sets non-empty
-    vis, msk = [], []
-    for b in range(B):
-        for i in range(n):
-            d = sum((pred[b, i, c].item() - target[b, i, c].item()) ** 2 for c in range(C))
-            (msk if mask[b, i] else vis).append(d)
-    loss_vis, loss_mask = clap_target_loss(pred, target, mask)
-    assert loss_vis.item() == pytest.approx(sum(vis) / len(vis), rel=1e-5)
-    assert loss_mask.item() == pytest.approx(sum(msk) / len(msk), rel=1e-5)
+    keep = torch.rand(B, n, generator=g) < 0.8
+    keep[2] = False  # a clip with no kept token: out of both sets (and of set_l2's clip average)
+    for k in (None, keep):
+        loss_vis, loss_mask = clap_target_loss(pred, target, mask, k, kind=kind)
+        want_vis, want_mask = _loop_losses(pred, target, mask, k, kind)
+        assert loss_vis.item() == pytest.approx(want_vis, rel=1e-5)
+        assert loss_mask.item() == pytest.approx(want_mask, rel=1e-5)
     # an empty set contributes 0, not NaN
-    lv, lm = clap_target_loss(pred, target, torch.ones(B, n, dtype=torch.bool))
+    lv, lm = clap_target_loss(pred, target, torch.ones(B, n, dtype=torch.bool), kind=kind)
     assert lv.item() == 0.0 and math.isfinite(lm.item())
-    lv, lm = clap_target_loss(pred, target, torch.zeros(B, n, dtype=torch.bool))
+    lv, lm = clap_target_loss(pred, target, torch.zeros(B, n, dtype=torch.bool), kind=kind)
     assert lm.item() == 0.0 and math.isfinite(lv.item())
 
 
-def test_clap_target_loss_leaves_out_padding():
-    pred = torch.tensor([[[1.0, 2.0], [0.0, 0.0], [3.0, -1.0], [0.5, 0.5]]])
-    target = torch.tensor([[[0.0, 0.0], [1.0, 1.0], [1.0, 1.0], [0.5, -0.5]]])
-    mask = torch.tensor([[False, True, True, False]])
+@pytest.mark.parametrize("kind", sorted(BY_HAND))
+def test_clap_target_loss_leaves_out_padding(kind):
     keep = torch.tensor([[True, False, True, False]])  # tokens 1 and 3 are padding
-    # visible: token 0 only -> 5; masked: token 2 only -> 8
-    loss_vis, loss_mask = clap_target_loss(pred, target, mask, keep)
-    assert loss_vis.item() == pytest.approx(5.0) and loss_mask.item() == pytest.approx(8.0)
+    # visible: token 0 only (5); masked: token 2 only (8)
+    want = {"sum_sq": (5, 8), "mse": (2.5, 4), "l2": (math.sqrt(5), math.sqrt(8)),
+            "set_l2": (math.sqrt(5), math.sqrt(8))}[kind]
+    loss_vis, loss_mask = clap_target_loss(PRED, TARGET, MASK, keep, kind=kind)
+    assert loss_vis.item() == pytest.approx(want[0]) and loss_mask.item() == pytest.approx(want[1])
+    # a left-out token's target (even NaN) enters neither the loss nor its gradient
+    pred = PRED.clone().requires_grad_(True)
+    target = TARGET.clone()
+    target[0, 1] = float("nan")
+    target[0, 3] = float("inf")
+    lv, lm = clap_target_loss(pred, target, MASK, keep, kind=kind)
+    assert lv.item() == pytest.approx(want[0]) and lm.item() == pytest.approx(want[1])
+    (lv + lm).backward()
+    assert torch.isfinite(pred.grad).all() and not pred.grad[0, 1].any() and not pred.grad[0, 3].any()
     with pytest.raises(ValueError, match=r"target \(1, 4, 3\) differ"):
-        clap_target_loss(pred, torch.zeros(1, 4, 3), mask)
+        clap_target_loss(PRED, torch.zeros(1, 4, 3), MASK)
+
+
+def test_clap_target_loss_sqrt_kinds_have_finite_gradients_at_zero():
+    """l2 and set_l2 take square roots: a perfect prediction gives a finite (zero) gradient."""
+    for kind in ("l2", "set_l2"):
+        pred = TARGET.clone().requires_grad_(True)
+        lv, lm = clap_target_loss(pred, TARGET, MASK, kind=kind)
+        (lv + lm).backward()
+        assert torch.isfinite(pred.grad).all(), kind
 
 
 def test_normalize_tokens():
@@ -158,9 +215,10 @@ def test_soft_cross_entropy_multi_label_by_hand():
 # ----------------------------------------------------------------------------- criterion
 
 
-def make_model(target="clap", branch=True, seed=0, mask_ratio=0.5):
+def make_model(target="clap", branch=True, seed=0, mask_ratio=0.5, visible="decoder"):
     torch.manual_seed(seed)
     cfg = SupMamClapConfig(
+        visible_prediction=visible,
         encoder_embed_dim=D, encoder_layers=1, encoder_attention_heads=4, max_frames=FRAMES, mask_ratio=mask_ratio,
         decoder_embed_dim=D, decoder_layers=1, decoder_attention_heads=4, target=target,
         target_dim=TARGET_DIM if target == "clap" else 0, classification_branch=branch,
@@ -197,9 +255,10 @@ def run(crit, model, sample, seed=123):
     return crit(model, sample)
 
 
-@pytest.mark.parametrize("lambda_cls,tau", [(1e-4, 1.0), (0.5, 0.5)])
-def test_criterion_clap_total_loss(lambda_cls, tau):
-    model, crit, sample = make_model("clap"), make_criterion(lambda_cls, tau), make_sample()
+@pytest.mark.parametrize("lambda_cls,tau,kind", [(1e-4, 1.0, "mse"), (0.5, 0.5, "sum_sq"), (1e-4, 1.0, "l2"),
+                                                 (1e-4, 1.0, "set_l2")])
+def test_criterion_clap_total_loss(lambda_cls, tau, kind):
+    model, crit, sample = make_model("clap"), make_criterion(lambda_cls, tau, clap_loss=kind), make_sample()
     loss, sample_size, log = run(crit, model, sample)
     assert sample_size == 1 and log["sample_size"] == 1
     assert {"loss", "loss_vis", "loss_mask", "loss_cls"} <= set(log) and "loss_rec" not in log
@@ -211,7 +270,7 @@ def test_criterion_clap_total_loss(lambda_cls, tau):
     # the logged terms are eqs. 1 and 2 on the model's output (same mask via the same seed)
     torch.manual_seed(123)
     out = model(**sample["net_input"])
-    lv, lm = clap_target_loss(out["pred"], sample["target"], out["mask"])
+    lv, lm = clap_target_loss(out["pred"], sample["target"], out["mask"], kind=kind)
     assert log["loss_vis"] == pytest.approx(lv.item(), rel=1e-5)
     assert log["loss_mask"] == pytest.approx(lm.item(), rel=1e-5)
     assert log["loss_cls"] == pytest.approx(soft_cross_entropy(out["logits"], sample["label"], tau).item(), rel=1e-5)
@@ -294,11 +353,15 @@ def test_criterion_nan_in_one_pixel_patch_raises():
         run(crit, model, sample)
 
 
-@pytest.mark.parametrize("target,branch,lambda_cls", [("pixel", False, 0.0), ("clap", False, 0.0),
-                                                      ("pixel", True, 0.01), ("clap", True, 1e-4)])
-def test_criterion_training_step_has_no_sync(target, branch, lambda_cls, request):
-    """Each variant's criterion forward + backward calls nothing that waits for the device."""
-    model, crit = make_model(target, branch=branch), make_criterion(lambda_cls)
+@pytest.mark.parametrize("target,branch,lambda_cls,visible,kind", [
+    ("pixel", False, 0.0, "decoder", "mse"), ("clap", False, 0.0, "encoder", "mse"),
+    ("pixel", True, 0.01, "decoder", "mse"), ("clap", True, 1e-4, "encoder", "mse"),
+    ("clap", True, 1e-4, "decoder", "sum_sq"), ("clap", True, 1e-4, "encoder", "l2"),
+    ("clap", True, 1e-4, "encoder", "set_l2")])
+def test_criterion_training_step_has_no_sync(target, branch, lambda_cls, visible, kind, request):
+    """Each variant's criterion forward + backward calls nothing that waits for the device, with
+    every eq. 1 distance and both sources of Y_v."""
+    model, crit = make_model(target, branch=branch, visible=visible), make_criterion(lambda_cls, clap_loss=kind)
     sample = make_sample(target=target == "clap", label=branch)
     keep = torch.ones(3, N, dtype=torch.bool)
     keep[:, -8:] = False
@@ -333,9 +396,10 @@ def _validate(crit, model, samples, seed=5):
 
 def test_criterion_eval_logs_classification():
     """Validation: top-1 accuracy (the arg-max is one of the clip's labels) and mAP over the
-    classes with a positive, from the sigmoid scores, against scikit-learn; logs hold scalars."""
+    classes with a positive, from the softmax scores the branch is trained with (eq. 2),
+    against scikit-learn; logs hold scalars."""
     model = make_model("clap")
-    crit = make_criterion(1e-4)
+    crit = make_criterion(1e-4, tau=0.5)
     sample = make_sample(B=4)
     # a few training steps so BatchNorm has running statistics, then evaluate
     for s in range(2):
@@ -355,13 +419,39 @@ def test_criterion_eval_logs_classification():
     sample["label"] = labels
     vals, persistent, (log,) = _validate(crit, model, [sample])
     assert vals["accuracy"] == pytest.approx(50.0)
-    y, p = labels.numpy(), torch.sigmoid(logits).numpy()
+    y, p = labels.numpy(), torch.softmax(logits / 0.5, dim=-1).numpy()
     present = y.sum(0) > 0
     assert vals["mAP"] == pytest.approx(100 * average_precision_score(y[:, present], p[:, present]), rel=1e-5)
     assert vals["mAP_classes_left_out"] == int((~present).sum())
     assert "mAP" not in persistent  # the array-holding meter stays out of checkpoints
     assert not any(isinstance(v, np.ndarray) for v in log.values())
     assert crit.logging_outputs_can_be_summed()
+
+
+def test_validation_scores_are_the_training_softmax(monkeypatch):
+    """The scores fed to the mAP / accuracy meter are softmax(p / tau), the distribution eq. 2
+    trains, not a sigmoid: each row sums to one. Softmax and sigmoid rank a class's clips
+    differently, so the mAP differs; here it is built to."""
+    import mam_clap_plugin.criterions.supmam_clap as module
+
+    seen = []
+    monkeypatch.setattr(module, "log_clip_scores", lambda ids, scores, labels: seen.append(scores))
+    model, crit = make_model("pixel"), make_criterion(0.01, tau=2.0)
+    model.eval()
+    crit.eval()
+    sample = make_sample(B=4, target=False)
+    with torch.no_grad():
+        torch.manual_seed(5)
+        crit(model, sample)
+        torch.manual_seed(5)
+        logits = model(**sample["net_input"])["logits"]
+    (scores,) = seen
+    torch.testing.assert_close(scores, torch.softmax(logits / 2.0, dim=-1))
+    torch.testing.assert_close(scores.sum(-1), torch.ones(4))
+    # why it matters: clip 0 has the larger logit for class 0, but a smaller share of its own softmax
+    logits = torch.tensor([[3.0, 5.0], [2.0, 0.0]])
+    assert torch.sigmoid(logits)[0, 0] > torch.sigmoid(logits)[1, 0]
+    assert torch.softmax(logits, -1)[0, 0] < torch.softmax(logits, -1)[1, 0]
 
 
 def _reduce(*batches):
@@ -407,7 +497,7 @@ def test_validation_metrics_over_several_batches():
     with torch.no_grad():
         for sample in samples:
             torch.manual_seed(5)
-            scores.append(torch.sigmoid(model(**sample["net_input"])["logits"]).numpy())
+            scores.append(torch.softmax(model(**sample["net_input"])["logits"], dim=-1).numpy())
             labels.append(sample["label"].numpy())
     scores, labels = np.concatenate(scores), np.concatenate(labels)
     present = labels.sum(0) > 0

@@ -1,7 +1,9 @@
-"""Per-step work that is built once: the decoder's window mask and the alignment index.
+"""Per-step work that is built once: the decoder's window masks and the alignment index.
 
-The batched window mask and the alignment index on the teacher's device are cached per device,
+The window masks (boolean for the ViT block, the additive float one for the Swin V2 block, see
+tests/test_model.py) and the alignment index on the teacher's device are cached per device,
 grid and batch size."""
+import pytest
 import torch
 
 from mam_clap_plugin.data.alignment import align_tokens, alignment
@@ -17,8 +19,9 @@ def test_batched_window_mask_is_built_once_per_batch_size():
         assert torch.equal(a[b * base.shape[0]:(b + 1) * base.shape[0]], base)
 
 
-def test_window_block_reuses_the_mask(monkeypatch):
-    block = WindowBlock(16, 2, (4, 4), (2, 0), 2.0)
+@pytest.mark.parametrize("kind", ["swinv2", "vit"])
+def test_window_block_reuses_the_mask(monkeypatch, kind):
+    block = WindowBlock(16, 2, (4, 4), (2, 0), 2.0, block=kind)
     x = torch.randn(2, 8, 8, 16)
     y = block(x)
     calls = []

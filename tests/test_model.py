@@ -2,6 +2,7 @@
 
 Tiny dimensions throughout (width 32, 4 heads, 1-2 blocks) so the file runs in seconds on CPU.
 """
+import math
 from types import SimpleNamespace
 
 import fairseq  # noqa: F401  (must be imported before the plugin's model modules)
@@ -10,10 +11,19 @@ import pytest
 import torch
 from omegaconf import OmegaConf, open_dict
 
+from mam_clap_plugin.data.audio import resolve_norm_stats
 from mam_clap_plugin.models.supmam_clap import SupMamClapConfig, SupMamClapModel, patchify
-from mam_clap_plugin.modules.decoder import WindowBlock, WindowDecoder, shifted_window_mask
+from mam_clap_plugin.modules.decoder import (
+    CosineWindowAttention,
+    SwinV2Block,
+    WindowBlock,
+    WindowDecoder,
+    log_relative_coordinates,
+    shifted_window_bias,
+    shifted_window_mask,
+)
 from mam_clap_plugin.modules.encoder import AudioEncoder, gather_tokens, num_visible, random_masking
-from mam_clap_plugin.modules.transformer import sincos_pos_embed_2d
+from mam_clap_plugin.modules.transformer import Block, sincos_pos_embed_2d
 from mam_clap_plugin.tasks.mam_clap_pretraining import MamClapPretrainingConfig, MamClapPretrainingTask
 
 D = 32
@@ -255,11 +265,11 @@ def test_encoder_ignores_masked_patch_content():
 # ----------------------------------------------------------------------------- decoder
 
 
-def make_decoder(depth=1, shift=(0, 0), grid=(8, 8), seed=0):
+def make_decoder(depth=1, shift=(0, 0), grid=(8, 8), seed=0, block="swinv2"):
     torch.manual_seed(seed)
     return WindowDecoder(
         encoder_dim=D, embed_dim=D, depth=depth, num_heads=HEADS, window=(4, 4), shift=shift,
-        grid_time=grid[0], grid_freq=grid[1],
+        grid_time=grid[0], grid_freq=grid[1], block=block,
     ).eval()
 
 
@@ -284,10 +294,26 @@ def test_decoder_output_shape_and_token_placement():
 
 
 def test_decoder_blocks_alternate_shift():
+    """Plain and shifted blocks alternate, ending with a shifted one: AudioMAE's 16 blocks start
+    plain (then every second one shifts), the paper's single block is a shifted one."""
     dec = make_decoder(depth=3, shift=(2, 0))
     assert [blk.shift for blk in dec.blocks] == [(2, 0), (0, 0), (2, 0)]
+    assert [blk.shift for blk in make_decoder(depth=1, shift=(2, 0)).blocks] == [(2, 0)]
+    assert [blk.shift for blk in make_decoder(depth=2, shift=(2, 0)).blocks] == [(0, 0), (2, 0)]
+    sixteen = [blk.shift for blk in make_decoder(depth=16, shift=(2, 0)).blocks]
+    assert sixteen == [(0, 0), (2, 0)] * 8
     with pytest.raises(ValueError, match="shift"):
         WindowBlock(D, HEADS, (4, 4), (4, 0), 4.0)
+    with pytest.raises(ValueError, match="decoder block 'swin'"):
+        WindowBlock(D, HEADS, (4, 4), (2, 0), 4.0, block="swin")
+
+
+@pytest.mark.parametrize("block,kind", [("swinv2", SwinV2Block), ("vit", Block)])
+def test_decoder_block_choice(block, kind):
+    dec = make_decoder(depth=2, shift=(2, 0), block=block)
+    assert all(type(b.block) is kind and b.kind == block for b in dec.blocks)
+    with torch.no_grad():
+        assert dec(torch.randn(2, 32, D), random_masking(2, 64, 0.5).ids_restore, (8, 8)).shape == (2, 64, D)
 
 
 def _window_groups(labels):
@@ -348,8 +374,9 @@ def _region(rows, cols, grid=(8, 8)):
     "t0,f0,rows,cols",
     [(0, 0, (0, 4), (0, 4)), (5, 6, (4, 8), (4, 8)), (3, 4, (0, 4), (4, 8)), (7, 0, (4, 8), (0, 4))],
 )
-def test_window_attention_is_local(t0, f0, rows, cols):
-    dec = make_decoder(depth=1, shift=(0, 0))
+@pytest.mark.parametrize("block", ["swinv2", "vit"])
+def test_window_attention_is_local(t0, f0, rows, cols, block):
+    dec = make_decoder(depth=1, shift=(0, 0), block=block)
     assert torch.equal(_influence(dec, t0, f0), _region(rows, cols))
 
 
@@ -365,8 +392,9 @@ def test_window_attention_is_local(t0, f0, rows, cols):
         (6, 4, (6, 8), (4, 8)),
     ],
 )
-def test_shifted_window_influence_moves_and_never_wraps(t0, f0, rows, cols):
-    dec = make_decoder(depth=1, shift=(2, 0))
+@pytest.mark.parametrize("block", ["swinv2", "vit"])
+def test_shifted_window_influence_moves_and_never_wraps(t0, f0, rows, cols, block):
+    dec = make_decoder(depth=1, shift=(2, 0), block=block)
     assert torch.equal(_influence(dec, t0, f0), _region(rows, cols))
 
 
@@ -376,6 +404,163 @@ def test_decoder_rejects_grid_not_divisible_by_window():
     visible = torch.randn(1, 48, D)
     with pytest.raises(ValueError, match=r"patch grid 6x8 .*not divisible by the decoder window 4x4"):
         dec(visible, torch.arange(48).unsqueeze(0), (6, 8))
+
+
+# ----------------------------------------------------------------------------- Swin V2 block
+
+
+def test_log_relative_coordinates():
+    """Row-major tokens of a 2x3 window: entry [i, j] = sign(d) log(1 + |d|), d = pos_i - pos_j."""
+    rel = log_relative_coordinates((2, 3))
+    assert rel.shape == (6, 6, 2)
+    for i in range(6):
+        for j in range(6):
+            dt, df = i // 3 - j // 3, i % 3 - j % 3
+            want = [math.copysign(math.log1p(abs(d)), d) if d else 0.0 for d in (dt, df)]
+            torch.testing.assert_close(rel[i, j], torch.tensor(want), atol=1e-6, rtol=0)
+    # symmetric coordinates: the pair (j, i) has the opposite offset; the diagonal is 0
+    torch.testing.assert_close(rel, -rel.transpose(0, 1))
+    assert not rel.diagonal(dim1=0, dim2=1).any()
+    assert rel[0, 5].tolist() == pytest.approx([-math.log(2), -math.log(3)])
+
+
+def test_position_bias_placement():
+    """The bias MLP's output for the offset of pair (i, j) lands at [h, i, j]: with a linear
+    stand-in MLP, B[h, i, j] = w_h . coords(i, j) + b_h."""
+    attn = CosineWindowAttention(8, 2, (2, 4))
+    lin = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, 10.0], [-3.0, 0.5]]))
+        lin.bias.copy_(torch.tensor([0.25, -1.0]))
+    attn.cpb_mlp = lin
+    bias = attn.position_bias()
+    assert bias.shape == (2, 8, 8)
+    for i in range(8):
+        for j in range(8):
+            d = [i // 4 - j // 4, i % 4 - j % 4]
+            c = torch.tensor([math.copysign(math.log1p(abs(x)), x) for x in d])
+            for h in range(2):
+                assert bias[h, i, j].item() == pytest.approx((lin.weight[h] @ c + lin.bias[h]).item(), abs=1e-5)
+    # an MLP that only sees |offset| gives a symmetric bias
+    attn.cpb_mlp = torch.nn.Sequential(torch.nn.Identity())
+    attn.cpb_mlp.forward = lambda c: c.abs().sum(-1, keepdim=True).expand(-1, 2)
+    sym = attn.position_bias()
+    torch.testing.assert_close(sym, sym.transpose(1, 2))
+
+
+def test_logit_scale_init_and_clamp():
+    attn = CosineWindowAttention(8, 2, (4, 4))
+    torch.testing.assert_close(attn.logit_scale.detach(), torch.full((2,), math.log(10.0)))
+    torch.testing.assert_close(attn.scale().detach(), torch.full((2,), 10.0))
+    with torch.no_grad():
+        attn.logit_scale.copy_(torch.tensor([math.log(1000.0), math.log(3.0)]))
+    torch.testing.assert_close(attn.scale().detach(), torch.tensor([100.0, 3.0]))
+    assert attn.logit_scale.ndim == 1  # so no weight decay (mam_clap_adamw: ndim <= 1)
+
+
+def reference_cosine_attention(attn, x, shift_mask=None):
+    """Explicit softmax: s_h cos(q_i, k_j) + B_h(i, j) (+ mask), softmax over j, times V, proj."""
+    BW, L, Dm = x.shape
+    H = attn.num_heads
+    qkv = attn.qkv(x).reshape(BW, L, 3, H, Dm // H)
+    q, k, v = (qkv[:, :, n].transpose(1, 2) for n in range(3))  # (BW, H, L, hd)
+    cos = (q / q.norm(dim=-1, keepdim=True)) @ (k / k.norm(dim=-1, keepdim=True)).transpose(-2, -1)
+    scale = attn.logit_scale.clamp(max=math.log(100.0)).exp().view(1, H, 1, 1)
+    logits = cos * scale + attn.position_bias().unsqueeze(0)
+    if shift_mask is not None:
+        nW = shift_mask.shape[0]
+        logits = (logits.view(BW // nW, nW, H, L, L) + shift_mask.view(1, nW, 1, L, L)).view(BW, H, L, L)
+    out = logits.softmax(dim=-1) @ v
+    return attn.proj(out.transpose(1, 2).reshape(BW, L, Dm))
+
+
+@pytest.mark.parametrize("shifted", [False, True])
+def test_cosine_attention_matches_explicit_softmax(shifted):
+    """The SDPA path (scale folded into q, bias + shift mask as a float attn_mask, windows folded
+    into the head axis) equals the explicit softmax, forward and gradients."""
+    torch.manual_seed(0)
+    attn = CosineWindowAttention(D, HEADS, (4, 4)).double()  # float64: logit scales up to 100 amplify rounding
+    with torch.no_grad():
+        attn.logit_scale.copy_(torch.tensor([0.5, 1.5, math.log(500.0), 3.0]))  # one above the clamp
+    mask = shifted_window_bias(8, 8, (4, 4), (2, 0), torch.device("cpu"), torch.float64) if shifted else None
+    x = torch.randn(3 * 4, 16, D, dtype=torch.float64, requires_grad=True)  # 3 clips x 4 windows of 16 tokens
+    got = attn(x, mask)
+    want = reference_cosine_attention(attn, x, mask)
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+    params = [x, attn.logit_scale, attn.cpb_mlp[0].weight, attn.qkv.weight]
+    g_got = torch.autograd.grad(got.square().sum(), params)
+    g_want = torch.autograd.grad(want.square().sum(), params)
+    for a, b in zip(g_got, g_want):
+        assert a.abs().sum() > 0
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+
+
+def test_shifted_window_bias_is_the_region_mask():
+    bias = shifted_window_bias(8, 4, (4, 4), (2, 0), torch.device("cpu"), torch.float32)
+    same = shifted_window_mask(8, 4, (4, 4), (2, 0))
+    assert bias.shape == same.shape and bias.dtype == torch.float32
+    assert torch.equal(bias == 0, same) and torch.isneginf(bias[~same]).all()
+    assert shifted_window_bias(8, 4, (4, 4), (2, 0), torch.device("cpu"), torch.float32) is bias  # cached
+    assert shifted_window_bias(8, 4, (4, 4), (2, 0), torch.device("cpu"), torch.bfloat16).dtype == torch.bfloat16
+
+
+@torch.no_grad()
+def test_swinv2_shifted_block_never_attends_across_the_wrap():
+    """Attention weights of the shifted block's wrapped window: zero between the two regions
+    (grid rows 6, 7 and 0, 1), whatever the position bias says."""
+    torch.manual_seed(1)
+    attn = CosineWindowAttention(D, HEADS, (4, 4))
+    with torch.no_grad():
+        attn.cpb_mlp[2].bias.fill_(50.0)  # a large bias everywhere must not open the wrap
+    mask = shifted_window_bias(8, 4, (4, 4), (2, 0), torch.device("cpu"), torch.float32)
+    x = torch.randn(2, 16, D)  # one clip, 2 windows; window 1 wraps
+    H, L = HEADS, 16
+    qkv = attn.qkv(x).reshape(2, L, 3, H, D // H)
+    q, k = (qkv[:, :, n].transpose(1, 2) for n in range(2))
+    cos = torch.nn.functional.normalize(q, dim=-1) @ torch.nn.functional.normalize(k, dim=-1).transpose(-2, -1)
+    logits = cos * attn.scale().view(1, H, 1, 1) + attn.position_bias() + mask
+    weights = logits.softmax(-1)
+    assert (weights[1, :, :8, 8:] == 0).all() and (weights[1, :, 8:, :8] == 0).all()
+    assert (weights[0] > 0).all()
+    # and the module's output for the first region ignores the second region's values
+    y = attn(x, mask)
+    x2 = x.clone()
+    x2[1, 8:] += 10.0
+    torch.testing.assert_close(attn(x2, mask)[1, :8], y[1, :8])
+
+
+def test_swinv2_block_is_post_norm():
+    """x + LN(attn(x)), then x + LN(mlp(x)): zeroing norm1's affine removes the attention
+    branch entirely (a pre-norm block would still add attn(0) = proj.bias)."""
+    torch.manual_seed(2)
+    blk = SwinV2Block(D, HEADS, (4, 4), mlp_ratio=2.0)
+    x = torch.randn(2, 16, D)
+    with torch.no_grad():
+        y = x + blk.norm1(blk.attn(x))
+        want = y + blk.norm2(blk.mlp(y))
+        torch.testing.assert_close(blk(x), want)
+        blk.norm1.weight.zero_()
+        blk.norm1.bias.zero_()
+        torch.testing.assert_close(blk(x), x + blk.norm2(blk.mlp(x)))
+        # each residual branch ends in its LayerNorm: with the default affine (1, 0) the update
+        # the block adds to x has zero mean over channels
+        blk2 = SwinV2Block(D, HEADS, (4, 4), mlp_ratio=2.0)
+        assert (blk2(x) - x).mean(-1).abs().max() < 1e-5
+
+
+@torch.no_grad()
+def test_swinv2_decoder_shapes_and_position_bias_used():
+    dec = make_decoder(depth=2, shift=(2, 0), grid=(8, 8))
+    m = random_masking(3, 64, 0.5)
+    visible = torch.randn(3, 32, D)
+    out = dec(visible, m.ids_restore, (8, 8))
+    assert out.shape == (3, 64, D) and torch.isfinite(out).all()
+    # a shorter grid (4 time patches) uses the first rows of the position table
+    assert dec(torch.randn(3, 16, D), random_masking(3, 32, 0.5).ids_restore, (4, 8)).shape == (3, 32, D)
+    # the continuous position bias takes part: changing its MLP changes the output
+    dec.blocks[1].block.attn.cpb_mlp[2].bias.add_(torch.arange(HEADS, dtype=torch.float32))
+    dec.blocks[1].block.attn.cpb_mlp[2].weight.mul_(5.0)
+    assert (dec(visible, m.ids_restore, (8, 8)) - out).abs().max() > 1e-4
 
 
 # ----------------------------------------------------------------------------- model
@@ -477,8 +662,9 @@ def test_remove_pretraining_modules():
 class StubTask(MamClapPretrainingTask):
     """The pretraining task without data: only what build_model reads (class list, store header)."""
 
-    def __init__(self, target_dim=24, num_classes=7):
-        self.cfg = MamClapPretrainingConfig(data="unused", target_length=64)
+    def __init__(self, target_dim=24, num_classes=7, norm_stats="audioset"):
+        self.cfg = MamClapPretrainingConfig(data="unused", target_length=64, norm_stats=norm_stats)
+        self.norm_mean, self.norm_std = resolve_norm_stats(norm_stats)
         self._class_names = [f"class{i}" for i in range(num_classes)]
         self._target_header = SimpleNamespace(dim=target_dim) if target_dim else None
         self._teacher = None
@@ -523,3 +709,122 @@ def test_build_model_with_structured_config():
     with torch.no_grad():
         out = model(fbank(2, 128))
     assert out["pred"].shape == (2, 64, 24) and out["logits"].shape == (2, 7)
+
+
+# ----------------------------------------------------------------------------- Y_v from the encoder
+
+
+def test_visible_prediction_encoder_uses_z_v_and_the_decoder_for_masked():
+    """visible_prediction=encoder: pred at a visible patch is h(Z_v) (the encoder's token, in grid
+    order), at a masked patch h(decoder output)."""
+    model = make_model(target="clap", target_dim=24, visible_prediction="encoder").eval()
+    src = fbank(2, 128)
+    torch.manual_seed(4)
+    out = model(src)
+    torch.manual_seed(4)
+    z, m = model.encoder(src, model.cfg.mask_ratio)
+    assert torch.equal(m.mask, out["mask"])
+    dec = model.decoder(z[:, 1:], m.ids_restore, (8, 8))
+    with torch.no_grad():
+        for b in range(2):
+            for slot, k in enumerate(m.ids_keep[b].tolist()):
+                torch.testing.assert_close(out["pred"][b, k], model.head(z[b, 1 + slot]))
+            for k in m.mask[b].nonzero().flatten().tolist():
+                torch.testing.assert_close(out["pred"][b, k], model.head(dec[b, k]))
+    # without masking every prediction comes from the encoder
+    with torch.no_grad():
+        out0 = model(src, mask_ratio=0.0)
+        torch.testing.assert_close(out0["pred"], model.head(model.encoder(src, 0.0)[0][:, 1:]))
+
+
+@pytest.mark.parametrize("visible", ["encoder", "decoder"])
+def test_visible_loss_gradient_reaches_encoder_not_decoder(visible):
+    """With encoder, loss_vis (eq. 1 on the visible tokens) moves the encoder and head, and no
+    decoder parameter; with decoder it goes through the decoder."""
+    from mam_clap_plugin.criterions.supmam_clap import clap_target_loss
+
+    model = make_model(target="clap", target_dim=24, visible_prediction=visible)
+    src = fbank(2, 128)
+    torch.manual_seed(3)
+    out = model(src)
+    target = torch.randn(2, 64, 24, generator=torch.Generator().manual_seed(9))
+    loss_vis, loss_mask = clap_target_loss(out["pred"], target, out["mask"])
+    dec_params = list(model.decoder.parameters())
+    grads = torch.autograd.grad(loss_vis, dec_params + [model.encoder.patch_embed.weight, model.head[0].weight],
+                                retain_graph=True, allow_unused=True)
+    dec_grads, (enc_grad, head_grad) = grads[:-2], grads[-2:]
+    assert enc_grad.abs().sum() > 0 and head_grad.abs().sum() > 0
+    reached = [g is not None and g.abs().sum().item() > 0 for g in dec_grads]
+    if visible == "encoder":
+        assert not any(reached)
+    else:
+        assert any(reached)
+    # the masked term reaches the decoder either way
+    assert all(g is not None for g in torch.autograd.grad(loss_mask, [model.decoder.mask_token]))
+
+
+def test_visible_prediction_config_errors():
+    with pytest.raises(ValueError, match=r"model.encoder_embed_dim=32\).*model.decoder_embed_dim=16\).*"
+                                         r"set model.decoder_embed_dim=32"):
+        make_model(target="clap", target_dim=24, visible_prediction="encoder", decoder_embed_dim=16)
+    with pytest.raises(ValueError, match="visible_prediction=encoder needs model.target=clap"):
+        make_model(target="pixel", visible_prediction="encoder")
+    # decoder mode takes any width (the pixel variants: a 512-wide decoder on the 768-wide ViT-B)
+    assert make_model(target="clap", target_dim=24, decoder_embed_dim=16).head[0].in_features == 16
+
+
+# ----------------------------------------------------------------------------- model.encoder_init
+
+
+def _export(tmp_path, seed=5, name="enc.safetensors", **kw):
+    """An encoder export of the model_cfg() encoder (32 wide, 2 blocks, 256 frames) with random weights."""
+    from mam_clap_plugin.checkpoint import save_encoder
+
+    torch.manual_seed(seed)
+    config = dict(embed_dim=D, depth=2, num_heads=HEADS, mlp_ratio=4.0, max_frames=256, **kw)
+    encoder = AudioEncoder(**config)
+    with torch.no_grad():
+        encoder.pos_embed.normal_()  # an imported table, not the recomputed sin-cos
+    path = str(tmp_path / name)
+    save_encoder(path, encoder, config, 0.0, 1.0, "0,1", 256, "test")
+    return path, encoder
+
+
+def test_init_encoder_loads_strictly_and_keeps_fresh_decoder(tmp_path):
+    path, encoder = _export(tmp_path)
+    fresh = make_model(seed=1, target="clap", target_dim=24, classification_branch=True, num_classes=5)
+    model = make_model(seed=1, target="clap", target_dim=24, classification_branch=True, num_classes=5)
+    model.init_encoder(path)
+    for k, v in encoder.state_dict().items():
+        assert torch.equal(model.encoder.state_dict()[k], v), k
+    for part in ("decoder", "head", "classifier"):
+        for (k, a), b in zip(getattr(model, part).state_dict().items(), getattr(fresh, part).state_dict().values()):
+            assert torch.equal(a, b), f"{part}.{k}"
+
+
+def test_init_encoder_refuses_another_architecture(tmp_path):
+    path, _ = _export(tmp_path)
+    model = make_model(encoder_layers=3, max_frames=128)
+    with pytest.raises(ValueError, match=r"model.encoder_init=.*enc.safetensors.*model.encoder_layers=3 but the "
+                                         r"file's encoder has 2; model.max_frames=128 but the file's encoder has 256"):
+        model.init_encoder(path)
+    headless, _ = _export(tmp_path, name="ft.safetensors", final_norm=False)
+    with pytest.raises(ValueError, match="no final LayerNorm"):
+        make_model().init_encoder(headless)
+
+
+def test_task_applies_encoder_init_to_new_runs_only(tmp_path):
+    """A new run's build_model loads model.encoder_init; a model rebuilt from a checkpoint
+    (from_checkpoint=True, as load_model_ensemble_and_task does) never reads the file."""
+    path, encoder = _export(tmp_path)  # trained on fbanks normalised with mean 0, std 1
+    with pytest.raises(ValueError, match=r"normalised with mean 0.0, std 1.0, but task.norm_stats=audioset gives "
+                                         r"mean -4.2677393, std 4.5689974: set task.norm_stats=0.0,1.0"):
+        StubTask().build_model(_yaml_cfg(target="clap", encoder_init=path))
+    task = StubTask(target_dim=24, num_classes=7, norm_stats="0,1")
+    model = task.build_model(_yaml_cfg(target="clap", encoder_init=path))
+    assert torch.equal(model.encoder.pos_embed, encoder.pos_embed)
+    gone = str(tmp_path / "moved_away.safetensors")
+    rebuilt = task.build_model(_yaml_cfg(target="clap", encoder_init=gone), from_checkpoint=True)
+    assert not torch.equal(rebuilt.encoder.pos_embed, encoder.pos_embed)
+    with pytest.raises(Exception, match="moved_away.safetensors"):
+        task.build_model(_yaml_cfg(target="clap", encoder_init=gone))

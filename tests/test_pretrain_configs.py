@@ -22,11 +22,12 @@ from .helpers import config_names, expectation
 
 #: The paper's settings of each variant in CONFIG_DIR (the tests run over the files there, so a new
 #: config fails until it has a row here).
-PAPER = {  # variant: (mask ratio, target, classification branch, lambda_cls, decoder blocks)
-    "mam": (0.8, "pixel", False, 0.0, 16),
-    "mam_clap": (0.2, "clap", False, 0.0, 1),
-    "supmam": (0.4, "pixel", True, 0.01, 16),
-    "supmam_clap": (0.2, "clap", True, 1e-4, 1),
+PAPER = {  # variant: (mask ratio, target, classification branch, lambda_cls, decoder blocks, decoder width,
+    #          where Y_v comes from)
+    "mam": (0.8, "pixel", False, 0.0, 16, 512, "decoder"),
+    "mam_clap": (0.2, "clap", False, 0.0, 1, 768, "encoder"),
+    "supmam": (0.4, "pixel", True, 0.01, 16, 512, "decoder"),
+    "supmam_clap": (0.2, "clap", True, 1e-4, 1, 768, "encoder"),
 }
 
 
@@ -70,11 +71,33 @@ def test_variant_states_only_what_differs(name):
     variant = OmegaConf.load(os.path.join(CONFIG_DIR, f"{name}.yaml"))
     assert list(variant.defaults) == ["_self_", "base"]
     assert not leaves(base) & leaves(variant)
-    assert len(leaves(variant)) <= 6
+    assert len(leaves(variant)) <= 8
     # the shared values survive composition (not replaced by fairseq's defaults)
     cfg = load(name)
     assert cfg.common.log_format == "json" and cfg.optimization.update_freq == [4]
     assert cfg.checkpoint.no_epoch_checkpoints is True and cfg.task._name == "mam_clap_pretraining"
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_tiny_size_builds(name):
+    """+size=tiny keeps every variant buildable: its decoder is as wide as its encoder, which the
+    CLAP variants' visible_prediction=encoder needs."""
+    from mam_clap_plugin.models.supmam_clap import SupMamClapModel
+
+    model_cfg = OmegaConf.to_container(load(name, ("task.data=manifests", "+size=tiny")).model, resolve=True)
+    model_cfg.pop("_name")
+    model_cfg.update(target_dim=24 if model_cfg["target"] == "clap" else 0, num_classes=3)
+    model = SupMamClapModel(SupMamClapConfig(**model_cfg))
+    assert model.decoder.blocks[0].kind == "swinv2" and model.cfg.decoder_embed_dim == 64
+
+
+def test_lr_header_states_both_readings():
+    """The config header states the two readings of the paper's lr (absolute 2e-4, or AudioMAE's
+    base lr x batch / 256 = 1e-4) next to the value."""
+    text = open(os.path.join(CONFIG_DIR, "base.yaml")).read()
+    header = text[: text.index("hydra:")]
+    assert "2e-4 x 128 / 256 = 1e-4" in header and "absolute lr" in header
+    assert "lr: [0.0002]  #" in text
 
 
 def test_runs_stay_in_the_start_directory():
@@ -93,16 +116,22 @@ def test_no_dead_keys():
 
 @pytest.mark.parametrize("name", config_names(CONFIG_DIR))
 def test_paper_settings(name):
-    ratio, target, branch, lam, dec = expectation(PAPER, name, CONFIG_DIR, "PAPER in tests/test_pretrain_configs.py")
+    ratio, target, branch, lam, dec, width, visible = expectation(PAPER, name, CONFIG_DIR,
+                                                                  "PAPER in tests/test_pretrain_configs.py")
     cfg = load(name)
     m = cfg.model
     assert (m.mask_ratio, m.target, m.classification_branch, cfg.criterion.lambda_cls, m.decoder_layers) == (
         ratio, target, branch, lam, dec)
-    # ViT-B encoder, AdamW at 2e-4, total batch 128, AudioMAE's 4x4 window shifted by 2 in time
+    # one head h for Y_v = h(Z_v) and Y_m: the CLAP variants' decoder runs at the encoder's width
+    assert (m.decoder_embed_dim, m.visible_prediction) == (width, visible)
+    assert m.decoder_embed_dim % m.decoder_attention_heads == 0
+    # ViT-B encoder, AdamW at 2e-4, total batch 128, AudioMAE's Swin V2 decoder block with 4x4
+    # windows shifted by 2 in time, eq. 1 as squared error averaged over the teacher's channels
     assert (m.encoder_embed_dim, m.encoder_layers, m.encoder_attention_heads) == (768, 12, 12)
     assert cfg.optimizer._name == "mam_clap_adamw" and cfg.optimization.lr == [0.0002]
     assert cfg.dataset.batch_size * cfg.optimization.update_freq[0] == 128
     assert (m.decoder_window_time, m.decoder_window_freq, m.decoder_shift_time, m.decoder_shift_freq) == (4, 4, 2, 0)
+    assert m.decoder_block == "swinv2" and cfg.criterion.clap_loss == "mse" and m.encoder_init is None
     assert (cfg.task.labels is not None) == branch
     # teacher targets are chosen on the command line (offline store or online teacher);
     # the configs fix the paper's teacher map: LAION-CLAP's final map, no projection

@@ -5,12 +5,18 @@ into this project's encoder export.
     python examples/convert/audiomae_to_mam_clap.py pretrained.pth audiomae.safetensors
 
 IN: AudioMAE's released ``{'model': state_dict, ...}`` file, or the same weights in timm's
-layout (a bare state dict, torch or ``.safetensors``). OUT: ``OUT.safetensors`` plus
-``OUT.json`` (a ``.pt`` name writes the torch export, for encoders without a head). The
-output works wherever an encoder export does: ``mam_clap_plugin.load_encoder``, the s3prl
-upstream's ``-k``, ``examples/extract_features.py --checkpoint``. The mapping is strict (see
-``mam_clap_plugin.convert``): a mismatch lists the missing and unexpected keys; decoder keys
-are listed as dropped. A fine-tuned file keeps ``fc_norm.*`` and ``head.*``.
+layout (a bare state dict, torch or ``.safetensors``). OUT, two forms:
+
+* ``OUT.safetensors``: the encoder export, plus ``OUT.json`` (its config, for reading);
+  a fine-tuned file keeps ``fc_norm.*`` and ``head.*`` in it;
+* ``OUT.pt`` (any other name): the torch export (version 1), for encoders without a head;
+  a fine-tuned file is refused there (exit status 1, the error names the file).
+
+Either way the script prints the export's metadata as JSON on stdout and a one-line summary
+on stderr. The output works wherever an encoder export does: ``mam_clap_plugin.load_encoder``,
+the s3prl upstream's ``-k``, ``examples/extract_features.py --checkpoint``, pretraining's
+``model.encoder_init``. The mapping is strict (see ``mam_clap_plugin.convert``): a mismatch
+lists the missing and unexpected keys; decoder keys are listed as dropped.
 """
 from __future__ import annotations
 
@@ -49,7 +55,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    dropped = meta.pop("dropped")
+    dropped = meta["dropped"]  # also in a .safetensors export's source.dropped; a .pt keeps no such record
     head = meta["head"]
     print(json.dumps({**meta, "out": args.output, "size_mib": round(os.path.getsize(args.output) / 2**20, 3)},
                      indent=2))
@@ -58,7 +64,7 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"{meta['encoder']['max_frames']} frames; "
           f"{'head ' + str(head['num_classes']) + ' classes kept' if head else 'no head'}; "
           f"dropped {len(dropped)} decoder keys{': ' + group_keys(dropped) if dropped else ''} "
-          "(all listed in the JSON's source.dropped)", file=sys.stderr)
+          "(all listed in the JSON's dropped)", file=sys.stderr)
     return 0
 
 

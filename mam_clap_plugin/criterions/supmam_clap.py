@@ -2,26 +2,43 @@
 
     L_total = L_target + lambda_cls * L_cls                                   (eq. 3)
 
-L_target is, for ``model.target=clap`` (eq. 1),
+L_target, for ``model.target=clap``, is eq. 1,
 
-    mean over visible tokens of ||Y_v - T_v||^2 + mean over masked tokens of ||Y_m - T_m||^2
+    L_target = 1/l_v ||Y_v, T_v||_2 + 1/l_m ||Y_m, T_m||_2,
 
-(squared L2 norm per token, averaged over each set's token count; tokens that are pure
-padding or lie beyond the teacher's clip, ``sample["target_mask"]``, are left out of both
-sets; with ``norm_clap_targets`` each teacher token is first normalised to zero mean and
-unit variance over its channels), and for
-``model.target=pixel`` AudioMAE's reconstruction loss: the per-patch mean squared
-error on the masked patches only, against per-patch normalised targets when
-``norm_pix_loss`` is on.
+with the per-token distance chosen by ``criterion.clap_loss`` (``d`` = Y - T of one token,
+C teacher channels), then averaged over each set's tokens (l_v visible, l_m masked):
+
+* ``mse`` (default): ``mean_c d_c^2``, the squared error averaged over the channels;
+* ``sum_sq``: ``sum_c d_c^2``, the squared error summed over the channels (C times ``mse``);
+* ``l2``: ``sqrt(sum_c d_c^2)``, the per-token Euclidean distance;
+* ``set_l2``: eq. 1 read literally, per clip: the Euclidean norm of the whole set's error
+  ``sqrt(sum over the set's tokens and channels of d^2)`` divided by the set's token count,
+  then averaged over the clips.
+
+Why ``mse`` is the default: with AdamW the loss's absolute scale does not matter, only the
+terms' shares of the shared encoder's gradient do. The paper's weights (lambda_cls = 1e-4
+for SupMAM-CLAP, 0.01 for SupMAM against AudioMAE's pixel MSE, itself averaged over the
+256 pixels of a patch) only make sense if L_target is of order one: with ``mse`` the
+classification term's gradient on the encoder is 0.37% of the target loss's at
+initialisation (ViT-B, 768-d teacher, ``lambda_cls = 1e-4``), against 0.0005% with
+``sum_sq``, which trains SupMAM-CLAP as MAM-CLAP. ``python -m benchmarks.loss_balance``
+prints these ratios for every variant.
+
+Tokens that are pure padding or lie beyond the teacher's clip (``sample["target_mask"]``)
+are left out of both sets; with ``norm_clap_targets`` each teacher token is first
+normalised to zero mean and unit variance over its channels. For ``model.target=pixel``
+L_target is AudioMAE's reconstruction loss: the per-patch mean squared error on the
+masked patches only, against per-patch normalised targets when ``norm_pix_loss`` is on.
 
 L_cls = CE(p / tau, y) (eq. 2), with y the label set normalised to sum to one (soft
 targets for multi-label clips).
 
-Every term is logged. Validation also logs the classification branch's top-1
-accuracy (the arg-max is one of the clip's labels) and its mAP (macro average
-precision over classes with a positive, from scikit-learn), with the scores of every
-process gathered (:mod:`mam_clap_plugin.metrics`, shared with fine-tuning), so both are
-exact in multi-process validation too.
+Every term is logged. Validation also scores the classification branch with the softmax
+it is trained with, softmax(p / tau): its top-1 accuracy (the arg-max is one of the clip's
+labels) and its mAP (macro average precision over classes with a positive, from
+scikit-learn), with the scores of every process gathered (:mod:`mam_clap_plugin.metrics`,
+shared with fine-tuning), so both are exact in multi-process validation too.
 """
 
 from dataclasses import dataclass, field
@@ -32,10 +49,16 @@ import torch
 import torch.nn.functional as F
 from fairseq import metrics
 from fairseq.criterions import FairseqCriterion, register_criterion
-from fairseq.dataclass import FairseqDataclass
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.nan_detector import NanDetector
 
 from ..metrics import log_clip_scores
+
+#: Eq. 1's per-token distance (``criterion.clap_loss``); see the module docstring.
+CLAP_LOSSES = ("mse", "sum_sq", "l2", "set_l2")
+CLAP_LOSS_CHOICES = ChoiceEnum(list(CLAP_LOSSES))
+#: Floor under the squared distances before a square root (its gradient at 0 is infinite).
+SQRT_FLOOR = 1e-12
 
 
 @dataclass
@@ -51,6 +74,14 @@ class SupMamClapCriterionConfig(FairseqDataclass):
         default=False,
         metadata={"help": "target=clap: normalise each teacher token to zero mean, unit variance over its channels"},
     )
+    clap_loss: CLAP_LOSS_CHOICES = field(  # type: ignore
+        default="mse",
+        metadata={"help": "target=clap, eq. 1's distance, averaged over l_v and l_m: mse (squared error averaged "
+                          "over channels; default: keeps L_target of order one, so at the paper's lambda_cls=1e-4 the "
+                          "branch's gradient on the encoder is ~0.4% of the target's at init), sum_sq (summed over "
+                          "channels: ~0.0005%), l2 (per-token Euclidean distance), set_l2 (per clip, ||Y - T|| over "
+                          "the whole set divided by its count). See benchmarks/loss_balance.py"},
+    )
 
 
 def normalize_tokens(target: torch.Tensor, unbiased: bool = False, eps: float = 1.0e-6) -> torch.Tensor:
@@ -63,9 +94,11 @@ def normalize_tokens(target: torch.Tensor, unbiased: bool = False, eps: float = 
 
 
 def clap_target_loss(
-    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, keep: Optional[torch.Tensor] = None
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, keep: Optional[torch.Tensor] = None,
+    kind: str = "mse",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Eq. 1: per-token squared L2 distance, averaged separately over visible and masked tokens.
+    """Eq. 1: a per-token distance (``kind``, see :data:`CLAP_LOSSES`), averaged separately over
+    visible and masked tokens.
 
     pred, target: (B, N, C); mask: (B, N) bool, True = masked; keep: optional (B, N) bool,
     False for tokens left out of both sets (padding, beyond the teacher's clip).
@@ -77,15 +110,31 @@ def clap_target_loss(
             f"prediction {tuple(pred.shape)} and teacher target {tuple(target.shape)} differ in shape "
             "(the target store or teacher does not match model.target_dim / task.target_length)"
         )
-    err = (pred.float() - target.float()).pow(2).sum(dim=-1)  # (B, N)
+    if kind not in CLAP_LOSSES:
+        raise ValueError(f"criterion.clap_loss={kind!r} is not one of {CLAP_LOSSES}")
+    diff = pred.float() - target.float()
+    if keep is not None:
+        # where, not a product: a left-out token's error (even NaN) enters neither the loss nor its gradient
+        diff = torch.where(keep.unsqueeze(-1), diff, 0.0)
+    sq = diff.pow(2).sum(dim=-1)  # (B, N) squared distance per token
     visible = ~mask if keep is None else ~mask & keep
     masked = mask if keep is None else mask & keep
 
-    def set_mean(members: torch.Tensor) -> torch.Tensor:
-        # where, not a product: a left-out token's error (even NaN) never enters the sum
+    def set_loss(members: torch.Tensor) -> torch.Tensor:
+        if kind == "set_l2":  # per clip: sqrt(sum of the set's squared errors) / its count, then mean over clips
+            counts = members.sum(dim=1)
+            norms = torch.where(members, sq, 0.0).sum(dim=1).clamp(min=SQRT_FLOOR).sqrt()
+            per_clip = torch.where(counts > 0, norms / counts.clamp(min=1), 0.0)
+            return per_clip.sum() / (counts > 0).sum().clamp(min=1)
+        if kind == "mse":
+            err = sq / pred.shape[-1]
+        elif kind == "l2":
+            err = sq.clamp(min=SQRT_FLOOR).sqrt()
+        else:
+            err = sq
         return torch.where(members, err, 0.0).sum() / members.sum().clamp(min=1)
 
-    return set_mean(visible), set_mean(masked)
+    return set_loss(visible), set_loss(masked)
 
 
 def reconstruction_loss(pred: torch.Tensor, patches: torch.Tensor, mask: torch.Tensor, norm_pix: bool) -> torch.Tensor:
@@ -144,6 +193,7 @@ class SupMamClapCriterion(FairseqCriterion):
         self.tau = cfg.tau
         self.norm_pix_loss = cfg.norm_pix_loss
         self.norm_clap_targets = cfg.norm_clap_targets
+        self.clap_loss = str(cfg.clap_loss)
 
     def forward(self, model, sample, reduce=True):
         """Returns (loss, sample_size=1, logging_output); the loss is a batch mean.
@@ -167,7 +217,7 @@ class SupMamClapCriterion(FairseqCriterion):
             if self.norm_clap_targets:
                 target = normalize_tokens(target)
             terms["loss_vis"], terms["loss_mask"] = clap_target_loss(
-                net_output["pred"], target, mask, sample.get("target_mask")
+                net_output["pred"], target, mask, sample.get("target_mask"), self.clap_loss
             )
             loss = terms["loss_vis"] + terms["loss_mask"]
         else:
@@ -195,7 +245,8 @@ class SupMamClapCriterion(FairseqCriterion):
             num_skipped=sample.get("num_skipped", 0),
         )
         if logits is not None and "label" in sample and not self.training:
-            log_clip_scores(sample["id"], torch.sigmoid(logits.float()), sample["label"])
+            # scored with the softmax the branch is trained with (eq. 2)
+            log_clip_scores(sample["id"], torch.softmax(logits.float() / self.tau, dim=-1), sample["label"])
         return loss, 1, log
 
     @staticmethod

@@ -26,6 +26,7 @@ the fbank and its normalisation (and an online teacher's resampling) run there t
 """
 
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -223,10 +224,13 @@ class MamClapPretrainingTask(FbankTask):
         return first
 
     def build_model(self, cfg, from_checkpoint: bool = False):
-        """Check task.target_length against the model's decoder window, and fill
-        ``model.target_dim`` / ``model.num_classes`` from the data if still 0.
+        """Check task.target_length against the model's decoder window, fill
+        ``model.target_dim`` / ``model.num_classes`` from the data if still 0, and for a new
+        run (not ``from_checkpoint``) load ``model.encoder_init``'s encoder.
 
-        Written into the run's own config, so saved checkpoints rebuild without the data.
+        The sizes are written into the run's own config, so saved checkpoints rebuild without
+        the data; a model rebuilt from a checkpoint (``load_model_ensemble_and_task``) gets
+        its weights from that checkpoint and never reads ``model.encoder_init``.
         """
         window = cfg.get("decoder_window_time")
         if window and self.cfg.target_length % (PATCH_SIZE * window):
@@ -240,7 +244,17 @@ class MamClapPretrainingTask(FbankTask):
                 cfg.target_dim = self.target_dim
             if cfg.get("classification_branch") and cfg.get("num_classes", 0) <= 0:
                 cfg.num_classes = self.num_classes
-        return super().build_model(cfg, from_checkpoint)
+        model = super().build_model(cfg, from_checkpoint)
+        if cfg.get("encoder_init") and not from_checkpoint:
+            mean, std = model.init_encoder(cfg.encoder_init)
+            same = math.isclose(mean, self.norm_mean, rel_tol=1e-6) and math.isclose(std, self.norm_std, rel_tol=1e-6)
+            if not same:
+                raise ValueError(
+                    f"model.encoder_init={cfg.encoder_init} was trained on fbanks normalised with mean {mean}, std "
+                    f"{std}, but task.norm_stats={self.cfg.norm_stats} gives mean {self.norm_mean}, std "
+                    f"{self.norm_std}: set task.norm_stats={mean},{std} (or the name of those stats)"
+                )
+        return model
 
     def load_dataset(self, split: str, combine: bool = False, **kwargs):
         """Read ``{split}.tsv`` (and labels, store or teacher input); all data checks happen here."""
