@@ -1,5 +1,6 @@
-"""``python -m benchmarks.loss_balance`` at the tiny size (in process, seconds): the rows, the
-JSON report, and the relations eq. 1's reductions must show."""
+"""``python -m benchmarks.loss_balance`` shows the relations eq. 1's reductions must show.
+
+At the tiny size, in process (seconds): the rows, the JSON report, and the relations."""
 import json
 
 import pytest
