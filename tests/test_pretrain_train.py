@@ -21,7 +21,7 @@ from mam_clap_plugin.checkpoint import load_checkpoint, load_encoder, model_conf
 from mam_clap_plugin.hydra_runs import hydra_train_executable, parse_json_log, plugin_dir, run_hydra_train
 
 from . import readme
-from .conftest import CONFIG_DIR, TEACHER_DIM
+from .conftest import CONFIG_DIR, REPO, TEACHER_DIM
 
 pytestmark = pytest.mark.slow  # every test trains through fairseq-hydra-train
 
@@ -347,3 +347,37 @@ def test_clap_variants_offline_and_online_teacher(tone_set, clap_checkpoint, ext
     ensemble, _, task = checkpoint_utils.load_model_ensemble_and_task(
         [str(tmp_path / "on" / "checkpoint_last.pt")], arg_overrides={"teacher_checkpoint": str(tmp_path / "gone.pt")})
     assert task._teacher is None and ensemble[0].cfg.target_dim == 128
+
+
+def test_docs_continue_from_audiomae_weights_run_verbatim(tone_set, tmp_path):
+    """docs/checkpoints.md "MAM-CLAP from AudioMAE's AS-2M weights": the converter and the
+    fairseq-hydra-train command as shown, in a scratch dir holding an AudioMAE-layout
+    ``pretrained.pth`` (random, 64 wide, 2 blocks: one head at the converter's D / 64),
+    ``manifests/`` and ``clap_targets/``; only tiny-size settings appended. The run starts from the
+    converted encoder; the same command again resumes and says that resuming wins."""
+    import torch
+
+    from .audiomae import audiomae_encoder, decoder_keys, released
+
+    cmds = readme.command_lines(readme.section("## MAM-CLAP from AudioMAE's AS-2M weights"))
+    convert, train = (c for c, _ in cmds)
+    assert convert.startswith("python examples/convert/audiomae_to_mam_clap.py ")
+    assert train.startswith("fairseq-hydra-train ") and "model.encoder_init=audiomae_as2m.safetensors" in train
+    enc = audiomae_encoder(64, 2, seed=5)
+    torch.save(released({**enc, **decoder_keys(64)}), tmp_path / "pretrained.pth")
+    os.symlink(tone_set, tmp_path / "manifests")
+    os.symlink(os.path.join(tone_set, "targets"), tmp_path / "clap_targets")
+    os.symlink(os.path.join(REPO, "examples"), tmp_path / "examples")
+    proc = subprocess.run(["bash", "-c", convert], cwd=tmp_path, env=shell_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tiny = ["model.encoder_attention_heads=1", "lr_scheduler.warmup_updates=1"]
+    rc, text = run_readme(train, tmp_path, *tiny, "optimization.max_update=2")
+    assert rc == 0, text[-3000:]
+    assert "model.encoder_init: encoder weights from audiomae_as2m.safetensors" in text
+    assert updates(text)[-1] == 2
+    ckpt = tmp_path / "checkpoints" / "mam_clap_from_audiomae" / "checkpoint_last.pt"
+    assert torch.equal(load_checkpoint(str(ckpt))["model"]["encoder.pos_embed"], enc["pos_embed"])
+    rc, text = run_readme(train, tmp_path, *tiny, "optimization.max_update=3", log="again.log")
+    assert rc == 0, text[-3000:]
+    assert "resuming wins over encoder_init" in text and updates(text) == [3]
