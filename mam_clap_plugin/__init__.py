@@ -15,9 +15,17 @@ Torch-only API (no fairseq, no s3prl)::
 Both accept an encoder export, a converted AudioMAE file and a pretraining or fine-tuning
 checkpoint (see :mod:`mam_clap_plugin.checkpoint`); they are imported on first use.
 """
+import logging
 import sys
+import warnings
 
 __version__ = "0.1.0"
+
+# What importing fairseq prints that is not the user's business, silenced before any module of
+# this package imports it: torch's deprecation of torch.jit.script (fairseq decorates functions
+# with it at import time) and fairseq's "Please install tensorboardX" from its text_to_speech task.
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script(_method)?` is deprecated", category=FutureWarning)
+logging.getLogger("fairseq.tasks.text_to_speech").setLevel(logging.WARNING)
 
 #: Names served lazily from :mod:`mam_clap_plugin.checkpoint` (PEP 562).
 _CHECKPOINT_API = ("load_encoder", "load_encoder_with_stats", "EncoderBundle", "CheckpointError")
