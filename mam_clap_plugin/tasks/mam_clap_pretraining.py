@@ -218,7 +218,7 @@ class MamClapPretrainingTask(FbankTask):
             elif self.teacher is not None:
                 self._target_source = {"kind": "online", "teacher": self.teacher.name,
                                        "checkpoint_sha256": file_sha256(cfg.teacher_checkpoint),
-                                       "layer": cfg.teacher_layer, "projection": bool(cfg.teacher_projection)}
+                                       "layer": str(cfg.teacher_layer), "projection": bool(cfg.teacher_projection)}
         return self._target_source
 
     def get_checkpoint_dict(self) -> dict:

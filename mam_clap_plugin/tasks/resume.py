@@ -21,13 +21,17 @@ loads or saves anything, in every process) changes two names in ``fairseq.checkp
   run: a ``checkpoint_last.pt`` that cannot be read (truncated or emptied by another
   program, a damaged disk) is logged, and the newest intact checkpoint in the directory,
   by update count (``checkpoint_E_U.pt``, ``checkpoint_best.pt``, ``checkpointE.pt``), is
-  resumed instead; with none, the run stops naming the file. It also warns when
+  resumed instead; with none, the run stops naming the file. Temporary files of a save that
+  a kill interrupted (``NAME.tmp-PID``, PID no longer running) are deleted; the task checks
+  the state it saved in the checkpoint (the pretraining task: the target source) before the
+  model is loaded. It also warns when
   ``lr_scheduler.warmup_updates`` >= ``optimization.max_update`` (the lr would never leave
   its warmup ramp).
 """
 from __future__ import annotations
 
 import glob
+import io
 import logging
 import os
 import pickle
@@ -96,11 +100,42 @@ def _needs_path_manager(path: str) -> bool:
     return PathManager.path_requires_pathmanager(path)
 
 
+class _RecordingFile(io.RawIOBase):
+    """A binary file that keeps the ``OSError`` of a failed write: ``torch.save`` reports a short
+    write as a ``RuntimeError`` ("unexpected pos") that has lost its cause (ENOSPC, EFBIG)."""
+
+    def __init__(self, f):
+        super().__init__()
+        self.file, self.name, self.error = f, f.name, None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+
+def torch_save(obj, path: str) -> None:
+    """``torch.save(obj, path)``, raising the write's own ``OSError`` when the disk refused it."""
+    with open(path, "wb") as f:
+        recording = _RecordingFile(f)
+        try:
+            torch.save(obj, recording)
+        except Exception:
+            if recording.error is not None:
+                raise recording.error from None
+            raise
+
+
 def torch_persistent_save(obj, filename, async_write: bool = False):
     """fairseq's ``checkpoint_utils.torch_persistent_save``, atomic (see :func:`atomic_write`)."""
     if async_write or _needs_path_manager(filename):
         return _ORIGINAL["torch_persistent_save"](obj, filename, async_write=async_write)
-    atomic_write(filename, lambda tmp: torch.save(obj, tmp))
+    atomic_write(filename, lambda tmp: torch_save(obj, tmp))
 
 
 def _path_manager():
@@ -118,19 +153,19 @@ def _path_manager():
     return AtomicCopyPathManager
 
 
-def checkpoint_updates(path: str) -> Optional[int]:
-    """The update count saved in a fairseq checkpoint (-1 if it holds none), read without
-    loading its tensors (memory-mapped, weights-only with the fairseq globals). None when the file
-    is readable but holds pickled objects that weights-only loading refuses (fairseq's own load
-    says so then). Raises CheckpointError naming ``path`` when it is damaged, truncated or empty."""
+def read_head(path: str) -> Optional[dict]:
+    """A fairseq checkpoint without its tensors (memory-mapped, weights-only with the fairseq
+    globals): what the resume checks read. None when the file is readable but holds pickled
+    objects that weights-only loading refuses (fairseq's own load says so then). Raises
+    CheckpointError naming ``path`` when it is damaged, truncated or empty."""
     try:
         with torch.serialization.safe_globals(fairseq_checkpoint_globals()):
             try:
-                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except RuntimeError as err:
                 if "mmap" not in str(err):
                     raise
-                state = torch.load(path, map_location="cpu", weights_only=True)  # legacy format: no mmap
+                return torch.load(path, map_location="cpu", weights_only=True)  # legacy format: no mmap
     except pickle.UnpicklingError as err:
         if "weights only load failed" in str(err).lower():
             return None
@@ -139,10 +174,19 @@ def checkpoint_updates(path: str) -> Optional[int]:
         size = os.path.getsize(path) if os.path.exists(path) else 0
         reason = str(err).splitlines()[0].split(". ")[0] if str(err) else type(err).__name__
         raise CheckpointError(f"{path}: not a readable checkpoint ({size} bytes: {reason})") from err
+
+
+def _updates(state) -> int:
     try:
         return int(state["optimizer_history"][-1]["num_updates"])
     except (KeyError, IndexError, TypeError, ValueError):
         return -1
+
+
+def checkpoint_updates(path: str) -> Optional[int]:
+    """The update count saved in a fairseq checkpoint (-1 if it holds none; None: see :func:`read_head`)."""
+    state = read_head(path)
+    return None if state is None else _updates(state)
 
 
 def newest_intact_checkpoint(save_dir: str, skip: str) -> Optional[tuple[str, int]]:
@@ -165,6 +209,26 @@ def newest_intact_checkpoint(save_dir: str, skip: str) -> Optional[tuple[str, in
     return path, updates
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_orphans(save_dir: str) -> None:
+    """Delete ``checkpoint*.pt.tmp-PID`` files in ``save_dir`` left by a process that was killed
+    while saving (one per kill, each as large as a checkpoint); a live PID's file is kept."""
+    for path in glob.glob(os.path.join(glob.escape(save_dir), "checkpoint*.pt.tmp-*")):
+        pid = path.rsplit(".tmp-", 1)[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            logger.info(f"removing {path}, left by a save that did not finish")
+            _remove(path)
+
+
 def warn_short_warmup(cfg) -> None:
     """Warn when the lr warmup does not end before ``optimization.max_update``."""
     warmup = (cfg.get("lr_scheduler") or {}).get("warmup_updates", 0) or 0
@@ -184,13 +248,15 @@ def load_checkpoint(cfg, trainer, **passthrough_args):
 
     original = _ORIGINAL["load_checkpoint"]
     warn_short_warmup(trainer.cfg)
+    if os.path.isdir(cfg.save_dir):
+        remove_orphans(cfg.save_dir)
     suffix = trainer.checkpoint_suffix
     last = os.path.join(cfg.save_dir, f"checkpoint_last{suffix}.pt")
     if (cfg.restore_file != "checkpoint_last.pt" or suffix or cfg.get("finetune_from_model")
             or not os.path.exists(last)):
         return original(cfg, trainer, **passthrough_args)
     try:
-        checkpoint_updates(last)
+        _check_task_state(trainer.task, read_head(last))
         return original(cfg, trainer, **passthrough_args)
     except CheckpointError as err:
         problem = err
@@ -203,6 +269,7 @@ def load_checkpoint(cfg, trainer, **passthrough_args):
     path, updates = fallback
     logger.warning(f"cannot resume from {problem}; resuming from {path} ({updates} updates), the newest intact "
                    f"checkpoint in {cfg.save_dir}")
+    _check_task_state(trainer.task, read_head(path))
     with open_dict(cfg):
         cfg.restore_file = path
     try:
@@ -210,6 +277,16 @@ def load_checkpoint(cfg, trainer, **passthrough_args):
     finally:
         with open_dict(cfg):
             cfg.restore_file = "checkpoint_last.pt"
+
+
+def _check_task_state(task, state: Optional[dict]) -> None:
+    """Give the task the state it saved (``get_checkpoint_dict``) before fairseq loads the model:
+    the pretraining task refuses another teacher's targets there, before a mismatch of the
+    model's shapes could be the first thing the user reads (fairseq hands it over again later)."""
+    extra = (state or {}).get("extra_state") or {}
+    saved = extra.get(type(task).__name__)
+    if saved and hasattr(task, "set_checkpoint_dict"):
+        task.set_checkpoint_dict(saved)
 
 
 def install() -> None:
