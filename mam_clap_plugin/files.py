@@ -85,10 +85,10 @@ def read_torch_file(path: str, trusted: bool = False, *, safe_globals=(), error=
             raise error(f"{path}: not a readable torch {what}: {_describe_unreadable(path, err)}") from err
         allowed = {f"{g.__module__}.{g.__qualname__}" for g in safe_globals if hasattr(g, "__qualname__")}
         refused = [g for g in _refused_globals(path) if g not in allowed]
-        named = f"refuses the global(s) {', '.join(refused)}" if refused else "refuses its pickled objects"
+        named = f"the global(s) {', '.join(refused)}" if refused else "objects it does not allow"
         raise error(
-            f"{path}: torch's weights-only loader {named}: loading would run code or build objects "
-            f"named by the file. If you trust this file, load it with {trust_hint} (weights_only=False)."
+            f"{path}: holds pickled objects that torch's weights-only loader refuses ({named}); unpickling them "
+            f"would run code the file names. If you trust this file, load it with {trust_hint} (weights_only=False)."
         ) from err
     except Exception as err:  # any other failure of torch.load: name the file
         raise error(f"{path}: not a readable torch {what}: {_describe_unreadable(path, err)}") from err
