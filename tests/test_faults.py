@@ -378,8 +378,9 @@ def bn_buffers(model):
 def test_all_skipped_batch_runs_a_placeholder_counted_and_bounded(tone_set, tmp_path, variant):
     """A batch whose clips were all skipped: the placeholder's forward and backward run (every process
     takes part in the update) with no gradient, no clip, no loss weight and BatchNorm's statistics
-    untouched; the skipped clips are logged and counted, and past task.max_skipped_fraction of the
-    epoch the run stops naming them. Validation skips the model."""
+    untouched, and the same logging keys as a real batch; the skipped clips are logged and counted,
+    and past task.max_skipped_fraction of the epoch the run stops naming them. In validation the
+    placeholder's scores stay out of mAP."""
     from fairseq import metrics
 
     from mam_clap_plugin.tasks.base import SkippedFilesError
@@ -411,6 +412,8 @@ def test_all_skipped_batch_runs_a_placeholder_counted_and_bounded(tone_set, tmp_
     good = dataset.collater([dataset[i] for i in range(4, 8)])
     _, size, good_log = task.train_step(good, model, criterion, optimizer, 1)
     assert size == 1 and good_log["nsentences"] == 4 and good_log["num_skipped"] == 0
+    # fairseq sums the outputs of all processes key by key: the same keys, the same kinds of value
+    assert {k: torch.is_tensor(v) for k, v in log.items()} == {k: torch.is_tensor(v) for k, v in good_log.items()}
     with pytest.raises(SkippedFilesError, match=r"^8 of the 12 clips of this training epoch were skipped as "
                                                 r"unusable \(66\.7%.*first skipped in this process: .*train_0\.wav"):
         with metrics.aggregate(new_root=True):
@@ -419,8 +422,13 @@ def test_all_skipped_batch_runs_a_placeholder_counted_and_bounded(tone_set, tmp_
     task.load_dataset("valid")
     valid = task.datasets["valid"]
     task.begin_valid_epoch(1, model)
-    loss, size, vlog = task.valid_step(valid.collater([valid[0]]), model, criterion)
+    criterion.eval()  # as fairseq's trainer does before valid_step
+    with metrics.aggregate(new_root=True) as agg:
+        loss, size, vlog = task.valid_step(valid.collater([valid[0]]), model, criterion)
+        _, _, real = task.valid_step(valid.collater([valid[1]]), model, criterion)
     assert size == 0 and vlog["num_skipped"] == 1 and vlog["skipped_share"] == pytest.approx(1 / 6)
+    assert vlog.keys() == real.keys() and not vlog["loss"] and real["loss"] > 0
+    assert agg["mAP"].result.num_clips == 1  # the placeholder's scores are not a clip
     with pytest.raises(SkippedFilesError, match="1 of the 6 clips of this validation pass"):
         task.max_skipped_fraction = 0.1
         with metrics.aggregate(new_root=True):
@@ -482,6 +490,31 @@ def test_one_clip_batch_trains_two_processes(tone_set, tmp_path, variant):
         assert rc == 0, text[-3000:]
     records = parse_json_log(results[0][1])["train_inner"]
     assert [r["nsentences"] for r in records] == [12, 12] and all(math.isfinite(r["loss"]) for r in records)
+
+
+@pytest.mark.slow
+def test_skipped_clips_on_one_process_of_two(tone_set, tmp_path):
+    """2 gloo processes, one clip per batch, 3 of 12 training clips and 1 of 6 validation clips
+    missing: some updates see a placeholder on one process and a clip on the other. Training
+    goes on (within task.max_skipped_fraction=0.5) and every skipped clip is logged."""
+    data = shutil.copytree(tone_set, tmp_path / "data", ignore=shutil.ignore_patterns("targets"))
+    for name in ("train_1.wav", "train_6.wav", "train_10.wav", "valid_2.wav"):
+        os.remove(data / "audio" / name)
+    for split in ("train", "valid"):
+        lines = (data / f"{split}.tsv").read_text().splitlines()
+        (data / f"{split}.tsv").write_text("\n".join([str(data / "audio"), *lines[1:]]) + "\n")
+    args = [*PRETRAIN, f"task.data={data}", f"checkpoint.save_dir={tmp_path / 'ckpt'}", "dataset.batch_size=1",
+            "optimization.max_update=6", "task.skip_bad_files=true", "task.max_skipped_fraction=0.5"]
+    port = free_port()
+    logs = [tmp_path / f"rank{r}.log" for r in (0, 1)]
+    results = wait_all([start(CONFIG_DIR, "supmam", args + ddp(port, r), tmp_path, logs[r]) for r in (0, 1)], logs)
+    for rc, text in results:
+        assert rc == 0, text[-3000:]
+    run = parse_json_log(results[0][1])
+    records = run["train_inner"]
+    assert len(records) == 6 and all(math.isfinite(r["loss"]) for r in records)
+    assert sum(r.get("skipped_files", 0) for r in records) == 3 and sum(r["nsentences"] for r in records) == 9
+    assert run["valid"][-1]["valid_skipped_files"] == 1
 
 
 # --------------------------------------------------------------------------- 3, 4. loaders

@@ -45,12 +45,13 @@ class FbankTask(FairseqTask):
 
     Skipped clips (``task.skip_bad_files``): every batch counts them (``num_skipped``, logged
     as ``skipped_files``). A batch whose clips were all skipped still runs the model on a
-    placeholder of zeros with its loss multiplied by 0 (as fairseq's own dummy batch: every
-    process of a distributed run takes part in each update), and logs no clip and no loss
-    weight. The counts of each training epoch and of each validation pass, summed over the
-    processes, are compared with ``task.max_skipped_fraction`` of the clips that phase draws;
-    beyond it the run stops with :class:`SkippedFilesError`, naming the count and the first
-    files, in every process at the same update.
+    placeholder of zeros, with its loss multiplied by 0 in training (as fairseq's own dummy
+    batch: every process of a distributed run takes part in each update, and logs the same
+    keys), and logs no clip, no loss and no loss weight. The counts of each training epoch and
+    of each validation pass, summed over the processes, are compared with
+    ``task.max_skipped_fraction`` of the clips that phase draws; beyond it the run stops with
+    :class:`SkippedFilesError`, naming the count and the first files, in every process at the
+    same update.
     """
 
     def __init__(self, cfg):
@@ -77,27 +78,31 @@ class FbankTask(FairseqTask):
         count.reason = count.reason or sample.get("skipped_reason", "")
 
     @staticmethod
-    def _skipped_log(sample: dict) -> dict:
-        """The logging output of a batch whose clips were all skipped: counts, no clip, no loss weight."""
-        return {"loss": 0.0, "sample_size": 0, "nsentences": 0, "ntokens": 0,
-                "num_skipped": sample["num_skipped"], "skipped_share": sample["skipped_share"]}
+    def _no_clip_log(log: dict, sample: dict) -> dict:
+        """The criterion's logging output for a placeholder batch, every value zeroed but the
+        skipped clips: the same keys and value types as a real batch's, which fairseq needs to
+        sum the outputs of all processes key by key."""
+        out = {k: torch.zeros_like(v) if torch.is_tensor(v) else type(v)(0) for k, v in log.items()}
+        out.update(num_skipped=sample["num_skipped"], skipped_share=sample["skipped_share"])
+        return out
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
         self._note_skipped(sample, "train")
-        if is_skipped_batch(sample):
-            # the placeholder's forward and backward keep every process in the update (loss x 0);
-            # its one clip leaves BatchNorm's running statistics alone (Fp32BatchNorm1d)
-            loss, _, _ = super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad=True)
-            return loss, 0, self._skipped_log(sample)
-        loss, sample_size, log = super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
+        skipped = is_skipped_batch(sample)
+        # a placeholder's forward and backward keep every process in the update (loss x 0); its
+        # one clip leaves BatchNorm's running statistics alone (Fp32BatchNorm1d)
+        loss, sample_size, log = super().train_step(sample, model, criterion, optimizer, update_num,
+                                                    ignore_grad or skipped)
+        if skipped:
+            return loss, 0, self._no_clip_log(log, sample)
         log["skipped_share"] = sample.get("skipped_share", 0.0)
         return loss, sample_size, log
 
     def valid_step(self, sample, model, criterion):
         self._note_skipped(sample, "valid")
-        if is_skipped_batch(sample):  # no backward in validation: nothing to keep in step, no scores to log
-            return torch.zeros(()), 0, self._skipped_log(sample)
         loss, sample_size, log = super().valid_step(sample, model, criterion)
+        if is_skipped_batch(sample):  # the placeholder's scores are left out of mAP (its id is -1)
+            return loss * 0, 0, self._no_clip_log(log, sample)
         log["skipped_share"] = sample.get("skipped_share", 0.0)
         return loss, sample_size, log
 
