@@ -17,9 +17,17 @@ pretraining or fine-tuning checkpoint (see :mod:`mam_clap_plugin.checkpoint`); t
 imported on first use. :mod:`mam_clap_plugin.hear` is the HEAR 2021 API and
 :mod:`mam_clap_plugin.hub` the Hugging Face layout (``MamClapEncoder``).
 """
+import logging
 import sys
+import warnings
 
 __version__ = "0.1.0"
+
+# What importing fairseq prints that is not the user's business, silenced before any module of
+# this package imports it: torch's deprecation of torch.jit.script (fairseq decorates functions
+# with it at import time) and fairseq's "Please install tensorboardX" from its text_to_speech task.
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script(_method)?` is deprecated", category=FutureWarning)
+logging.getLogger("fairseq.tasks.text_to_speech").setLevel(logging.WARNING)
 
 #: Names served lazily from :mod:`mam_clap_plugin.checkpoint` (PEP 562).
 _CHECKPOINT_API = ("load_encoder", "load_encoder_with_stats", "EncoderBundle", "CheckpointError")

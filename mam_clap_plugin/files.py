@@ -6,10 +6,10 @@ so neither imports the other. Nothing here imports fairseq or s3prl.
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import pickle
-import struct
 from typing import Any, Dict
 
 import torch
@@ -19,24 +19,79 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable, or not from this plugin."""
 
 
-def read_torch_file(path: str, trusted: bool = False, *, safe_globals: tuple = (), error=CheckpointError,
+def numpy_scalar_globals() -> list:
+    """numpy scalar and dtype classes, for ``safe_globals``: what checkpoints pickle besides
+    tensors when an epoch or a metric was a numpy scalar. They rebuild plain values and run no
+    code from the file."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    dtypes = [getattr(np.dtypes, n) for n in ("Float64DType", "Float32DType", "Float16DType", "Int64DType",
+                                               "Int32DType", "BoolDType") if hasattr(np, "dtypes")]
+    return [core.multiarray.scalar, np.dtype, *dtypes]
+
+
+def fairseq_checkpoint_globals() -> list:
+    """The globals a fairseq training checkpoint may need beyond tensors and plain containers.
+
+    A checkpoint written by this plugin's ``fairseq-hydra-train`` runs needs none (fairseq
+    stores the config as a dict; its meters and optimizer states are dicts, lists and numbers;
+    ``OrderedDict`` is in torch's own list): ``tests/test_faults.py`` saves one and checks.
+    Older fairseq checkpoints keep their command line as ``argparse.Namespace`` (``args``), and
+    a metric (``best``, ``val_loss``) may be a numpy scalar. All of them rebuild data only."""
+    return [argparse.Namespace, *numpy_scalar_globals()]
+
+
+def _refused_globals(path: str) -> list:
+    """Names (``module.name``) of the globals in a torch file that the weights-only loader
+    does not allow, read from the pickle's opcodes without running it; [] if unreadable."""
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # only used to word an error message
+        return []
+
+
+def _describe_unreadable(path: str, err: BaseException) -> str:
+    """Why ``path`` is not a torch file, in words (empty, not a zip archive or pickle, truncated)."""
+    size = os.path.getsize(path)
+    if size == 0:
+        return "the file is empty (0 bytes)"
+    with open(path, "rb") as f:
+        head = f.read(4)
+    reason = str(err).splitlines()[0].split(". ")[0] if str(err) else type(err).__name__
+    if head == b"PK\x03\x04":
+        return f"a damaged or truncated torch archive of {size} bytes ({reason})"
+    if head[:1] != b"\x80":  # a pickle (torch's legacy format) starts with the PROTO opcode
+        return f"neither a torch zip archive nor a pickle (it starts with {head!r})"
+    return f"a damaged or truncated legacy torch file ({reason})"
+
+
+def read_torch_file(path: str, trusted: bool = False, *, safe_globals=(), error=CheckpointError,
                     what: str = "checkpoint", trust_hint: str = "trusted=True") -> Any:
     """``torch.load`` onto the CPU with ``weights_only=True`` (plus ``safe_globals``) unless
-    ``trusted``; every failure raises ``error`` naming ``path`` (a refused pickle also says how
-    to opt in: ``trust_hint``)."""
+    ``trusted``. Every failure raises ``error`` naming ``path``: missing, a directory, empty,
+    not a torch file (a text file, say), truncated or damaged, or pickled objects that the
+    weights-only loader refuses, whose globals it names (e.g. ``posix.system``) with how to
+    opt in (``trust_hint``)."""
+    if os.path.isdir(path):
+        raise error(f"{path}: is a directory, not a {what} file")
     if not os.path.isfile(path):
         raise error(f"{path}: {what} not found")
     try:
         with torch.serialization.safe_globals(list(safe_globals)):
             return torch.load(path, map_location="cpu", weights_only=not trusted)
     except pickle.UnpicklingError as err:
+        if trusted or "weights only load failed" not in str(err).lower():
+            raise error(f"{path}: not a readable torch {what}: {_describe_unreadable(path, err)}") from err
+        allowed = {f"{g.__module__}.{g.__qualname__}" for g in safe_globals if hasattr(g, "__qualname__")}
+        refused = [g for g in _refused_globals(path) if g not in allowed]
+        named = f"the global(s) {', '.join(refused)}" if refused else "objects it does not allow"
         raise error(
-            f"{path}: holds pickled objects that torch's weights-only loader refuses "
-            f"({str(err).splitlines()[0]}). If you trust this file, load it with {trust_hint} "
-            "(weights_only=False)."
+            f"{path}: holds pickled objects that torch's weights-only loader refuses ({named}); unpickling them "
+            f"would run code the file names. If you trust this file, load it with {trust_hint} (weights_only=False)."
         ) from err
-    except (RuntimeError, EOFError, OSError, struct.error) as err:
-        raise error(f"{path}: not a readable torch checkpoint ({err})") from err
+    except Exception as err:  # any other failure of torch.load: name the file
+        raise error(f"{path}: not a readable torch {what}: {_describe_unreadable(path, err)}") from err
 
 
 def is_safetensors(path: str) -> bool:

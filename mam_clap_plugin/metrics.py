@@ -117,6 +117,9 @@ def log_clip_scores(ids: torch.Tensor, scores: torch.Tensor, labels: torch.Tenso
     """Feed a validation batch to the ``key`` meter (and its derived ``accuracy`` and
     ``{key}_classes_left_out``) of each temporary aggregator that is active.
 
+    Rows with a negative id (the placeholder of a batch whose clips were all skipped, see
+    :meth:`~mam_clap_plugin.data.dataset.MamClapDataset.placeholder_item`) are left out.
+
     Call it from the criterion's forward, not from ``reduce_metrics``: fairseq's validation
     loop runs under a temporary root aggregator that it reads once at the end, while
     ``reduce_metrics`` also runs under a per-batch aggregator that is read (and would
@@ -126,6 +129,11 @@ def log_clip_scores(ids: torch.Tensor, scores: torch.Tensor, labels: torch.Tenso
     """
     named = {id(agg) for agg in metrics._aggregators.values()}
     rows = (ids.cpu().numpy(), scores.detach().float().cpu().numpy(), labels.detach().float().cpu().numpy())
+    real = rows[0] >= 0  # id -1: the placeholder of a batch whose clips were all skipped
+    if not real.all():
+        rows = tuple(r[real] for r in rows)
+        if not len(rows[0]):
+            return
     for agg in metrics.get_active_aggregators():
         if id(agg) in named:
             continue

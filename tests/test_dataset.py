@@ -99,13 +99,13 @@ def test_clips_marked_bad_by_the_extractor(tmp_path):
         strict[1]
     lenient = MamClapDataset(manifest, target_store=store, alignment=store.header.alignment(64, 8),
                              skip_bad_files=True)
-    assert lenient[1] is None and lenient[2] is not None
+    assert "marked unusable" in lenient[1]["skipped"] and "skipped" not in lenient[2]
 
 
 def test_without_labels_or_targets(tmp_path):
     dataset = MamClapDataset(make_manifest(tmp_path), target_length=256, shuffle=False)
     batch = dataset.collater([dataset[0], dataset[2]])
-    assert set(batch) == {"id", "nsentences", "ntokens", "num_skipped", "net_input"}
+    assert set(batch) == {"id", "nsentences", "ntokens", "num_skipped", "skipped_share", "net_input"}
     assert batch["net_input"]["source"].shape == (2, 1, 256, 128)
     assert len(dataset) == 3 and dataset.num_tokens(0) == dataset.size(1) == 256
     assert dataset.sizes.tolist() == [256] * 3
@@ -140,12 +140,14 @@ def test_skip_bad_files(tmp_path, caplog):
     dataset = MamClapDataset(make_manifest(tmp_path, missing=("b.wav",)), skip_bad_files=True)
     with caplog.at_level(logging.WARNING, logger="mam_clap_plugin.data"):
         samples = [dataset[i] for i in range(3)]
-    assert samples[1] is None
+    assert samples[1]["id"] == 1 and "audio file not found" in samples[1]["skipped"]
     assert "b.wav" in caplog.text and "train.tsv:3" in caplog.text
     batch = dataset.collater(samples)
     assert batch["id"].tolist() == [0, 2] and batch["num_skipped"] == 1
+    assert batch["skipped_files"] == [f"{tmp_path / 'train.tsv'}:3: {tmp_path / 'b.wav'}"]
+    assert batch["skipped_share"] == pytest.approx(1 / 3) and "b.wav" in batch["skipped_reason"]
     assert batch["nsentences"] == 2 and batch["net_input"]["source"].shape[0] == 2
-    assert dataset.collater([None, None]) == {}
+    assert dataset.collater([]) == {}  # fairseq's padding of uneven shards: its own dummy batch
 
 
 def test_bad_file_raises_with_manifest_line(tmp_path):

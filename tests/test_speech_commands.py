@@ -11,6 +11,7 @@ import pytest
 import soundfile as sf
 
 from mam_clap_plugin.data.manifest import read_class_list, read_labels, read_manifest
+from mam_clap_plugin.data.speech_commands import SPC2_WORDS
 
 from .conftest import REPO
 
@@ -45,7 +46,7 @@ def read_split(out, split):
 
 
 def test_spc2_uses_every_word_and_the_official_lists(tmp_path):
-    words = [f"w{i:02d}" for i in range(35)]
+    words = list(SPC2_WORDS)
     write_archive(tmp_path / "sc", words)
     run(tmp_path / "sc", tmp_path / "out", "--version", "2")
     names, train = read_split(tmp_path / "out", "train")

@@ -18,6 +18,9 @@ argument parser and ``main`` are used, nothing is copied).  Before handing over 
    available, else ``cpu`` (said on stderr), so the same command works on a CPU machine
    (``-m evaluate -e dev-best.ckpt`` included: s3prl never takes the device from a checkpoint).
 
+After ``-m evaluate`` it says on stderr that s3prl's ``test acc: X`` is a fraction of 1
+(0.9735 = 97.35 %), while this project's tables and README give percent.
+
 The ``upstream`` package is installed with this project (``pip install -e .``), so
 ``python -m upstream.run_downstream ...`` works from any directory as well.
 
@@ -37,6 +40,7 @@ Overrides (``-o``) are ``,,``-separated ``config.<path>=<python literal>`` or
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -45,6 +49,9 @@ from typing import Dict, List, Tuple
 from mam_clap_plugin.data.speech_commands import CLASSES as SC_CLASSES  # the 12 folders s3prl's test set reads
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+#: What s3prl's ``test acc: X`` means (the project's tables and the README give percent).
+ACCURACY_NOTE = "s3prl prints accuracy as a fraction of 1: 'test acc: 0.9735' is 97.35 %"
 
 #: The hub entry this launcher adds to ``s3prl.hub``.
 ENTRY = "supmam_clap_local"
@@ -79,6 +86,8 @@ def prepare():
     from upstream.compat import install_shims
 
     install_shims()
+    # s3prl's hub imports every upstream; one that needs ESPnet warns that it is missing, at every start
+    logging.getLogger("s3prl.upstream.espnet_hubert.expert").setLevel(logging.ERROR)
     from s3prl import hub
 
     register(hub)
@@ -212,6 +221,8 @@ def main() -> None:
         rd.main()
     finally:
         rd.get_downstream_args = original
+    if "evaluate" in argv and not {"-h", "--help"} & set(argv):
+        print(f"[run_downstream] {ACCURACY_NOTE}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -103,7 +103,8 @@ class TeacherInputs(Dataset):
         index = int(self.indices[i])
         try:
             wav = load_teacher_audio(self.manifest.full_path(index), self.sample_rate, self.num_samples,
-                                     where=self.manifest.where(index))
+                                     where=self.manifest.where(index),
+                                     expected_samples=int(self.manifest.sizes[index]))
         except AudioError as err:
             return index, None, str(err)
         return index, wav, None
@@ -168,5 +169,5 @@ def main(argv=None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except (TargetStoreError, AudioError, FileNotFoundError, ValueError) as err:
+    except (TargetStoreError, AudioError, OSError, ValueError) as err:  # OSError: a missing file, a full disk
         sys.exit(f"error: {err}")

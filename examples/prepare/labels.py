@@ -5,7 +5,9 @@
     python examples/prepare/labels.py esc50 MANIFEST_TSV --meta meta/esc50.csv --out-dir DIR
     python examples/prepare/labels.py speech_commands MANIFEST_TSV --out-dir DIR [--classes yes,no,...]
 
-The label file is named after the manifest (``train.tsv`` -> ``DIR/train.lbl``).  A manifest
+The label file is named after the manifest (``train.tsv`` -> ``DIR/train.lbl``). Speech
+Commands' classes are its folders: label train first; a later split (valid) then takes the
+class list that train wrote in ``DIR/classes.txt``, with a warning for a class it has no clip of.  A manifest
 entry without a label is an error naming it; ``--drop-unlabelled`` instead writes the labelled
 entries to ``DIR/{split}.tsv``; if that is the input manifest (``--out-dir`` = its folder) it is
 replaced and the original kept as ``DIR/{split}.unfiltered.tsv``.  An existing
@@ -18,6 +20,7 @@ import csv
 import os
 import posixpath
 import shutil
+import sys
 
 from mam_clap_plugin.data.manifest import (
     Manifest,
@@ -133,14 +136,36 @@ def esc50_labels(args: argparse.Namespace, manifest: Manifest) -> tuple[list[str
 
 # --------------------------------------------------------------------------- Speech Commands
 def speech_commands_labels(args: argparse.Namespace, manifest: Manifest) -> tuple[list[str], list]:
-    """Class = parent folder name; default classes = sorted folders except _background_noise_."""
+    """Class = parent folder name. The classes: ``--classes``; else an existing
+    ``DIR/classes.txt`` (so a later split, valid or test, takes train's list, even when the
+    random ``--valid-percent`` split left a class out of it); else the sorted folders except
+    ``_background_noise_``. A listed class with no clip in this split is a warning; a folder
+    missing from an existing list is an error, one missing from ``--classes`` an unlabelled
+    entry (see ``--drop-unlabelled``)."""
     folders = [posixpath.basename(posixpath.dirname(rel)) for rel in manifest.paths]
+    found = sorted({d for d in folders if d and d != BACKGROUND_NOISE})
+    existing = os.path.join(args.out_dir, "classes.txt")
     if args.classes:
         names = [c.strip() for c in args.classes.split(",") if c.strip()]
+    elif os.path.isfile(existing):
+        try:
+            names = read_class_list(existing)
+        except ManifestError as err:
+            fail(str(err))
+        extra = [d for d in found if d not in set(names)]
+        if extra:
+            fail(f"{existing} already exists with different classes: {len(names)}, without the folder(s) {extra} "
+                 f"of {manifest.path}. Label the split with every class first (train), use another --out-dir, or "
+                 "give --classes for every split")
+        print(f"classes from {existing} ({len(names)})")
     else:
-        names = sorted({d for d in folders if d and d != BACKGROUND_NOISE})
+        names = found
     if not names:
         fail(f"{manifest.path}: no class folders found")
+    absent = [n for n in names if n not in set(found)]
+    if absent:
+        print(f"warning: {manifest.path}: no clips of {len(absent)} of the {len(names)} classes: "
+              f"{', '.join(absent[:10])}{' ...' if len(absent) > 10 else ''}", file=sys.stderr)
     class_id = {name: i for i, name in enumerate(names)}
     return names, [[class_id[d]] if d in class_id else None for d in folders]
 
@@ -227,8 +252,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     subparsers["audioset"].add_argument("--class-index", required=True,
                                         help="class_labels_indices.csv")
     subparsers["esc50"].add_argument("--meta", required=True, help="meta/esc50.csv")
-    subparsers["speech_commands"].add_argument("--classes",
-                                               help="comma-separated class names (default: all folders)")
+    subparsers["speech_commands"].add_argument(
+        "--classes", help="comma-separated class names (default: DIR/classes.txt if it exists, else all folders)")
     return parser.parse_args(argv)
 
 

@@ -18,6 +18,11 @@ ROOT is an extracted Speech Commands archive (v0.02 for ``--version 2``, v0.01 f
   noise recordings (written to ``OUT/_silence_/``; every 10th piece goes to valid).
   The test split is SUPERB's test archive (``speech_commands_test_set_v0.01``, 12 class folders)
   when ``--test-root`` is given, else the files of ``testing_list.txt``.
+
+Incomplete data is refused, naming what is missing, unless ``--allow-partial`` (then a
+warning): for ``--version 2`` an archive without all 35 word folders of v0.02; for
+``--version 1`` a test split without ``--test-root`` (``testing_list.txt`` has no
+``_silence_`` clips, so the test split would lack that class).
 """
 from __future__ import annotations
 
@@ -33,7 +38,7 @@ from tqdm import tqdm
 
 from mam_clap_plugin.data.manifest import write_class_list, write_labels, write_manifest
 from mam_clap_plugin.data.speech_commands import CLASSES as SPC1_CLASSES
-from mam_clap_plugin.data.speech_commands import KEYWORDS
+from mam_clap_plugin.data.speech_commands import KEYWORDS, SPC2_WORDS
 
 NOISE = "_background_noise_"
 SAMPLE_RATE = 16000
@@ -77,20 +82,36 @@ def _silence_pieces(root: str, out: str) -> List[str]:
     return pieces
 
 
-def convert(root: str, out: str, version: int, test_root: str | None = None) -> Dict:
+class PartialDataError(ValueError):
+    """The archive lacks part of the data set (refused unless ``--allow-partial``)."""
+
+
+def _partial(message: str, allow_partial: bool) -> None:
+    if not allow_partial:
+        raise PartialDataError(f"{message}; pass --allow-partial to write the incomplete set anyway")
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def convert(root: str, out: str, version: int, test_root: str | None = None, allow_partial: bool = False) -> Dict:
     root, out = os.path.abspath(root), os.path.abspath(out)
-    os.makedirs(out, exist_ok=True)
     valid_list, test_list = _read_list(root, "validation_list.txt"), _read_list(root, "testing_list.txt")
     words = _words(root)
     if version == 2:
         classes = words
-        if len(classes) != 35:
-            print(f"warning: {len(classes)} word folders in {root}; Speech Commands v0.02 has 35", file=sys.stderr)
+        missing = [w for w in SPC2_WORDS if w not in words]
+        if missing:
+            _partial(f"{root}: {len(words)} word folders; Speech Commands v0.02 has 35, and {len(missing)} of them "
+                     f"are missing: {', '.join(missing)}", allow_partial)
     else:
         missing = [k for k in KEYWORDS if k not in words]
         if missing:
             raise FileNotFoundError(f"{root}: keyword folders {missing} missing (SPC-1 needs Speech Commands v0.01)")
         classes = list(SPC1_CLASSES)
+        if not test_root:
+            _partial("--version 1 without --test-root: the test split would be testing_list.txt's files, which have "
+                     "no _silence_ clips (SUPERB tests on speech_commands_test_set_v0.01: give it as --test-root)",
+                     allow_partial)
+    os.makedirs(out, exist_ok=True)
     class_id = {c: i for i, c in enumerate(classes)}
 
     def label(word: str) -> int:
@@ -136,8 +157,16 @@ def main(argv=None) -> int:
     p.add_argument("out", help="output directory for manifests, labels and classes.txt")
     p.add_argument("--version", type=int, choices=(1, 2), required=True, help="1: SPC-1 (SUPERB, 12), 2: SPC-2 (35)")
     p.add_argument("--test-root", help="SPC-1: extracted speech_commands_test_set_v0.01 (SUPERB's test set)")
+    p.add_argument("--allow-partial", action="store_true",
+                   help="write an incomplete set (word folders missing, or SPC-1 without --test-root) with a warning "
+                        "instead of refusing")
     args = p.parse_args(argv)
-    print(json.dumps(convert(args.root, args.out, args.version, args.test_root)))
+    try:
+        summary = convert(args.root, args.out, args.version, args.test_root, args.allow_partial)
+    except (PartialDataError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary))
     return 0
 
 

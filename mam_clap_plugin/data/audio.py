@@ -74,23 +74,50 @@ def _fail(path: str, where: str | None, problem: str) -> AudioError:
     return AudioError(f"{prefix}{path}: {problem}")
 
 
-def _read(path: str, max_ms: int | None, where: str | None) -> tuple[torch.Tensor, int]:
-    """Read the file (or its first ``max_ms`` milliseconds); returns ((S, C) float32, rate)."""
+#: How far a file may fall short of its manifest's sample count before it counts as truncated:
+#: 1% of the count or 0.1 s at the file's rate, whichever is more (decoders of compressed formats
+#: may disagree by a frame or so with the count a manifest tool wrote).
+SHORTFALL_FRACTION = 0.01
+SHORTFALL_SECONDS = 0.1
+
+
+def _check_length(path: str, where: str | None, expected: int, available: int, rate: int) -> None:
+    """AudioError if ``available`` samples fall short of the manifest's ``expected`` beyond the tolerance."""
+    allowed = max(expected * SHORTFALL_FRACTION, rate * SHORTFALL_SECONDS)
+    if expected > 0 and expected - available > allowed:
+        raise _fail(path, where, f"truncated audio: {available} samples, but the manifest says {expected} "
+                                 f"({expected - available} missing)")
+
+
+def _read(path: str, max_ms: int | None, where: str | None,
+          expected: int | None = None) -> tuple[torch.Tensor, int]:
+    """Read the file (or its first ``max_ms`` milliseconds); returns ((S, C) float32, rate).
+
+    With ``expected`` (the manifest's sample count at the file's rate), a file shorter than
+    that beyond the tolerance (:data:`SHORTFALL_FRACTION`, :data:`SHORTFALL_SECONDS`) raises
+    AudioError: its frame count says so, or fewer samples decode than the read asked for.
+    """
     if not os.path.isfile(path):
         raise _fail(path, where, "audio file not found")
     try:
         with soundfile.SoundFile(path) as sound:
             rate = sound.samplerate
             num = -1 if max_ms is None else -(-max_ms * rate // 1000)
+            if expected is not None:
+                _check_length(path, where, expected, sound.frames, rate)
             data = sound.read(frames=num, dtype="float32", always_2d=True)
     except (soundfile.SoundFileError, RuntimeError) as err:
         raise _fail(path, where, f"cannot read audio ({err})") from err
+    if expected is not None:
+        wanted = expected if num < 0 else min(num, expected)
+        _check_length(path, where, wanted, data.shape[0], rate)
     return torch.from_numpy(data), rate
 
 
-def _load_mono(path: str, max_ms: int | None, where: str | None) -> tuple[torch.Tensor, int]:
+def _load_mono(path: str, max_ms: int | None, where: str | None,
+               expected: int | None = None) -> tuple[torch.Tensor, int]:
     """Mono float32 waveform at the file's own rate, checked; returns ((S,), rate)."""
-    data, rate = _read(path, max_ms, where)
+    data, rate = _read(path, max_ms, where, expected)
     if data.shape[0] == 0:
         raise _fail(path, where, "audio is empty (0 samples)")
     wav = data[:, 0]
@@ -142,7 +169,8 @@ def fit_length(wav: torch.Tensor, num_samples: int) -> torch.Tensor:
     return torch.nn.functional.pad(wav, (0, num_samples - wav.shape[0]))
 
 
-def load_audio(path: str, max_frames: int | None = None, where: str | None = None) -> torch.Tensor:
+def load_audio(path: str, max_frames: int | None = None, where: str | None = None,
+               expected_samples: int | None = None) -> torch.Tensor:
     """Load a mono 16 kHz float32 waveform of shape (S,).
 
     Args:
@@ -153,19 +181,22 @@ def load_audio(path: str, max_frames: int | None = None, where: str | None = Non
             float rounding this does not change those frames: Kaldi fbank removes each
             frame's DC offset, so the waveform mean that ``wav_to_fbank`` subtracts cancels.
         where: location to prepend to error messages, e.g. ``"/data/train.tsv:12"``.
+        expected_samples: the manifest's sample count (at the file's rate): a file that falls
+            short of it beyond a small tolerance is truncated (AudioError).
 
     Raises:
-        AudioError: missing, unreadable, empty, or non-finite audio.
+        AudioError: missing, unreadable, empty, truncated, or non-finite audio.
     """
-    wav, rate = _load_mono(path, None if max_frames is None else _frames_ms(max_frames), where)
+    wav, rate = _load_mono(path, None if max_frames is None else _frames_ms(max_frames), where, expected_samples)
     return _resample(wav, rate, SAMPLE_RATE)
 
 
-def load_teacher_audio(path: str, sample_rate: int, num_samples: int, where: str | None = None) -> torch.Tensor:
+def load_teacher_audio(path: str, sample_rate: int, num_samples: int, where: str | None = None,
+                       expected_samples: int | None = None) -> torch.Tensor:
     """A teacher's input: the first ``num_samples`` samples at ``sample_rate``, (num_samples,)
-    float32, zero-padded at the end like the student's fbank. Raises AudioError."""
+    float32, zero-padded at the end like the student's fbank. Raises AudioError (see :func:`load_audio`)."""
     max_ms = -(-num_samples * 1000 // sample_rate)
-    wav, rate = _load_mono(path, max_ms, where)
+    wav, rate = _load_mono(path, max_ms, where, expected_samples)
     return fit_length(_resample(wav, rate, sample_rate), num_samples)
 
 
@@ -178,22 +209,23 @@ def _read_ms(max_frames: int, teacher_input: tuple[int, int] | None) -> int:
 
 
 def load_student_and_teacher_audio(path: str, max_frames: int, sample_rate: int, num_samples: int,
-                                   where: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                                   where: str | None = None,
+                                   expected_samples: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One read of the file for both inputs: ``load_audio(path, max_frames)`` and
     ``load_teacher_audio(path, sample_rate, num_samples)``."""
-    wav, rate = load_native_audio(path, max_frames, (sample_rate, num_samples), where)
+    wav, rate = load_native_audio(path, max_frames, (sample_rate, num_samples), where, expected_samples)
     student = _resample(wav[: frames_to_samples(max_frames, rate)], rate, SAMPLE_RATE)
     return student, fit_length(_resample(wav, rate, sample_rate), num_samples)
 
 
 def load_native_audio(path: str, max_frames: int, teacher_input: tuple[int, int] | None = None,
-                      where: str | None = None) -> tuple[torch.Tensor, int]:
+                      where: str | None = None, expected_samples: int | None = None) -> tuple[torch.Tensor, int]:
     """The start of a file at its own rate, mono and checked: as far as ``max_frames`` student
     frames (and an online teacher's ``(sample_rate, num_samples)``) need. Returns ((S,) float32,
     rate). The workers' part of ``task.fbank_on_device``: :func:`batch_resample` then resamples
     on the device, to the same samples as :func:`load_student_and_teacher_audio` / :func:`load_audio`.
-    Raises AudioError."""
-    return _load_mono(path, _read_ms(max_frames, teacher_input), where)
+    Raises AudioError (see :func:`load_audio`)."""
+    return _load_mono(path, _read_ms(max_frames, teacher_input), where, expected_samples)
 
 
 def batch_resample(wavs: torch.Tensor, lengths: torch.Tensor, rates, target_rate: int,

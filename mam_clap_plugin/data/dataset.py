@@ -9,6 +9,7 @@ dim), aligned to the student grid on the device by :func:`on_device` too.
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 import torch
@@ -18,6 +19,7 @@ from ..modules.precision import carry_exact, exact
 from .alignment import Alignment, align_tokens, loss_mask, real_time_patches
 from .audio import (
     NORM_STATS,
+    NUM_MEL_BINS,
     SAMPLE_RATE,
     AudioError,
     batch_fbank,
@@ -55,8 +57,9 @@ class MamClapDataset(FairseqDataset):
         alignment: teacher cell of each student token; required with a store or an online
             teacher (batches then carry the per-token ``target_mask``).
         freq_patches: frequency patches of the student grid (for ``target_mask``).
-        skip_bad_files: on an unusable audio file, log a warning and drop the item
-            instead of raising.
+        skip_bad_files: on an unusable audio file (missing, unreadable, empty, truncated
+            against the manifest's sample count, non-finite), log a warning and drop the item
+            instead of raising; batches count the dropped clips (see :meth:`collater`).
         shuffle: ``ordered_indices`` returns a random permutation (else manifest order).
         fbank_on_device: items carry the decoded waveform at the file's own rate instead of
             the fbank (and of the teacher's input); batches then need :func:`on_device` (with
@@ -120,52 +123,93 @@ class MamClapDataset(FairseqDataset):
         """(target_length, 128) normalised fbank of a 16 kHz waveform."""
         return normalize_fbank(wav_to_fbank(wav, self.target_length), self.norm_mean, self.norm_std)
 
+    @property
+    def clips_per_epoch(self) -> int:
+        """Clips one epoch draws from this dataset (the bound of ``task.max_skipped_fraction``)."""
+        return len(self)
+
     def _load(self, index: int) -> dict:
         """Fbank (and teacher input) of entry ``index``; raises AudioError."""
         path, where = self.manifest.full_path(index), self.manifest.where(index)
+        expected = int(self.manifest.sizes[index])
         if index in self.bad_target_clips:
             raise AudioError(f"{where}: {path}: marked unusable by the target extractor ({self.target_store.path})")
         item = {"id": index}
         if self.fbank_on_device:  # decode and downmix only: resampling and the fbank run on the device
-            wav, rate = load_native_audio(path, self.target_length, self.teacher_input, where=where)
+            wav, rate = load_native_audio(path, self.target_length, self.teacher_input, where=where,
+                                          expected_samples=expected)
             student = min(wav.shape[0], frames_to_samples(self.target_length, rate))
             item.update(audio=wav, rate=rate, student_samples=student)
             item["real_patches"] = real_time_patches(resampled_length(student, rate, SAMPLE_RATE), self.target_length)
             return item
         if self.teacher_input is not None:
             wav, item["teacher_wav"] = load_student_and_teacher_audio(
-                path, self.target_length, *self.teacher_input, where=where)
+                path, self.target_length, *self.teacher_input, where=where, expected_samples=expected)
         else:
-            wav = load_audio(path, max_frames=self.target_length, where=where)
+            wav = load_audio(path, max_frames=self.target_length, where=where, expected_samples=expected)
         item["source"] = self._fbank(wav)
         item["real_patches"] = real_time_patches(wav.shape[0], self.target_length)
         return item
 
-    def __getitem__(self, index) -> dict | None:
-        """Item dict (see collater), or None if the file is bad and skip_bad_files is set."""
+    def _explain(self, err: AudioError) -> AudioError:
+        """``err``, plus the likely cause when the manifest's root directory (its line 1) does not exist."""
+        root = self.manifest.root
+        if "audio file not found" in str(err) and not os.path.isdir(root):
+            return AudioError(f"{err}; the manifest's root directory {root!r} ({self.manifest.path}:1) does not "
+                              "exist: fix line 1 of the manifest (relative roots resolve against the directory "
+                              "training starts in)")
+        return err
+
+    def __getitem__(self, index) -> dict:
+        """Item dict (see collater); with skip_bad_files, a bad file gives ``{"id", "skipped": message,
+        "skipped_file": "manifest:line: path"}``."""
         index = int(index)
         try:
             item = self._load(index)
         except AudioError as err:
+            err = self._explain(err)
             if not self.skip_bad_files:
-                raise
+                raise err from None
             logger.warning("skipping bad audio file: %s", err)
-            return None
+            return {"id": index, "skipped": str(err),
+                    "skipped_file": f"{self.manifest.where(index)}: {self.manifest.full_path(index)}"}
         if self.labels is not None and "label" not in item:  # augmented items bring their mixed label
             item["label"] = self._multi_hot(index)
         if self.target_store is not None:
             item["target"] = torch.from_numpy(np.array(self.target_store[index]))  # the store's fp16 map
         return item
 
+    def placeholder_item(self) -> dict:
+        """An item of zeros shaped like a real one, with id -1: what a batch whose clips were all
+        skipped carries, so that every process still runs its forward and backward (the task
+        multiplies that loss by 0 and counts the clips; see :func:`is_skipped_batch`)."""
+        samples = frames_to_samples(self.target_length, SAMPLE_RATE)
+        item = {"id": -1, "real_patches": real_time_patches(samples, self.target_length)}
+        if self.fbank_on_device:
+            item.update(audio=torch.zeros(samples), rate=SAMPLE_RATE, student_samples=samples)
+        else:
+            item["source"] = torch.zeros(self.target_length, NUM_MEL_BINS)
+            if self.teacher_input is not None:
+                item["teacher_wav"] = torch.zeros(self.teacher_input[1])
+        if self.labels is not None:
+            item["label"] = torch.zeros(self.num_classes)
+        if self.target_store is not None:
+            item["target"] = torch.zeros(self.target_store.header.clip_shape, dtype=torch.float16)
+        return item
+
     def collater(self, samples: list[dict | None]) -> dict:
-        """Batch items; skipped (None) items are dropped.
+        """Batch items; skipped items (``{"id", "skipped"}``, or None) are dropped and counted.
 
         Returns:
-            {} if nothing is left, else ``{"id": (B,) long, "nsentences": B, "ntokens": B,
-            "num_skipped": int, "net_input": {"source": (B, 1, target_length, 128)}}`` (with
-            ``fbank_on_device``, instead of ``net_input``: ``"audio"`` (B, S) float32 as int32
-            bits, the clips at their own rates zero-padded; ``"audio_lengths"`` (B,) the
-            student's samples of each; ``"audio_rates"`` a list of B ints, host-side; and with
+            {} for no items at all (fairseq's padding of uneven shards), else ``{"id": (B,) long,
+            "nsentences": B, "ntokens": B, "num_skipped": int, "skipped_share": float (skipped
+            clips / :attr:`clips_per_epoch`), with skipped clips "skipped_files": ["manifest:line: path"]
+            and "skipped_reason": the first one's error,
+            "net_input": {"source": (B, 1, target_length, 128)}}``. When every item was skipped,
+            the batch holds one :meth:`placeholder_item` with ``nsentences`` 0 (see
+            :func:`is_skipped_batch`). With ``fbank_on_device``, instead of ``net_input``: ``"audio"``
+            (B, S) float32 as int32 bits, the clips at their own rates zero-padded; ``"audio_lengths"``
+            (B,) the student's samples of each; ``"audio_rates"`` a list of B ints, host-side; and with
             an online teacher ``"teacher_audio_lengths"`` (B,), the teacher's samples) plus
             ``"label"``: (B, num_classes) float, with labels;
             ``"target"``: (B, grid_freq, grid_time, dim) float16 teacher maps (the store's
@@ -176,15 +220,24 @@ class MamClapDataset(FairseqDataset):
             ``"target_mask"``: (B, N) bool, with either: True where a token enters the
             target loss (not pure padding, and inside the teacher's clip).
         """
-        kept = [s for s in samples if s is not None]
-        if not kept:
+        if not samples:
             return {}
+        kept = [s for s in samples if s is not None and "skipped" not in s]
+        skipped = [s for s in samples if s is not None and "skipped" in s]
+        num_skipped = len(samples) - len(kept)
+        clips = len(kept)
+        if not kept:
+            kept = [self.placeholder_item()]
         batch = {
             "id": torch.tensor([s["id"] for s in kept], dtype=torch.long),
-            "nsentences": len(kept),
-            "ntokens": len(kept),
-            "num_skipped": len(samples) - len(kept),
+            "nsentences": clips,
+            "ntokens": clips,
+            "num_skipped": num_skipped,
+            "skipped_share": num_skipped / max(self.clips_per_epoch, 1),
         }
+        if skipped:
+            batch["skipped_files"] = [s["skipped_file"] for s in skipped]
+            batch["skipped_reason"] = skipped[0]["skipped"]
         if self.fbank_on_device:
             lengths = [s["audio"].shape[0] for s in kept]
             audio = torch.zeros(len(kept), max(lengths))
@@ -235,6 +288,12 @@ class MamClapDataset(FairseqDataset):
         if self.shuffle:
             return np.random.permutation(len(self))
         return np.arange(len(self))
+
+
+def is_skipped_batch(sample: dict) -> bool:
+    """True for a batch whose clips were all skipped: it holds a placeholder and ``nsentences`` 0
+    (:meth:`MamClapDataset.collater`)."""
+    return bool(sample) and sample.get("nsentences", 1) == 0 and "num_skipped" in sample
 
 
 def on_device(sample: dict, target_length: int, norm_mean: float, norm_std: float, alignment: Alignment | None,

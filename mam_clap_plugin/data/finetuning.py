@@ -61,9 +61,13 @@ class FinetuningDataset(MamClapDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    @property
+    def clips_per_epoch(self) -> int:
+        return self.epoch_size if self.sample_weights is not None else len(self)
+
     def _wav(self, index: int):
         return load_audio(self.manifest.full_path(index), max_frames=self.target_length,
-                          where=self.manifest.where(index))
+                          where=self.manifest.where(index), expected_samples=int(self.manifest.sizes[index]))
 
     def _load(self, index: int) -> dict:
         if self.augment is None:

@@ -16,6 +16,12 @@ KEYWORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go
 #: ``_silence_`` (background noise). The one list: the data scripts and the upstream read it here.
 CLASSES = KEYWORDS + ("_unknown_", "_silence_")
 
+#: Speech Commands v0.02's 35 words (SPC-2's classes; v0.01 has 30 of them, without the last five
+#: words of v0.02: backward, follow, forward, learn, visual).
+SPC2_WORDS = ("backward", "bed", "bird", "cat", "dog", "down", "eight", "five", "follow", "forward", "four", "go",
+              "happy", "house", "learn", "left", "marvin", "nine", "no", "off", "on", "one", "right", "seven",
+              "sheila", "six", "stop", "three", "tree", "two", "up", "visual", "wow", "yes", "zero")
+
 #: s3prl's ``split_dataset``: ``max_uttr_per_class`` and the dev / dropped percentages.
 _MAX_UTTR = 2 ** 27 - 1
 

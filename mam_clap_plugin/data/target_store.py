@@ -13,7 +13,8 @@ Byte format of ``{split}.tgt`` (version 2)::
                (num_clips, grid_freq, grid_time, dim), clips in manifest order
 
 The file size is therefore exactly ``D + num_clips * grid_freq * grid_time * dim * 2``.
-The file is preallocated (sparse); the per-clip states let an interrupted extraction
+The file's blocks are allocated when it is created (``posix_fallocate``: a full disk is an
+``OSError`` then, naming the store and the bytes it needs); the per-clip states let an interrupted extraction
 resume, let several shard processes fill one file, and let training refuse a store
 that is not complete.
 
@@ -26,8 +27,10 @@ training reads it (:mod:`mam_clap_plugin.data.alignment`).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -300,11 +303,38 @@ class TargetStoreWriter:
         self.close()
 
 
-def _write_empty(path: str, header: TargetStoreHeader) -> None:
+def _allocate(f, path: str, size: int) -> None:
+    """Reserve ``size`` bytes of disk for the open file ``f``, so that a full disk is an error now
+    (an ``OSError`` naming ``path`` and the bytes needed), not a SIGBUS when a memory-mapped
+    write later lands on a hole. File systems without fallocate get a sparse file."""
+    try:
+        os.posix_fallocate(f.fileno(), 0, size)
+    except OSError as err:
+        if err.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            f.truncate(size)
+            return
+        directory = os.path.dirname(os.path.abspath(path))
+        try:
+            free = f"{shutil.disk_usage(directory).free} bytes free in {directory}"
+        except OSError:
+            free = f"free space in {directory} unknown"
+        raise OSError(err.errno, f"{path}: cannot allocate the target store: {size} bytes needed, {free} "
+                                 f"({err.strerror})") from err
+
+
+def _write_empty(path: str, header: TargetStoreHeader, store: str | None = None) -> None:
+    """Write a store with every clip pending, its blocks allocated; a failure removes ``path``
+    (errors name ``store``, the final name, when ``path`` is a temporary file)."""
     prefix = _encode_header(header)
-    with open(path, "wb") as f:
-        f.write(prefix)
-        f.truncate(len(prefix) + _round_up(header.num_clips) + header.data_bytes())
+    size = len(prefix) + _round_up(header.num_clips) + header.data_bytes()
+    try:
+        with open(path, "wb") as f:
+            f.write(prefix)
+            _allocate(f, store or path, size)
+    except BaseException:
+        if os.path.exists(path):
+            os.unlink(path)
+        raise
 
 
 def create_target_store(path: str, header: TargetStoreHeader) -> TargetStoreWriter:
@@ -318,20 +348,23 @@ def create_target_store(path: str, header: TargetStoreHeader) -> TargetStoreWrit
 def open_target_store_for_writing(path: str, header: TargetStoreHeader) -> TargetStoreWriter:
     """Create ``path``, or reopen it to resume, safely from several processes at once.
 
-    A new file is built under a temporary name and hard-linked into place, so exactly one
-    process creates it. An existing file must have been made for the same teacher, map
-    and clip count, else TargetStoreError lists the differences.
+    A new file is built under a temporary name (``path.tmp-PID``, its blocks allocated: a
+    full disk raises an ``OSError`` naming the store and the bytes it needs, and leaves no
+    temporary file) and hard-linked into place, so exactly one process creates it. An
+    existing file must have been made for the same teacher, map and clip count, else
+    TargetStoreError lists the differences.
     """
     header.validate(path)
     if not os.path.exists(path):
         tmp = f"{path}.tmp-{os.getpid()}"
-        _write_empty(tmp, header)
         try:
+            _write_empty(tmp, header, store=path)
             os.link(tmp, path)
         except FileExistsError:
             pass  # another shard created it first
         finally:
-            os.unlink(tmp)
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     existing, flags, data = read_header(path)
     diff = _mismatch(existing, header)
     if diff:

@@ -101,9 +101,8 @@ class MamClapClassifier(BaseFairseqModel):
                     cfg[key] = value
             logger.info(f"encoder from {cfg.model_path}: {cfg.encoder_layers} blocks x {cfg.encoder_embed_dim}, "
                         f"{cfg.max_frames} frames (pretrained with norm stats {bundle.norm_mean}, {bundle.norm_std})")
-        else:
+        else:  # random, or a checkpoint's weights come next (the fine-tuning task says which)
             encoder = AudioEncoder.from_model_config(cfg)
-            logger.info("encoder randomly initialised (model.model_path unset)")
         return cls(cfg, encoder.train())
 
     def layer_id(self, name: str) -> int:

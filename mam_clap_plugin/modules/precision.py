@@ -16,7 +16,15 @@ import torch.nn as nn
 
 class Fp32BatchNorm1d(nn.BatchNorm1d):
     """BatchNorm1d whose running statistics and affine parameters stay float32 whatever the model's
-    dtype; it normalises in float32 and returns the input's dtype."""
+    dtype; it normalises in float32 and returns the input's dtype.
+
+    A training batch of one clip (the last batch of an epoch on some process, or what skipping
+    left) has one value per channel: its batch variance is 0, so batch statistics would map
+    every input to the bias (PyTorch refuses it: "Expected more than 1 value per channel").
+    Such a batch is normalised with the running statistics instead, as in evaluation, and
+    leaves them unchanged: the clip still trains the branch (gradients flow through the
+    affine and the input), and the statistics only ever average batches of two or more.
+    """
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -27,6 +35,10 @@ class Fp32BatchNorm1d(nn.BatchNorm1d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
+            if self.training and self.track_running_stats and x.numel() == x.shape[1]:  # one value per channel
+                y = nn.functional.batch_norm(x.float(), self.running_mean, self.running_var, self.weight, self.bias,
+                                             False, 0.0, self.eps)
+                return y.to(x.dtype)
             return super().forward(x.float()).to(x.dtype)
 
 

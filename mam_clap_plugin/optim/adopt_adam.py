@@ -8,6 +8,12 @@ name needs changing. The original is kept as ``<checkpoint>.adam.bak``.
 
     python -m mam_clap_plugin.optim.adopt_adam checkpoints/mam/checkpoint_last.pt
 
+The checkpoint is read with ``torch.load(weights_only=True)`` and the globals fairseq
+checkpoints need (:func:`~mam_clap_plugin.files.fairseq_checkpoint_globals`), so no code from
+the file runs; a file that pickles anything else is refused, naming what, unless ``--trusted``
+is given. A checkpoint already relabelled is left as it is ("nothing to do"), so running the
+command twice is harmless.
+
 Why it lives in the runtime package: it is a user's command (``python -m ...`` from any
 directory, with nothing but the installed package), and it belongs to the optimizer whose
 state it prepares: :class:`~mam_clap_plugin.optim.mam_clap_adamw.MamClapAdamW` reads what it
@@ -18,24 +24,31 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 from typing import List, Optional
 
 import torch
+
+from ..files import CheckpointError, fairseq_checkpoint_globals, read_torch_file
 
 SAVED_NAME = "FairseqAdam"
 NEW_NAME = "MamClapAdamW"
 
 
-def adopt_adam_checkpoint(path: str) -> str:
-    """Relabel ``path``'s last optimizer-history entry; returns the backup's path."""
-    # a fairseq training checkpoint holds its config objects: it is this user's own file
-    state = torch.load(path, map_location="cpu", weights_only=False)
+def adopt_adam_checkpoint(path: str, trusted: bool = False) -> Optional[str]:
+    """Relabel ``path``'s last optimizer-history entry; returns the backup's path, or None when
+    the checkpoint already names ``MamClapAdamW`` (nothing to do).
+
+    Raises CheckpointError (unreadable, or pickled objects outside the allow-list without
+    ``trusted``) or ValueError (not a fairseq training checkpoint of fairseq's adam), naming ``path``.
+    """
+    state = read_torch_file(path, trusted, safe_globals=fairseq_checkpoint_globals(), trust_hint="--trusted")
     history = state.get("optimizer_history") if isinstance(state, dict) else None
     if not history:
         raise ValueError(f"{path}: not a fairseq training checkpoint (no optimizer_history)")
     name = history[-1].get("optimizer_name")
     if name == NEW_NAME:
-        raise ValueError(f"{path}: already written by {NEW_NAME}")
+        return None
     if name != SAVED_NAME:
         raise ValueError(
             f"{path}: its optimizer state is from {name}, not fairseq's adam ({SAVED_NAME}); resume with "
@@ -46,20 +59,35 @@ def adopt_adam_checkpoint(path: str) -> str:
     backup = path + ".adam.bak"
     shutil.copy2(path, backup)
     history[-1]["optimizer_name"] = NEW_NAME
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return backup
 
 
-def main(argv: Optional[List[str]] = None) -> None:
+def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", nargs="+", help="fairseq checkpoint(s) written with optimizer._name=adam")
+    p.add_argument("--trusted", action="store_true",
+                   help="load with weights_only=False: lets the file run code while it loads; only for files "
+                        "you trust that hold more than fairseq checkpoints need")
     args = p.parse_args(argv)
     for path in args.checkpoint:
-        backup = adopt_adam_checkpoint(path)
-        print(f"{path}: optimizer state relabelled for mam_clap_adamw (original kept as {backup})")
+        try:
+            backup = adopt_adam_checkpoint(path, args.trusted)
+        except (CheckpointError, ValueError, OSError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        if backup is None:
+            print(f"{path}: already relabelled for mam_clap_adamw ({NEW_NAME}); nothing to do")
+        else:
+            print(f"{path}: optimizer state relabelled for mam_clap_adamw (original kept as {backup})")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

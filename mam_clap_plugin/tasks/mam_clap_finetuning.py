@@ -32,7 +32,7 @@ from ..data.manifest import ManifestError, read_class_list, read_labels, read_ma
 from ..data.sampling import read_weights
 from ..models.encoder_config import ARCHITECTURE
 from ..modules.encoder import PATCH_SIZE
-from .base import FbankTask
+from .base import MAX_SKIPPED_FRACTION, MAX_SKIPPED_HELP, FbankTask
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ class MamClapFinetuningConfig(FairseqDataclass):
     skip_bad_files: bool = field(
         default=False, metadata={"help": "skip (and count) unreadable audio instead of stopping with an error"}
     )
+    max_skipped_fraction: float = field(default=MAX_SKIPPED_FRACTION, metadata={"help": MAX_SKIPPED_HELP})
     mixup: float = field(
         default=0.0, metadata={"help": "probability of mixing a training clip with another (AudioMAE 0.5)"}
     )
@@ -137,6 +138,8 @@ class MamClapFinetuningTask(FbankTask):
                 )
             if from_checkpoint:
                 cfg.model_path = None
+        if not from_checkpoint and not cfg.get("model_path"):
+            logger.info("encoder randomly initialised (model.model_path unset)")
         model = super().build_model(cfg, from_checkpoint)
         with open_dict(cfg):
             for key in ARCHITECTURE:

@@ -18,6 +18,10 @@ Teacher targets come from one of two places:
   ``train_step`` / ``valid_step``. It is held by the task, not the model: frozen, in eval
   mode, outside the optimizer, outside saved checkpoints and outside ``model.train()``.
 
+Checkpoints record where their targets came from (the teacher's name, checkpoint sha256, layer
+and projection, and whether a store or the online teacher gave them); resuming with targets
+of another teacher is refused unless ``task.allow_target_source_change=true``.
+
 Offline targets cross the data loader as the store's float16 maps; ``train_step`` /
 ``valid_step`` align them to the student grid on the model's device. With
 ``task.fbank_on_device=true`` the workers only read and downmix the audio, and resampling,
@@ -45,7 +49,7 @@ from ..files import file_sha256
 from ..modules.encoder import PATCH_SIZE
 from ..modules.precision import exact
 from ..teacher import load_clap_teacher
-from .base import FbankTask
+from .base import MAX_SKIPPED_FRACTION, MAX_SKIPPED_HELP, FbankTask
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +97,12 @@ class MamClapPretrainingConfig(FairseqDataclass):
     skip_bad_files: bool = field(
         default=False, metadata={"help": "skip (and count) unreadable audio instead of stopping with an error"}
     )
+    max_skipped_fraction: float = field(default=MAX_SKIPPED_FRACTION, metadata={"help": MAX_SKIPPED_HELP})
+    allow_target_source_change: bool = field(
+        default=False,
+        metadata={"help": "resume a checkpoint whose teacher targets came from another teacher (checkpoint sha256, "
+                          "layer or projection) than this run's store or online teacher; refused otherwise"},
+    )
     fbank_on_device: bool = field(
         default=False,
         metadata={"help": "data loader workers only read and downmix the audio; resampling (to 16 kHz, and to an "
@@ -129,6 +139,7 @@ class MamClapPretrainingTask(FbankTask):
         self._target_header = None
         self._teacher = None
         self._alignment = None
+        self._target_source = None
 
     @classmethod
     def setup_task(cls, cfg: MamClapPretrainingConfig, **kwargs):
@@ -194,6 +205,49 @@ class MamClapPretrainingTask(FbankTask):
                 self._alignment = alignment(t.grid[0], t.grid[1], t.seconds, t.freq_edges_hz(), time_patches,
                                             FREQ_PATCHES)
         return self._alignment
+
+    @property
+    def target_source(self) -> Optional[dict]:
+        """Where this run's teacher targets come from: ``{"kind": "store"|"online", "teacher",
+        "checkpoint_sha256", "layer", "projection"}``; None without teacher targets."""
+        if self._target_source is None:
+            cfg = self.cfg
+            if self.target_header is not None:
+                h = self.target_header
+                self._target_source = {"kind": "store", "teacher": h.teacher, "checkpoint_sha256": h.checkpoint_sha256,
+                                       "layer": h.layer, "projection": h.projection}
+            elif self.teacher is not None:
+                self._target_source = {"kind": "online", "teacher": self.teacher.name,
+                                       "checkpoint_sha256": file_sha256(cfg.teacher_checkpoint),
+                                       "layer": str(cfg.teacher_layer), "projection": bool(cfg.teacher_projection)}
+        return self._target_source
+
+    def get_checkpoint_dict(self) -> dict:
+        """Saved with every training checkpoint (fairseq's ``extra_state``): the target source."""
+        return {type(self).__name__: {"target_source": self.target_source}}
+
+    def set_checkpoint_dict(self, state: dict) -> None:
+        """On resume: refuse targets from another teacher than the checkpoint's, unless
+        ``task.allow_target_source_change``; say so when only the way they arrive changed."""
+        saved, current = state.get("target_source"), self.target_source
+        if not saved or not current:
+            return
+        differ = [k for k in ("teacher", "checkpoint_sha256", "layer", "projection") if saved.get(k) != current[k]]
+        if differ and not self.cfg.allow_target_source_change:
+            raise TargetStoreError(
+                "the checkpoint being resumed was trained on targets of another teacher: "
+                + "; ".join(f"{k} {saved.get(k)!r} ({saved.get('kind')}) vs {current[k]!r} ({current['kind']})"
+                            for k in differ)
+                + ". Resume with the same targets, start a new run (another checkpoint.save_dir), or set "
+                "task.allow_target_source_change=true"
+            )
+        if differ:
+            logger.warning(f"resuming with targets of another teacher ({', '.join(differ)} differ; "
+                           "task.allow_target_source_change=true)")
+        elif saved.get("kind") != current["kind"]:
+            source = {"store": "a target store", "online": "the online teacher"}
+            logger.info(f"resuming with the same teacher's targets, now from {source[current['kind']]} "
+                        f"(the checkpoint's came from {source.get(saved.get('kind'), saved.get('kind'))})")
 
     def _read_store_header(self):
         """Header shared by every ``*.tgt`` store in task.target_store, checked against task.teacher_*."""

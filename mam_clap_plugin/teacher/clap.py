@@ -45,7 +45,7 @@ import torch.nn.functional as F
 import torchaudio
 from torch import Tensor, nn
 
-from ..files import CheckpointError, read_torch_file
+from ..files import CheckpointError, numpy_scalar_globals, read_torch_file
 from .htsat import HTSAT, fold_spectrogram
 
 LAYERS = ("final", "stage3")
@@ -294,18 +294,6 @@ class ClapTeacher(nn.Module):
 # Loading
 
 
-def _numpy_scalar_globals() -> list:
-    """numpy scalar and dtype classes: what released CLAP checkpoints pickle besides tensors
-    (e.g. an epoch or a metric as a numpy scalar). Allowed in weights-only loading: they
-    rebuild plain values and run no code from the file."""
-    import numpy as np
-
-    core = getattr(np, "_core", None) or np.core
-    dtypes = [getattr(np.dtypes, n) for n in ("Float64DType", "Float32DType", "Float16DType", "Int64DType",
-                                               "Int32DType", "BoolDType") if hasattr(np, "dtypes")]
-    return [core.multiarray.scalar, np.dtype, *dtypes]
-
-
 def _read_state_dict(path: str, trusted: bool) -> dict[str, Tensor]:
     """The checkpoint's model state dict, "module." prefixes removed.
 
@@ -313,7 +301,7 @@ def _read_state_dict(path: str, trusted: bool) -> dict[str, Tensor]:
     (arbitrary pickled objects) is refused unless ``trusted``, which unpickles it fully as
     LAION-CLAP's and MS-CLAP's own loaders do.
     """
-    ckpt = read_torch_file(path, trusted, safe_globals=_numpy_scalar_globals(), error=ClapCheckpointError,
+    ckpt = read_torch_file(path, trusted, safe_globals=numpy_scalar_globals(), error=ClapCheckpointError,
                            what="CLAP checkpoint",
                            trust_hint="trusted=True (task.teacher_trusted=true, extract_clap_targets.py --trusted)")
     if not isinstance(ckpt, dict):
