@@ -32,7 +32,6 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,7 +40,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from benchmarks.machine import machine_info
+from benchmarks.machine import git_commit, machine_info
 from benchmarks.measure import log
 from benchmarks.student_step import NUM_CLASSES, TEACHER_DIM, VARIANTS, load_variant, make_batch
 from mam_clap_plugin.criterions.supmam_clap import (
@@ -144,14 +143,6 @@ def markdown_table(rows: List[Dict[str, Any]]) -> str:
         lines.append(f"| {r['variant']} | {kind} | {r['lambda_cls']:g} | {target} | {fmt(r['loss_cls'])} "
                      f"| {vm} | {ratio} |")
     return "\n".join(lines)
-
-
-def git_commit() -> Optional[str]:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
