@@ -206,3 +206,39 @@ def test_norm_stats_subset():
     assert len(subset) == 4 and len(set(subset.tolist())) == 4 and list(subset) == sorted(subset)
     assert subset.tolist() == module.choose_clips(10, 4, seed=0).tolist()
     assert module.choose_clips(3, 5, seed=0).tolist() == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_docs_labelling_every_split_runs_verbatim(tmp_path):
+    """docs/data.md "Labelling every split": the manifest and both labels.py commands as shown, in a
+    scratch directory holding a Speech Commands-like folder (4 words, background noise) with
+    ``examples/`` linked in. valid takes train's class list; a class valid lacks is a warning."""
+    from . import readme
+
+    cmds = [c for c, _ in readme.command_lines(readme.section("### Labelling every split"))]
+    assert [c.split()[1] for c in cmds] == ["examples/prepare/manifest.py", "examples/prepare/labels.py",
+                                            "examples/prepare/labels.py"]
+    root = tmp_path / "speech_commands_v0.02"
+    words = ["yes", "no", "up", "down"]
+    for w, word in enumerate(words):
+        for k in range(6 if word != "up" else 1):  # one "up" clip: the 10% valid split will likely miss it
+            write_wav(root / word / f"s{k}_nohash_0.wav", 1600, seed=10 * w + k)
+    write_wav(root / "_background_noise_" / "noise.wav", 16000, seed=99)
+    os.symlink(REPO / "examples", tmp_path / "examples")
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    outs = []
+    for command in cmds:
+        proc = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0, (command, proc.stderr[-3000:])
+        outs.append(proc.stderr)
+    classes = (tmp_path / "manifests" / "classes.txt").read_text().split()
+    assert sorted(classes) == sorted(words)
+    valid = (tmp_path / "manifests" / "valid.tsv").read_text().splitlines()[1:]
+    labels = (tmp_path / "manifests" / "valid.lbl").read_text().splitlines()
+    assert len(valid) == len(labels) > 0
+    for line, label in zip(valid, labels):
+        assert classes[int(label)] == line.split("/")[0]
+    missing = [w for w in words if not any(line.startswith(w + "/") for line in valid)]
+    for word in missing:
+        assert "warning" in outs[2] and word in outs[2]

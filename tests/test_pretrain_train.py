@@ -382,3 +382,19 @@ def test_docs_continue_from_audiomae_weights_run_verbatim(tone_set, tmp_path):
     rc, text = run_readme(train, tmp_path, *tiny, "optimization.max_update=3", log="again.log")
     assert rc == 0, text[-3000:]
     assert "resuming wins over encoder_init" in text and updates(text) == [3]
+
+
+def test_docs_short_run_and_skip_commands_run_verbatim(scratch):
+    """docs/pretraining.md's "Short runs" command and its bad-input skipping example, as shown, in a
+    scratch directory (fewer updates appended): each trains and writes its own checkpoint folder;
+    with fewer updates than the warmup, the run warns that the lr never leaves the warmup."""
+    short = readme.commands(readme.section("## Short runs"))
+    skip = [c for c in readme.commands(readme.section("## Resuming, several processes, bad input"))
+            if "task.skip_bad_files=true" in c]
+    assert len(short) == 1 and len(skip) == 1
+    for command, folder in ((short[0], "supmam_short"), (skip[0], "supmam_skip")):
+        rc, text = run_readme(command, scratch, "optimization.max_update=3", log=f"{folder}.log")
+        assert rc == 0, text[-3000:]
+        assert updates(text)[-1] == 3 and (scratch / "checkpoints" / folder / "checkpoint_last.pt").is_file()
+        # 3 updates: under the short run's 20 warmup updates (a warning), over the skip example's 2
+        assert ("the lr never leaves its warmup ramp" in text) == (folder == "supmam_short")
