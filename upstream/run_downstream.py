@@ -51,7 +51,7 @@ from mam_clap_plugin.data.speech_commands import CLASSES as SC_CLASSES  # the 12
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 #: What s3prl's ``test acc: X`` means (the project's tables and the README give percent).
-ACCURACY_NOTE = "s3prl prints accuracy as a fraction of 1: 'test acc: 0.9735' is 97.35 %"
+ACCURACY_NOTE = "s3prl prints accuracy as a fraction of 1: 0.9735 there is 97.35 %"
 
 #: The hub entry this launcher adds to ``s3prl.hub``.
 ENTRY = "supmam_clap_local"
