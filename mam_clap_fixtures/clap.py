@@ -13,23 +13,22 @@ import os
 import torch
 from torch import Tensor
 
-from mam_clap_plugin.teacher.clap import HEADS, LAYOUTS, SIZES, Architecture, AudioBranch, FrontEnd, mel_filterbank
+from mam_clap_plugin.teacher.clap import (
+    HEADS,
+    LAYOUTS,
+    SIZES,
+    Architecture,
+    AudioBranch,
+    FrontEnd,
+    dft_weights,
+    mel_filterbank,
+)
+
+__all__ = ["dft_weights", "random_audio_state", "save_random_clap_checkpoint"]
 
 #: Classes of the HTS-AT AudioSet tagging head (``tscam_conv``, ``head``) the checkpoints carry.
 NUM_CLASSES = 527
 _FRONT_END_KEYS = ("spectrogram_extractor.", "logmel_extractor.", "bn0.")
-
-
-def dft_weights(n_fft: int) -> tuple[Tensor, Tensor]:
-    """Hann-windowed (periodic) DFT rows as conv1d weights, each (n_fft // 2 + 1, 1, n_fft) float32:
-    real = cos(2 pi k n / N) w[n], imag = -sin(2 pi k n / N) w[n] (torchlibrosa's ``STFT``)."""
-    n = torch.arange(n_fft, dtype=torch.float64)
-    window = 0.5 - 0.5 * torch.cos(2 * math.pi * n / n_fft)
-    k = torch.arange(n_fft // 2 + 1, dtype=torch.float64)
-    phase = 2 * math.pi * ((k[:, None] * n[None, :]) % n_fft) / n_fft
-    real = (torch.cos(phase) * window)[:, None, :].float()
-    imag = (-torch.sin(phase) * window)[:, None, :].float()
-    return real, imag
 
 
 def random_audio_state(arch: Architecture, fe: FrontEnd, gen: torch.Generator) -> dict[str, Tensor]:

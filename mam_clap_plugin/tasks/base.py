@@ -4,7 +4,7 @@ from fairseq.tasks import FairseqTask
 
 
 class FbankTask(FairseqTask):
-    """Base of ``mam_clap_pretraining`` and ``mam_clap_finetuning`` (not registered)."""
+    """Base of ``mam_clap_pretraining``, ``mam_clap_finetuning`` and ``clap_teacher`` (not registered)."""
 
     def get_batch_iterator(self, dataset, **kwargs):
         """fairseq's batch iterator, without its prefetch thread when there are no workers.
