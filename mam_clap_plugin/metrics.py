@@ -173,7 +173,7 @@ def retrieval_metrics(audio: np.ndarray, text: np.ndarray, captions: List[str], 
     clip's caption queries the clips; a hit at k when a clip with that caption ranks within the top
     k. Averages over the N clips; ties rank in the query's favour. ``chance`` is the expected
     recall of a random ranking: min(k, U) / U, and 1 - C(N - m, k) / C(N, k) for a caption that m
-    of the N clips share.
+    of the N clips share (k capped at N).
     """
     from math import comb
 
@@ -197,7 +197,8 @@ def retrieval_metrics(audio: np.ndarray, text: np.ndarray, captions: List[str], 
         recall[f"a2t_r{k}"] = 100.0 * float((a2t_rank < k).mean())
         recall[f"t2a_r{k}"] = 100.0 * float((t2a_rank < k).mean())
         chance[f"a2t_r{k}"] = 100.0 * min(k, u) / u
-        chance[f"t2a_r{k}"] = 100.0 * float(np.mean([1.0 - comb(n - sizes[g], k) / comb(n, k) for g in group]))
+        top = min(k, n)
+        chance[f"t2a_r{k}"] = 100.0 * float(np.mean([1.0 - comb(n - sizes[g], top) / comb(n, top) for g in group]))
     order = [f"{d}_r{k}" for d in ("a2t", "t2a") for k in ks]
     return RetrievalResult({k: recall[k] for k in order}, {k: chance[k] for k in order}, n, u)
 

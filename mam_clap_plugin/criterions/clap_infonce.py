@@ -95,7 +95,7 @@ class ClapInfoNceCriterion(FairseqCriterion):
         if not self.training:
             log_retrieval(sample["id"], out["audio"], out["text"], sample["net_input"]["captions"])
         log = {
-            "loss": loss.detach() * world,  # summed over the W ranks and divided by their W sample sizes: the loss
+            "loss": loss.detach(),  # the same global loss on every rank: summed over the ranks / their sample sizes
             "scale": out["scale"].detach(),
             "sample_size": 1,
             "nsentences": sample["nsentences"],
