@@ -366,7 +366,7 @@ def extract_targets(data_dir: str, out_dir: str, teacher: dict, name: str = "cla
     return {**teacher, "store": store, "extraction": runs, "seconds": round(time.time() - start, 1)}
 
 
-def superb_ks(checkpoint: str, out_dir: str, seed: int, total_steps: int = 800, eval_step: int = 200,
+def superb_ks(checkpoint: str, out_dir: str, seed: int, total_steps: int = 400, eval_step: int = 100,
               lr: float = 1e-3, upstreams=UPSTREAMS) -> dict:
     """SUPERB keyword spotting through s3prl on the demo keyword set: the pretrained encoder
     (``supmam_clap_local``) against s3prl's ``fbank`` baselines, a short CPU schedule, same
