@@ -32,6 +32,7 @@ from fairseq.models import BaseFairseqModel, register_model
 
 from ..modules.precision import exact
 from ..modules.text import SentencePieceTokenizer, TextTower
+from ..optim import set_overrides
 from ..teacher.clap import SIZES, AudioBranch, FrontEnd, LaionProjection
 from ..teacher.htsat import SPEC_SIZE
 
@@ -130,6 +131,9 @@ class ClapTeacherModel(BaseFairseqModel):
         self.audio_branch.bn0 = GlobalBatchNorm2d(cfg.mel_bins)
         self.audio_branch.init_front_end(cfg.sample_rate, cfg.fmin, cfg.fmax)
         self.audio_branch.apply(_init_swin)
+        for m in self.audio_branch.modules():  # no weight decay on the relative position biases (as Swin)
+            if hasattr(m, "relative_position_bias_table"):
+                set_overrides(m.relative_position_bias_table, weight_decay=0.0)
         self.audio_projection = LaionProjection(self.audio_branch.num_features, cfg.embed_dim)
         self.text_branch = TextTower(cfg.vocab_size, cfg.text_embed_dim, cfg.text_layers, cfg.text_attention_heads,
                                      cfg.max_text_tokens, cfg.mlp_ratio)

@@ -1,7 +1,9 @@
 """A frozen CLAP audio tower (HTS-AT) as a teacher producing token maps.
 
 ``load_clap_teacher(path)`` reads a LAION-CLAP or MS-CLAP (2023) checkpoint, infers the HTS-AT
-size from the tensor shapes, loads every audio weight strictly and returns a :class:`ClapTeacher`:
+size from the tensor shapes, loads every audio weight strictly and returns a :class:`ClapTeacher`
+(the teacher contract of :mod:`.base`; :func:`mam_clap_plugin.teacher.load_teacher` picks this
+loader, or the caption teachers' of :mod:`.caption`, which shares :func:`build_audio_branch`):
 
     wav (B, num_samples) float32 -> (B, grid_freq, grid_time, dim) float32
 
@@ -246,7 +248,8 @@ class ClapTeacher(nn.Module):
     log and first BatchNorm always run in float32 (the power spectrum exceeds fp16's range);
     the transformer runs in float32, or under autocast to ``autocast_dtype`` (bfloat16 or
     float16) when that is set. The map is returned in float32.
-    Build it with :func:`load_clap_teacher`.
+    Build it with :func:`mam_clap_plugin.teacher.load_teacher` (any registered format) or
+    :func:`load_clap_teacher`.
     """
 
     autocast_dtype: torch.dtype | None = None
