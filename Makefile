@@ -61,6 +61,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_upstream --out outputs/bench/upstream.json
 	$(BIN)/python -m benchmarks.bench_optimizer --out outputs/bench/optimizer.json
 	$(BIN)/python -m benchmarks.bench_finetune --out outputs/bench/finetune.json
+	$(BIN)/python -m benchmarks.bench_teacher --out outputs/bench/teacher.json
 
 # Re-resolve requirements*.txt without the old pins in a scratch venv and rewrite
 # constraints.txt from it; then run `make test` (it reinstalls .venv from the new file).

@@ -39,6 +39,7 @@ setup(
         "scikit-learn>=1.2",
         "tqdm>=4.60",
         "safetensors>=0.4",
+        "sentencepiece>=0.2",  # the caption teacher's tokenizer (examples/teacher)
         "hydra-core>=1.3,<1.4",
         "omegaconf>=2.3,<2.4",
     ],

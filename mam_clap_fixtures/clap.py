@@ -1,9 +1,11 @@
-"""Randomly initialised CLAP checkpoints in the real LAION-CLAP and MS-CLAP 2023 layouts.
+"""Randomly initialised CLAP checkpoints in the real LAION-CLAP and MS-CLAP 2023 layouts, and
+untrained caption teachers in the layout ``examples/teacher`` training writes.
 
 :func:`save_random_clap_checkpoint` writes what :func:`mam_clap_plugin.teacher.load_clap_teacher`
 reads: the real audio key names and shapes of HTSAT-``size`` (or a small test geometry), the
 real front end (Hann-windowed DFT rows, the layout's Slaney mel filterbank, valid BatchNorm
 statistics), the HTS-AT tagging head and a few text-branch tensors. Deterministic for a seed.
+:func:`save_random_caption_teacher` writes a ``clap_teacher`` model at initialisation.
 """
 from __future__ import annotations
 
@@ -13,23 +15,22 @@ import os
 import torch
 from torch import Tensor
 
-from mam_clap_plugin.teacher.clap import HEADS, LAYOUTS, SIZES, Architecture, AudioBranch, FrontEnd, mel_filterbank
+from mam_clap_plugin.teacher.clap import (
+    HEADS,
+    LAYOUTS,
+    SIZES,
+    Architecture,
+    AudioBranch,
+    FrontEnd,
+    dft_weights,
+    mel_filterbank,
+)
+
+__all__ = ["dft_weights", "random_audio_state", "save_random_caption_teacher", "save_random_clap_checkpoint"]
 
 #: Classes of the HTS-AT AudioSet tagging head (``tscam_conv``, ``head``) the checkpoints carry.
 NUM_CLASSES = 527
 _FRONT_END_KEYS = ("spectrogram_extractor.", "logmel_extractor.", "bn0.")
-
-
-def dft_weights(n_fft: int) -> tuple[Tensor, Tensor]:
-    """Hann-windowed (periodic) DFT rows as conv1d weights, each (n_fft // 2 + 1, 1, n_fft) float32:
-    real = cos(2 pi k n / N) w[n], imag = -sin(2 pi k n / N) w[n] (torchlibrosa's ``STFT``)."""
-    n = torch.arange(n_fft, dtype=torch.float64)
-    window = 0.5 - 0.5 * torch.cos(2 * math.pi * n / n_fft)
-    k = torch.arange(n_fft // 2 + 1, dtype=torch.float64)
-    phase = 2 * math.pi * ((k[:, None] * n[None, :]) % n_fft) / n_fft
-    real = (torch.cos(phase) * window)[:, None, :].float()
-    imag = (-torch.sin(phase) * window)[:, None, :].float()
-    return real, imag
 
 
 def random_audio_state(arch: Architecture, fe: FrontEnd, gen: torch.Generator) -> dict[str, Tensor]:
@@ -131,4 +132,25 @@ def save_random_clap_checkpoint(path: str, layout: str = "laion", size: str = "t
         ckpt = {"model": state}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torch.save(ckpt, path)
+    return path
+
+
+def save_random_caption_teacher(path: str, model_cfg: dict, tokenizer: bytes, seed: int = 0) -> str:
+    """Write an untrained caption teacher (model ``clap_teacher``, initialised as training starts it,
+    under ``torch.manual_seed(seed)``) in the layout fairseq's trainer saves: ``{"cfg": {"model":
+    ...}, "model": state dict}``, which :func:`mam_clap_plugin.teacher.load_teacher` reads as a
+    caption teacher. ``model_cfg``: ``model.*`` settings (e.g. the composed config's); the
+    vocabulary size comes from ``tokenizer`` (a sentencepiece model's bytes). Needs fairseq."""
+    import dataclasses
+
+    import sentencepiece
+
+    from mam_clap_plugin.models.clap_teacher import ClapTeacherModel
+
+    cfg = {**model_cfg, "vocab_size": sentencepiece.SentencePieceProcessor(model_proto=tokenizer).get_piece_size()}
+    torch.manual_seed(seed)
+    model = ClapTeacherModel.from_config_dict(cfg, tokenizer)
+    saved = {**dataclasses.asdict(model.cfg), "_name": "clap_teacher"}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.save({"cfg": {"model": saved}, "model": model.state_dict()}, path)
     return path

@@ -148,3 +148,124 @@ def log_clip_scores(ids: torch.Tensor, scores: torch.Tensor, labels: torch.Tenso
 def per_class_ap(result: ClassificationResult, class_names: List[str]) -> Dict[str, float]:
     """Per-class AP (percent) by class name; classes without a positive are omitted."""
     return {name: float(ap) for name, ap in zip(class_names, result.per_class_ap) if np.isfinite(ap)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Retrieval (caption-trained CLAP teachers)
+
+#: The recall@k of :func:`retrieval_metrics`.
+RECALL_AT = (1, 5, 10)
+
+
+class RetrievalResult(NamedTuple):
+    """Recall@k in percent for both directions (``a2t_r1`` ... ``t2a_r10``), their mean
+    (``mean_recall``), the same for a random ranking (``chance``), and the counts."""
+
+    recall: Dict[str, float]
+    chance: Dict[str, float]
+    num_clips: int
+    num_captions: int
+
+    @property
+    def mean_recall(self) -> float:
+        return float(np.mean(list(self.recall.values())))
+
+
+def retrieval_metrics(audio: np.ndarray, text: np.ndarray, captions: List[str], ks=RECALL_AT) -> RetrievalResult:
+    """Audio->text and text->audio recall@k of clip embeddings ``audio`` (N, E) against the
+    embeddings ``text`` (N, E) of their captions (``captions[i]`` is clip i's caption).
+
+    Identical caption strings are one caption (a data set whose captions come from class names and
+    templates repeats them): the caption gallery is the distinct captions. Audio->text: clip i
+    queries the gallery; a hit at k when its caption ranks within the top k. Text->audio: each
+    clip's caption queries the clips; a hit at k when a clip with that caption ranks within the top
+    k. Averages over the N clips; ties rank in the query's favour. ``chance`` is the expected
+    recall of a random ranking: min(k, U) / U, and 1 - C(N - m, k) / C(N, k) for a caption that m
+    of the N clips share (k capped at N).
+    """
+    from math import comb
+
+    audio, text = np.asarray(audio, dtype=np.float64), np.asarray(text, dtype=np.float64)
+    n = len(captions)
+    if audio.shape[0] != n or text.shape[0] != n or n == 0:
+        raise ValueError(f"retrieval needs as many audio ({audio.shape[0]}) and text ({text.shape[0]}) embeddings "
+                         f"as captions ({n}), at least one")
+    distinct = {}
+    group = np.array([distinct.setdefault(c, len(distinct)) for c in captions])
+    first = np.array([captions.index(c) for c in distinct])
+    sims = audio @ text[first].T  # (N, U)
+    own = sims[np.arange(n), group]
+    a2t_rank = (sims > own[:, None]).sum(axis=1)  # distinct captions scoring above the clip's own
+    best_own = np.full(len(distinct), -np.inf)  # per caption: its best-scoring clip among those it captions
+    np.maximum.at(best_own, group, own)
+    t2a_rank = (sims > best_own[None, :]).sum(axis=0)[group]  # clips above the query caption's best clip
+    u, sizes = len(distinct), np.bincount(group)
+    recall, chance = {}, {}
+    for k in ks:
+        recall[f"a2t_r{k}"] = 100.0 * float((a2t_rank < k).mean())
+        recall[f"t2a_r{k}"] = 100.0 * float((t2a_rank < k).mean())
+        chance[f"a2t_r{k}"] = 100.0 * min(k, u) / u
+        top = min(k, n)
+        chance[f"t2a_r{k}"] = 100.0 * float(np.mean([1.0 - comb(n - sizes[g], top) / comb(n, top) for g in group]))
+    order = [f"{d}_r{k}" for d in ("a2t", "t2a") for k in ks]
+    return RetrievalResult({k: recall[k] for k in order}, {k: chance[k] for k in order}, n, u)
+
+
+def gather_objects(obj) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` through ``all_gather_object`` (``[obj]`` in one process)."""
+    if _world_size() == 1:
+        return [obj]
+    parts: List[Optional[object]] = [None] * _world_size()
+    torch.distributed.all_gather_object(parts, obj)
+    return parts
+
+
+class RetrievalMeter(Meter):
+    """Collects (clip id, audio embedding, text embedding, caption) over one validation pass; its
+    value is the mean recall of :func:`retrieval_metrics` over every process's clips (each clip
+    once, by id, as :func:`gather_clips`). Lives in a validation pass's temporary aggregator only."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.rows: List[tuple] = []
+        self._result: Optional[RetrievalResult] = None
+
+    def update(self, ids, audio, text, captions):
+        self.rows.append((np.asarray(ids, dtype=np.int64), np.asarray(audio, dtype=np.float32),
+                          np.asarray(text, dtype=np.float32), list(captions)))
+        self._result = None
+
+    @property
+    def result(self) -> RetrievalResult:
+        if self._result is None:
+            mine = (np.concatenate([r[0] for r in self.rows]), np.concatenate([r[1] for r in self.rows]),
+                    np.concatenate([r[2] for r in self.rows]), [c for r in self.rows for c in r[3]])
+            parts = gather_objects(mine)
+            ids = np.concatenate([p[0] for p in parts])
+            audio, text = np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
+            captions = [c for p in parts for c in p[3]]
+            ids, keep = np.unique(ids, return_index=True)
+            self._result = retrieval_metrics(audio[keep], text[keep], [captions[i] for i in keep])
+        return self._result
+
+    @property
+    def smoothed_value(self) -> float:
+        return self.result.mean_recall
+
+
+def log_retrieval(ids: torch.Tensor, audio: torch.Tensor, text: torch.Tensor, captions: List[str]) -> None:
+    """Feed a validation batch to the ``mean_recall`` meter (and the derived ``a2t_r1`` ...
+    ``t2a_r10``) of each temporary aggregator that is active; as :func:`log_clip_scores`."""
+    named = {id(agg) for agg in metrics._aggregators.values()}
+    rows = (ids.cpu().numpy(), audio.detach().float().cpu().numpy(), text.detach().float().cpu().numpy(), captions)
+    for agg in metrics.get_active_aggregators():
+        if id(agg) in named:
+            continue
+        if "mean_recall" not in agg:
+            agg.add_meter("mean_recall", RetrievalMeter(), priority=50)
+            for i, key in enumerate(f"{d}_r{k}" for d in ("a2t", "t2a") for k in RECALL_AT):
+                agg.add_meter(key, MetersDict._DerivedMeter(lambda m, key=key: m["mean_recall"].result.recall[key]),
+                              priority=51 + i)
+        agg["mean_recall"].update(*rows)

@@ -206,6 +206,49 @@ def pretraining_checkpoint(tone_set, tmp_path_factory) -> str:
     return str(path)
 
 
+#: Config directory of the caption teacher (examples/teacher).
+TEACHER_CONFIG_DIR = os.path.join(REPO, "examples", "teacher", "config")
+#: Overrides of the test caption teachers: +size=tiny, 0.64 s clips (the tone clips are 0.6 s).
+CAPTION_TEACHER_OVERRIDES = ["+size=tiny", "model.clip_seconds=0.64"]
+
+
+@pytest.fixture(scope="session")
+def caption_set(tmp_path_factory) -> str:
+    """Generated clip-caption pairs: the three tone classes (24 train, 12 valid clips of 0.6 s), one
+    caption per clip ("the sound of low" ...: examples/teacher/captions.py's code), and a sentencepiece
+    tokenizer ``spm.model`` (examples/teacher/train_tokenizer.py). Returns the data directory."""
+    from mam_clap_plugin.data.captions import caption_rows, write_captions
+    from mam_clap_plugin.data.manifest import read_labels
+
+    root = write_tone_set(str(tmp_path_factory.mktemp("captions")), counts=(("train", 24), ("valid", 12)))
+    for split in ("train", "valid"):
+        labels = read_labels(os.path.join(root, f"{split}.lbl"), 24 if split == "train" else 12, len(CLASSES))
+        write_captions(os.path.join(root, f"{split}.cap"), caption_rows(labels, CLASSES, ["the sound of {}"]))
+    load_script("examples/teacher/train_tokenizer.py").main([root, "--vocab-size", "64"])
+    return root
+
+
+def caption_teacher_config(*overrides: str) -> dict:
+    """``model.*`` of examples/teacher/config/clap.yaml with :data:`CAPTION_TEACHER_OVERRIDES` (a plain dict)."""
+    from omegaconf import OmegaConf
+
+    from mam_clap_plugin.hydra_runs import compose_config
+
+    cfg = compose_config(TEACHER_CONFIG_DIR, "clap", [*CAPTION_TEACHER_OVERRIDES, "task.data=unused", *overrides])
+    return OmegaConf.to_container(cfg.model)
+
+
+@pytest.fixture(scope="session")
+def caption_teacher_checkpoint(caption_set, tmp_path_factory) -> str:
+    """An untrained tiny caption teacher saved in the layout fairseq's trainer writes."""
+    from mam_clap_fixtures.clap import save_random_caption_teacher
+
+    with open(os.path.join(caption_set, "spm.model"), "rb") as f:
+        tokenizer = f.read()
+    path = str(tmp_path_factory.mktemp("caption_teacher") / "untrained.pt")
+    return save_random_caption_teacher(path, caption_teacher_config(), tokenizer, seed=0)
+
+
 @pytest.fixture
 def no_syncs(monkeypatch):
     """Make every host-device sync a Python call can cause raise: scalar reads, lists, truth values,

@@ -30,6 +30,16 @@ def test_demo_fails_if_the_loss_does_not_fall(first, last, fails):
     assert run_demo.losses_that_did_not_fall(report) == (["supmam", "supmam_clap"] if fails else ["supmam_clap"])
 
 
+def test_demo_fails_if_the_teacher_or_the_caption_run_does_not_learn():
+    report = {"pretrain": _run("supmam", 1.2, 0.6), "pretrain_clap": _run("supmam_clap", 3000.0, 40.0),
+              "caption_teacher": _run("caption_teacher", 3.5, 2.5),
+              "pretrain_clap_caption": _run("supmam_clap", 2000.0, 30.0)}
+    assert run_demo.losses_that_did_not_fall(report) == []
+    report["caption_teacher"]["loss_last"] = 3.5
+    report["pretrain_clap_caption"]["loss_last"] = math.nan
+    assert run_demo.losses_that_did_not_fall(report) == ["caption_teacher", "supmam_clap"]
+
+
 README = """# x
 
 `make demo` writes `outputs/demo/report.json` (abridged):

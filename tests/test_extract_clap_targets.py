@@ -78,7 +78,7 @@ def test_shards_fill_one_store_and_reruns_resume(data, tmp_path, clap_checkpoint
 def test_interrupted_in_a_shard_resumes_redoing_one_batch(data, tmp_path, clap_checkpoint, monkeypatch):
     """Ctrl-C during the third batch of shard 0 (clips 0..5 of 12, batches of 2); the rerun redoes
     only that batch, leaves shard 1 alone, and the store equals an uninterrupted extraction."""
-    real_loader = extract.load_clap_teacher
+    real_loader = extract.load_teacher
     calls = []
 
     def counting_loader(*args, **kwargs):
@@ -94,7 +94,7 @@ def test_interrupted_in_a_shard_resumes_redoing_one_batch(data, tmp_path, clap_c
         teacher.forward = counted
         return teacher
 
-    monkeypatch.setattr(extract, "load_clap_teacher", counting_loader)
+    monkeypatch.setattr(extract, "load_teacher", counting_loader)
     shard0 = ["--num-shards", "2", "--shard-id", "0", "--batch-size", "2"]
     out = tmp_path / "out"
     interrupt_at = 3

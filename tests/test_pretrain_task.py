@@ -118,7 +118,7 @@ def test_constructor_reads_nothing(tmp_path, clap_checkpoint):
         data=str(gone), teacher_checkpoint=str(gone / "clap.pt"), target_length=64))
     from mam_clap_plugin.teacher import ClapCheckpointError
 
-    with pytest.raises(ClapCheckpointError, match="clap.pt: CLAP checkpoint not found"):
+    with pytest.raises(ClapCheckpointError, match="clap.pt: teacher checkpoint not found"):
         _ = online.target_dim
 
 

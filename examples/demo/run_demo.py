@@ -6,18 +6,25 @@
 2. Computes its fbank normalisation constants with ``examples/prepare/norm_stats.py``.
 3. Pretrains a tiny SupMAM model on the CPU through ``fairseq-hydra-train`` (the same
    command line a user runs, with ``+size=tiny``).
-4. Extracts CLAP teacher targets with ``examples/prepare/extract_clap_targets.py``: from
-   the checkpoint given by ``--clap-checkpoint`` or ``$MAM_CLAP_TEACHER`` (LAION-CLAP
-   ``630k-audioset-best.pt``, say), or else from a randomly initialised HTSAT-tiny
-   teacher, which only checks the pipeline (the demo says so).
-5. Pretrains a tiny SupMAM-CLAP model from those targets.
-6. Evaluates: a linear probe (logistic regression) on mean-pooled features of each
+4. Trains a tiny CLAP teacher from captions (``examples/teacher``): captions from the demo's
+   class names and templates (``captions.py``), a sentencepiece tokenizer
+   (``train_tokenizer.py``), ``fairseq-hydra-train --config-name clap +size=tiny`` on the
+   train split (1.28 s clips, the student's input length), then zero-shot classification and
+   retrieval on the valid split (``zero_shot.py --retrieval``), next to chance.
+5. Extracts teacher targets with ``examples/prepare/extract_clap_targets.py`` from two teachers:
+   the caption teacher of step 4, and a control: the checkpoint given by ``--clap-checkpoint``
+   or ``$MAM_CLAP_TEACHER`` (LAION-CLAP ``630k-audioset-best.pt``, say), or else the caption
+   teacher's architecture untrained (random weights), which only checks the pipeline (the demo
+   says so).
+6. Pretrains a tiny SupMAM-CLAP model from the control's targets, and
+7. another from the caption teacher's.
+8. Evaluates: a linear probe (logistic regression) on mean-pooled features of each
    frozen pretrained encoder, against the same probe on a randomly initialised encoder.
-7. Fine-tunes each pretrained encoder and a randomly initialised one on the demo set
+9. Fine-tunes each pretrained encoder and a randomly initialised one on the demo set
    (``examples/finetuning/config/spcv2.yaml`` +size=tiny: the Speech Commands recipe for
    1 s clips, through ``fairseq-hydra-train``; fixed train / valid split) and scores the
    valid split with ``mam_clap_plugin.inference`` (``evaluate.py``'s code).
-8. SUPERB keyword spotting through s3prl (``upstream/run_downstream.py``) on a generated
+10. SUPERB keyword spotting through s3prl (``upstream/run_downstream.py``) on a generated
    keyword set in Speech Commands' layout: the SupMAM encoder as the ``supmam_clap_local``
    upstream against s3prl's ``fbank`` and ``fbank_no_cmvn`` baselines, same data, seed and short CPU schedule
    (``examples/superb/compare_upstreams.py``: table and bar chart).
@@ -25,11 +32,15 @@ A new run first removes what an earlier one wrote under OUT_DIR (:data:`DEMO_OUT
 that running ``make demo`` again trains from scratch and gives the same report (fairseq would
 otherwise resume the finished runs and train nothing). Writes ``OUT_DIR/report.json``:
    ``{"data": ..., "pretrain": {"checkpoint", "loss_first", "loss_last", ...},
+   "caption_teacher": {"checkpoint", "loss_first", "loss_last", "zero_shot": {"accuracy", "chance", ...},
+                       "retrieval": {"recall": {"a2t_r1", ...}, "chance": {...}}, ...},
    "pretrain_clap": {..., "teacher": {"checkpoint", "random", "store", ...}},
-   "evaluate": {"linear_probe": {"supmam", "supmam_clap", "random_init"}},
-   "finetune": {"supmam": {"accuracy", ...}, "supmam_clap": {...}, "random_init": {...}, "schedule", ...},
+   "pretrain_clap_caption": {..., "teacher": {...}},
+   "evaluate": {"linear_probe": {"supmam", "supmam_clap", "supmam_clap_caption", "random_init"}},
+   "finetune": {"supmam": {"accuracy", ...}, "supmam_clap": {...}, "supmam_clap_caption": {...},
+                "random_init": {...}, "schedule", ...},
    "superb_ks": {"supmam_clap_local": {"test_acc", ...}, "fbank": {...}, "fbank_no_cmvn": {...},
-                 "table", "chart", ...}, "seconds_total"}``.
+                 "table", "chart", ...}, "seconds_by_stage": {...}, "seconds_total"}``.
 """
 from __future__ import annotations
 
@@ -43,23 +54,28 @@ import time
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
-from mam_clap_fixtures.clap import save_random_clap_checkpoint
+from mam_clap_fixtures.clap import save_random_caption_teacher
 from mam_clap_plugin.checkpoint import export_encoder, load_checkpoint, load_encoder, model_config
 from mam_clap_plugin.data.dataset import MamClapDataset
 from mam_clap_plugin.data.manifest import read_class_list, read_labels, read_manifest
-from mam_clap_plugin.hydra_runs import run_hydra_train
+from mam_clap_plugin.hydra_runs import compose_config, run_hydra_train
 from mam_clap_plugin.modules.encoder import AudioEncoder
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 PREPARE = os.path.join(REPO, "examples", "prepare")
+TEACHER = os.path.join(REPO, "examples", "teacher")
 CONFIG_DIR = os.path.join(REPO, "examples", "pretraining", "config")
+TEACHER_CONFIG_DIR = os.path.join(TEACHER, "config")
 FINETUNE_CONFIG_DIR = os.path.join(REPO, "examples", "finetuning", "config")
 TARGET_LENGTH = 128  # 1.28 s: the demo clips are 1 s long
 UPSTREAMS = ("supmam_clap_local", "fbank", "fbank_no_cmvn")  # SUPERB KS comparison
+STAGES = 10
 #: What a demo run writes under --out-dir (a new run removes them first; nothing else there is touched).
-DEMO_OUTPUTS = ("data", "supmam", "clap_targets", "teacher", "supmam_clap", "finetune", "superb_ks", "report.json")
+DEMO_OUTPUTS = ("data", "supmam", "caption_teacher", "clap_targets", "caption_targets", "teacher", "supmam_clap",
+                "supmam_clap_caption", "finetune", "superb_ks", "report.json")
 
 
 def parse_args(argv=None):
@@ -71,10 +87,13 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the tiny model")
     p.add_argument("--clap-checkpoint", default=os.environ.get("MAM_CLAP_TEACHER"),
-                   help="CLAP teacher for the SupMAM-CLAP run: a LAION-CLAP .pt (e.g. 630k-audioset-best.pt) or "
-                        "MS-CLAP 2023 file; default $MAM_CLAP_TEACHER; without one a randomly initialised "
-                        "HTSAT-tiny teacher checks the pipeline only")
-    p.add_argument("--clap-max-update", type=int, default=600, help="SupMAM-CLAP pretraining updates")
+                   help="teacher of the control SupMAM-CLAP run: a LAION-CLAP .pt (e.g. 630k-audioset-best.pt), "
+                        "MS-CLAP 2023 or any file the teacher registry reads; default $MAM_CLAP_TEACHER; without one "
+                        "the caption teacher's architecture untrained (random weights) checks the pipeline only")
+    p.add_argument("--clap-max-update", type=int, default=600, help="updates of each SupMAM-CLAP pretraining")
+    p.add_argument("--teacher-max-update", type=int, default=250, help="caption teacher training updates")
+    p.add_argument("--teacher-batch-size", type=int, default=32, help="caption teacher batch (clips)")
+    p.add_argument("--teacher-lr", type=float, default=1e-3, help="peak learning rate of the caption teacher")
     p.add_argument("--finetune-max-update", type=int, default=90, help="updates of each fine-tuning (10 epochs)")
     return p.parse_args(argv)
 
@@ -97,21 +116,25 @@ def clear_previous_run(out_dir: str) -> list[str]:
     return removed
 
 
-def run_script(name, *args) -> str:
-    """Run a script of examples/prepare and return its stdout."""
-    out = subprocess.run([sys.executable, os.path.join(PREPARE, name), *map(str, args)], check=True,
+def run_script(name, *args, folder: str = PREPARE) -> str:
+    """Run a script of examples/prepare (or ``folder``) and return its stdout."""
+    out = subprocess.run([sys.executable, os.path.join(folder, name), *map(str, args)], check=True,
                          stdout=subprocess.PIPE, text=True)
     return out.stdout
 
 
+def stage(k: int, what: str) -> None:
+    print(f"== {k}/{STAGES} {what}", flush=True)
+
+
 def make_data(data_dir: str, args) -> dict:
-    print(f"== 1/8 demo data -> {data_dir}", flush=True)
+    stage(1, f"demo data -> {data_dir}")
     return json.loads(run_script("make_demo_data.py", data_dir, "--clips-per-class", args.clips_per_class,
                                  "--seed", args.seed))
 
 
 def norm_stats(data_dir: str) -> tuple[float, float]:
-    print("== 2/8 normalisation constants", flush=True)
+    stage(2, "normalisation constants")
     last = run_script("norm_stats.py", os.path.join(data_dir, "train.tsv"), "--target-length", TARGET_LENGTH)
     stats = json.loads(last.strip().splitlines()[-1])
     return stats["norm_mean"], stats["norm_std"]
@@ -195,7 +218,7 @@ def linear_probe(encoder: AudioEncoder, inputs: list) -> float:
 
 def evaluate(checkpoints: dict, data_dir: str, norm: tuple[float, float], seed: int) -> dict:
     """Linear probe of each pretrained encoder ({name: checkpoint}) and of a random one."""
-    print("== 6/8 evaluation: linear probe on frozen encoder features", flush=True)
+    stage(8, "evaluation: linear probe on frozen encoder features")
     probe = {"metric": "valid accuracy (%)"}
     inputs = probe_inputs(data_dir, norm)
     for name, checkpoint in checkpoints.items():
@@ -218,7 +241,7 @@ def finetune(data_dir: str, out_dir: str, norm: tuple[float, float], checkpoints
     """
     from mam_clap_plugin.inference import evaluate_split, load_classifier
 
-    print(f"== 7/8 fine-tuning (tiny encoders, {max_update} updates each) -> {out_dir}/finetune", flush=True)
+    stage(9, f"fine-tuning (tiny encoders, {max_update} updates each) -> {out_dir}/finetune")
     start = time.time()
     result = {"metric": "valid accuracy (%)", "config": "examples/finetuning/config/spcv2.yaml +size=tiny",
               "schedule": {"max_update": max_update, "batch_size": batch_size, "lr": lr, "seed": seed, "device": "cpu"}}
@@ -249,26 +272,91 @@ def finetune(data_dir: str, out_dir: str, norm: tuple[float, float], checkpoints
     return result
 
 
-def clap_teacher(out_dir: str, args) -> dict:
-    """The user's CLAP checkpoint, or a randomly initialised HTSAT-tiny in LAION-CLAP's layout."""
+def teacher_overrides(data_dir: str, args) -> list[str]:
+    """The caption teacher's settings: +size=tiny, the student's clip length, a short CPU schedule."""
+    return ["+size=tiny", f"task.data={data_dir}", f"model.clip_seconds={TARGET_LENGTH / 100:g}", "common.cpu=true",
+            f"common.seed={args.seed}"]
+
+
+def caption_teacher(data_dir: str, out_dir: str, args) -> dict:
+    """Captions from the class names, a tokenizer, a tiny caption teacher, its zero-shot and retrieval."""
+    run_dir = os.path.join(out_dir, "caption_teacher")
+    stage(4, f"caption teacher (examples/teacher, tiny, {args.teacher_max_update} updates) -> {run_dir}")
+    start = time.time()
+    captions = json.loads(run_script("captions.py", data_dir, "--seed", args.seed, folder=TEACHER))
+    tokenizer = json.loads(run_script("train_tokenizer.py", data_dir, "--vocab-size", 64, folder=TEACHER))
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    overrides = teacher_overrides(data_dir, args) + [
+        "common.log_interval=10",
+        f"dataset.batch_size={args.teacher_batch_size}",
+        "dataset.num_workers=0",
+        f"optimization.max_update={args.teacher_max_update}",
+        f"optimization.lr=[{args.teacher_lr}]",
+        f"lr_scheduler.warmup_updates={max(1, args.teacher_max_update // 10)}",
+        f"checkpoint.save_dir={ckpt_dir}",
+        "checkpoint.save_interval_updates=0",
+        "dataset.validate_interval=1000",  # validate and save at the end only
+        "checkpoint.save_interval=1000",
+    ]
+    run = run_hydra_train(TEACHER_CONFIG_DIR, "clap", overrides, run_dir)
+    losses = run.losses()
+    if len(losses) < 2:
+        raise RuntimeError(f"too few training log records in {run.log_path}")
+    checkpoint = os.path.join(ckpt_dir, "checkpoint_last.pt")
+    scores = os.path.join(run_dir, "zero_shot_valid.json")
+    run_script("zero_shot.py", checkpoint, data_dir, "valid", "--retrieval", "--json", scores, "--num-workers", 0,
+               "--no-progress", folder=TEACHER)
+    with open(scores) as f:
+        zero_shot = json.load(f)
+    cls, ret = zero_shot["classification"], zero_shot["retrieval"]
+    valid = run.records.get("valid", [{}])[-1]
+    result = {
+        "variant": "caption_teacher",
+        "config": "examples/teacher/config/clap.yaml +size=tiny",
+        "checkpoint": checkpoint,
+        "log": run.log_path,
+        "captions": captions["train"],
+        "tokenizer": {"vocab_size": tokenizer["vocab_size"], "asked": tokenizer["asked"]},
+        "num_updates": int(run.records["train_inner"][-1]["num_updates"]),
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "loss_fell": losses[-1] < losses[0],
+        "valid": {k[len("valid_"):]: v for k, v in valid.items() if k.startswith("valid_")},
+        "zero_shot": {"accuracy": cls["accuracy"], "chance": cls["chance"]["accuracy"], "mAP": cls["mAP"],
+                      "chance_mAP": cls["chance"]["mAP"], "num_classes": cls["num_classes"],
+                      "templates": cls["templates"], "split": "valid"},
+        "retrieval": {"recall": ret["recall"], "chance": ret["chance"], "mean_recall": ret["mean_recall"],
+                      "num_captions": ret["num_captions"], "split": "valid"},
+        "seconds": round(time.time() - start, 1),
+    }
+    print(f"   caption teacher: loss {losses[0]:.3f} -> {losses[-1]:.3f}; valid zero-shot accuracy "
+          f"{cls['accuracy']:.1f}% (chance {cls['chance']['accuracy']:.1f}%), retrieval R@1 audio->text "
+          f"{ret['recall']['a2t_r1']:.1f}% (chance {ret['chance']['a2t_r1']:.1f}%), text->audio "
+          f"{ret['recall']['t2a_r1']:.1f}% (chance {ret['chance']['t2a_r1']:.1f}%)", flush=True)
+    return result
+
+
+def control_teacher(data_dir: str, out_dir: str, args) -> dict:
+    """The user's CLAP checkpoint, or the caption teacher's architecture untrained (random weights)."""
     if args.clap_checkpoint:
         if not os.path.isfile(args.clap_checkpoint):
             raise FileNotFoundError(f"--clap-checkpoint / MAM_CLAP_TEACHER: {args.clap_checkpoint} does not exist")
-        print(f"   CLAP teacher: {args.clap_checkpoint}", flush=True)
+        print(f"   control teacher: {args.clap_checkpoint}", flush=True)
         return {"checkpoint": os.path.abspath(args.clap_checkpoint), "random": False}
-    path = os.path.join(out_dir, "teacher", "random-laion-clap-htsat-tiny.pt")
-    if not os.path.isfile(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        save_random_clap_checkpoint(path, "laion", "tiny", seed=args.seed)
-    print("   NOTE: no CLAP checkpoint given (--clap-checkpoint or MAM_CLAP_TEACHER), so the SupMAM-CLAP run uses a\n"
-          "   RANDOMLY INITIALISED HTSAT-tiny teacher. This only checks the pipeline (extraction, alignment, loss);\n"
-          "   its targets carry no CLAP knowledge. Pass 630k-audioset-best.pt for a real teacher.", flush=True)
+    path = os.path.join(out_dir, "teacher", "random-caption-clap-tiny.pt")
+    cfg = OmegaConf.to_container(compose_config(TEACHER_CONFIG_DIR, "clap", teacher_overrides(data_dir, args)).model)
+    with open(os.path.join(data_dir, "spm.model"), "rb") as f:
+        save_random_caption_teacher(path, cfg, f.read(), seed=args.seed)
+    print("   NOTE: no CLAP checkpoint given (--clap-checkpoint or MAM_CLAP_TEACHER), so the control SupMAM-CLAP run\n"
+          "   uses the caption teacher's architecture UNTRAINED (random weights). It only checks the pipeline\n"
+          "   (extraction, alignment, loss): its targets carry no CLAP knowledge. Pass 630k-audioset-best.pt for\n"
+          "   LAION-CLAP's teacher.", flush=True)
     return {"checkpoint": path, "random": True}
 
 
-def extract_targets(data_dir: str, out_dir: str, teacher: dict) -> dict:
-    """Offline CLAP targets for the demo's train and valid splits."""
-    store = os.path.join(out_dir, "clap_targets")
+def extract_targets(data_dir: str, out_dir: str, teacher: dict, name: str = "clap_targets") -> dict:
+    """Offline teacher targets for the demo's train and valid splits, in ``out_dir/name``."""
+    store = os.path.join(out_dir, name)
     start = time.time()
     runs = {}
     for split in ("train", "valid"):
@@ -278,7 +366,7 @@ def extract_targets(data_dir: str, out_dir: str, teacher: dict) -> dict:
     return {**teacher, "store": store, "extraction": runs, "seconds": round(time.time() - start, 1)}
 
 
-def superb_ks(checkpoint: str, out_dir: str, seed: int, total_steps: int = 800, eval_step: int = 200,
+def superb_ks(checkpoint: str, out_dir: str, seed: int, total_steps: int = 400, eval_step: int = 100,
               lr: float = 1e-3, upstreams=UPSTREAMS) -> dict:
     """SUPERB keyword spotting through s3prl on the demo keyword set: the pretrained encoder
     (``supmam_clap_local``) against s3prl's ``fbank`` baselines, a short CPU schedule, same
@@ -291,8 +379,7 @@ def superb_ks(checkpoint: str, out_dir: str, seed: int, total_steps: int = 800, 
     ``examples/superb/compare_upstreams.py`` (train + evaluate per upstream through
     ``upstream/run_downstream.py``). Returns ``{upstream: {"test_acc", ...}, "table", "chart", ...}``.
     """
-    print(f"== 8/8 SUPERB keyword spotting (s3prl speech_commands, {total_steps} steps) -> {out_dir}/superb_ks",
-          flush=True)
+    stage(10, f"SUPERB keyword spotting (s3prl speech_commands, {total_steps} steps) -> {out_dir}/superb_ks")
     start = time.time()
     ks_dir = os.path.join(out_dir, "superb_ks")
     data = os.path.join(ks_dir, "data")
@@ -325,10 +412,17 @@ def superb_ks(checkpoint: str, out_dir: str, seed: int, total_steps: int = 800, 
     return result
 
 
+#: The report's training runs whose loss must fall.
+TRAINING_RUNS = ("pretrain", "caption_teacher", "pretrain_clap", "pretrain_clap_caption")
+#: The demo's pretrained encoders: name in evaluate / finetune -> report key of their pretraining.
+ENCODERS = {"supmam": "pretrain", "supmam_clap": "pretrain_clap", "supmam_clap_caption": "pretrain_clap_caption"}
+
+
 def losses_that_did_not_fall(report: dict) -> list[str]:
-    """Variants of the report's pretraining runs whose last logged loss is not below the first
-    (a NaN counts as not falling); the demo fails if this is not empty."""
-    runs = [report["pretrain"], report["pretrain_clap"]]
+    """Variants of the report's training runs (pretraining and the caption teacher) whose last
+    logged loss is not below the first (a NaN counts as not falling); the demo fails if this is
+    not empty."""
+    runs = [report[key] for key in TRAINING_RUNS if key in report]
     return [run["variant"] for run in runs if not run["loss_last"] < run["loss_first"]]
 
 
@@ -338,49 +432,67 @@ def main(argv=None) -> int:
     out_dir = os.path.abspath(args.out_dir)
     clear_previous_run(out_dir)
     data_dir = os.path.join(out_dir, "data")
-    report = {"data": make_data(data_dir, args)}
-    norm = norm_stats(data_dir)
+    times = {}
+
+    def timed(name, fn, *a, **kw):
+        t0 = time.time()
+        value = fn(*a, **kw)
+        times[name] = round(time.time() - t0, 1)
+        return value
+
+    report = {"data": timed("data", make_data, data_dir, args)}
+    norm = timed("norm_stats", norm_stats, data_dir)
     report["data"]["norm_stats"] = list(norm)
-    print(f"== 3/8 SupMAM pretraining (tiny model, CPU) -> {out_dir}/supmam", flush=True)
-    report["pretrain"] = pretrain(data_dir, os.path.join(out_dir, "supmam"), norm, args)
-    print("== 4/8 CLAP teacher targets (examples/prepare/extract_clap_targets.py)", flush=True)
-    teacher = extract_targets(data_dir, out_dir, clap_teacher(out_dir, args))
-    print(f"== 5/8 SupMAM-CLAP pretraining (tiny model, CPU) -> {out_dir}/supmam_clap", flush=True)
-    report["pretrain_clap"] = pretrain(
-        data_dir, os.path.join(out_dir, "supmam_clap"), norm, args, "supmam_clap", args.clap_max_update,
-        (f"task.target_store={teacher['store']}", f"task.teacher_checkpoint={teacher['checkpoint']}"),
-    )
-    report["pretrain_clap"]["teacher"] = teacher
-    report["evaluate"] = evaluate({"supmam": report["pretrain"]["checkpoint"],
-                                   "supmam_clap": report["pretrain_clap"]["checkpoint"]}, data_dir, norm, args.seed)
-    report["finetune"] = finetune(data_dir, out_dir, norm, {"supmam": report["pretrain"]["checkpoint"],
-                                                           "supmam_clap": report["pretrain_clap"]["checkpoint"]},
-                                  args.seed, args.finetune_max_update)
-    report["superb_ks"] = superb_ks(report["pretrain"]["checkpoint"], out_dir, args.seed)
+    stage(3, f"SupMAM pretraining (tiny model, CPU) -> {out_dir}/supmam")
+    report["pretrain"] = timed("pretrain", pretrain, data_dir, os.path.join(out_dir, "supmam"), norm, args)
+    report["caption_teacher"] = timed("caption_teacher", caption_teacher, data_dir, out_dir, args)
+    stage(5, "teacher targets (examples/prepare/extract_clap_targets.py): the control teacher and the caption teacher")
+    control = timed("targets_control", lambda: extract_targets(data_dir, out_dir,
+                                                               control_teacher(data_dir, out_dir, args)))
+    caption = timed("targets_caption", extract_targets, data_dir, out_dir,
+                    {"checkpoint": report["caption_teacher"]["checkpoint"], "random": False}, "caption_targets")
+    for k, (key, teacher, what) in enumerate((("pretrain_clap", control, "the control teacher"),
+                                              ("pretrain_clap_caption", caption, "the caption teacher")), start=6):
+        run_dir = os.path.join(out_dir, "supmam_clap" if key == "pretrain_clap" else "supmam_clap_caption")
+        stage(k, f"SupMAM-CLAP pretraining from {what} (tiny model, CPU) -> {run_dir}")
+        store = (f"task.target_store={teacher['store']}", f"task.teacher_checkpoint={teacher['checkpoint']}")
+        report[key] = timed(key, pretrain, data_dir, run_dir, norm, args, "supmam_clap", args.clap_max_update, store)
+        report[key]["teacher"] = teacher
+    encoders = {name: report[key]["checkpoint"] for name, key in ENCODERS.items()}
+    report["evaluate"] = timed("evaluate", evaluate, encoders, data_dir, norm, args.seed)
+    report["finetune"] = timed("finetune", finetune, data_dir, out_dir, norm, encoders, args.seed,
+                               args.finetune_max_update)
+    report["superb_ks"] = timed("superb_ks", superb_ks, report["pretrain"]["checkpoint"], out_dir, args.seed)
+    report["seconds_by_stage"] = times
     report["seconds_total"] = round(time.time() - start, 1)
     path = os.path.join(out_dir, "report.json")
     with open(path, "w") as f:
         json.dump(report, f, indent=2)
-    ev = report["evaluate"]["linear_probe"]
-    for key in ("pretrain", "pretrain_clap"):
+    for key in ("pretrain", "pretrain_clap", "pretrain_clap_caption"):
         pre = report[key]
-        print(f"\n{pre['variant']}: loss {pre['loss_first']:.4f} -> {pre['loss_last']:.4f} in {pre['num_updates']} "
-              f"updates ({pre['seconds']} s); valid accuracy of the classification branch "
+        print(f"\n{pre['variant']} ({key}): loss {pre['loss_first']:.4f} -> {pre['loss_last']:.4f} in "
+              f"{pre['num_updates']} updates ({pre['seconds']} s); valid accuracy of the classification branch "
               f"{pre['valid'].get('accuracy')}")
     if report["pretrain_clap"]["teacher"]["random"]:
-        print("(supmam_clap used a randomly initialised teacher: a pipeline check, not a CLAP result)")
-    print(f"linear probe valid accuracy: supmam {ev['supmam']:.1f}%, supmam_clap {ev['supmam_clap']:.1f}%, "
-          f"random init {ev['random_init']:.1f}%")
-    ft = report["finetune"]
-    print(f"fine-tuned valid accuracy: supmam {ft['supmam']['accuracy']:.1f}%, supmam_clap "
-          f"{ft['supmam_clap']['accuracy']:.1f}%, random init {ft['random_init']['accuracy']:.1f}% ({ft['seconds']} s)")
+        print("(pretrain_clap used an untrained teacher: a pipeline check, not a CLAP result)")
+    ct = report["caption_teacher"]
+    print(f"caption teacher (valid): zero-shot accuracy {ct['zero_shot']['accuracy']:.1f}% (chance "
+          f"{ct['zero_shot']['chance']:.1f}%); retrieval R@1 audio->text {ct['retrieval']['recall']['a2t_r1']:.1f}% "
+          f"(chance {ct['retrieval']['chance']['a2t_r1']:.1f}%), text->audio "
+          f"{ct['retrieval']['recall']['t2a_r1']:.1f}% (chance {ct['retrieval']['chance']['t2a_r1']:.1f}%)")
+    ev, ft = report["evaluate"]["linear_probe"], report["finetune"]
+    names = (*ENCODERS, "random_init")
+    print("linear probe valid accuracy: " + ", ".join(f"{n} {ev[n]:.1f}%" for n in names))
+    print("fine-tuned valid accuracy: " + ", ".join(f"{n} {ft[n]['accuracy']:.1f}%" for n in names)
+          + f" ({ft['seconds']} s)")
     ks = report["superb_ks"]
     print("SUPERB KS test accuracy: " + ", ".join(
         f"{k} {ks[k]['test_acc']:.1f}%" for k in UPSTREAMS) + f" ({ks['seconds']} s; {ks['table']})")
+    print("stage seconds: " + ", ".join(f"{k} {v}" for k, v in times.items()))
     print(f"report: {path} (demo took {report['seconds_total'] / 60:.1f} min)")
     failed = losses_that_did_not_fall(report)
     if failed:
-        print(f"ERROR: the pretraining loss did not fall for {failed}", file=sys.stderr)
+        print(f"ERROR: the training loss did not fall for {failed}", file=sys.stderr)
         return 1
     return 0
 

@@ -11,6 +11,9 @@ Reads ``MANIFEST_DIR/SPLIT.tsv`` and writes ``OUT_DIR/SPLIT.tgt`` (format: see
 in manifest order, with a header holding the teacher, the checkpoint's sha256, the layer,
 the grid, the band edges and the sample rate. Each clip's input is its first
 ``teacher.seconds`` (10 s for LAION-CLAP) at the teacher's rate, zero-padded at the end.
+The checkpoint may be of any format the teacher registry reads
+(``mam_clap_plugin.teacher.load_teacher``): LAION-CLAP, MS-CLAP 2023, or a caption teacher
+trained with ``examples/teacher``.
 
 * Precision: ``--dtype bf16`` (or ``fp16``) runs the teacher's transformer under autocast;
   the STFT, power spectrum and log-mel stay float32 either way. bf16 maps match fp32 ones
@@ -39,11 +42,11 @@ import time
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from mam_clap_plugin.data.audio import AudioError, load_teacher_audio
-from mam_clap_plugin.data.manifest import Manifest, read_manifest
+from mam_clap_plugin.data.audio import AudioError, TeacherInputs
+from mam_clap_plugin.data.manifest import read_manifest
 from mam_clap_plugin.data.target_store import (
     PENDING,
     TargetStoreError,
@@ -52,7 +55,7 @@ from mam_clap_plugin.data.target_store import (
     open_target_store_for_writing,
 )
 from mam_clap_plugin.files import file_sha256
-from mam_clap_plugin.teacher import load_clap_teacher
+from mam_clap_plugin.teacher import load_teacher
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -61,7 +64,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     p.add_argument("manifest_dir", help="directory holding SPLIT.tsv")
     p.add_argument("split", help="manifest split name, e.g. train")
-    p.add_argument("--checkpoint", required=True, help="LAION-CLAP .pt or MS-CLAP 2023 checkpoint")
+    p.add_argument("--checkpoint", required=True,
+                   help="teacher checkpoint: LAION-CLAP .pt, MS-CLAP 2023, or a caption teacher (examples/teacher); "
+                        "mam_clap_plugin.teacher.registry lists the formats")
     p.add_argument("--out", required=True, help="output directory (gets SPLIT.tgt)")
     p.add_argument("--layer", choices=("final", "stage3"), default="final",
                    help="final: 2x32xC map after the last norm; stage3: 4x64xC/2 map")
@@ -86,39 +91,11 @@ def parse_args(argv=None):
     return args
 
 
-class TeacherInputs(Dataset):
-    """(index, waveform or None if unusable, error message) for a list of manifest indices.
-
-    Errors travel back as messages, so the main process reports them without a worker
-    traceback."""
-
-    def __init__(self, manifest: Manifest, indices: np.ndarray, sample_rate: int, num_samples: int):
-        self.manifest, self.indices = manifest, indices
-        self.sample_rate, self.num_samples = sample_rate, num_samples
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i):
-        index = int(self.indices[i])
-        try:
-            wav = load_teacher_audio(self.manifest.full_path(index), self.sample_rate, self.num_samples,
-                                     where=self.manifest.where(index),
-                                     expected_samples=int(self.manifest.sizes[index]))
-        except AudioError as err:
-            return index, None, str(err)
-        return index, wav, None
-
-
-def collate(items):
-    return items
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     manifest = read_manifest(os.path.join(args.manifest_dir, f"{args.split}.tsv"))
-    teacher = load_clap_teacher(args.checkpoint, layer=args.layer, projection=args.projection,
-                                trusted=args.trusted).to(args.device)
+    teacher = load_teacher(args.checkpoint, layer=args.layer, projection=args.projection,
+                           trusted=args.trusted).to(args.device)
     teacher.autocast_dtype = AUTOCAST[args.dtype]
     header = TargetStoreHeader.for_teacher(teacher, file_sha256(args.checkpoint), len(manifest),
                                            checkpoint=os.path.basename(args.checkpoint))
@@ -132,7 +109,7 @@ def main(argv=None) -> dict:
         todo = shard[writer.states[shard] == PENDING]
         loader = DataLoader(
             TeacherInputs(manifest, todo, teacher.sample_rate, teacher.num_samples),
-            batch_size=args.batch_size, num_workers=args.num_workers, collate_fn=collate,
+            batch_size=args.batch_size, num_workers=args.num_workers, collate_fn=list,
         )
         bar = tqdm(total=len(shard), initial=len(shard) - len(todo), unit="clip", dynamic_ncols=True,
                    desc=f"{args.split} shard {args.shard_id}/{args.num_shards}")

@@ -1,1 +1,1 @@
-from . import mam_clap_classification, supmam_clap  # noqa: F401
+from . import clap_infonce, mam_clap_classification, supmam_clap  # noqa: F401

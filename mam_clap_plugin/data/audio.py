@@ -200,6 +200,30 @@ def load_teacher_audio(path: str, sample_rate: int, num_samples: int, where: str
     return fit_length(_resample(wav, rate, sample_rate), num_samples)
 
 
+class TeacherInputs(torch.utils.data.Dataset):
+    """A teacher's inputs for manifest entries: item ``i`` is ``(index, waveform or None, error or
+    None)`` for entry ``indices[i]`` (:func:`load_teacher_audio`). An unreadable file comes back as
+    its error message, so a DataLoader's main process reports it without a worker traceback; batch
+    with ``collate_fn=list``. Used by target extraction and zero-shot scoring."""
+
+    def __init__(self, manifest, indices, sample_rate: int, num_samples: int):
+        self.manifest, self.indices = manifest, indices
+        self.sample_rate, self.num_samples = sample_rate, num_samples
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        index = int(self.indices[i])
+        try:
+            wav = load_teacher_audio(self.manifest.full_path(index), self.sample_rate, self.num_samples,
+                                     where=self.manifest.where(index),
+                                     expected_samples=int(self.manifest.sizes[index]))
+        except AudioError as err:
+            return index, None, str(err)
+        return index, wav, None
+
+
 def _read_ms(max_frames: int, teacher_input: tuple[int, int] | None) -> int:
     """Milliseconds to read for ``max_frames`` student frames and a teacher's (rate, num_samples)."""
     if teacher_input is None:

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..teacher.base import LAYERS
 from .alignment import Alignment, alignment
 
 MAGIC = b"MAMCLAPT"
@@ -45,7 +46,6 @@ _PREFIX_BYTES = len(MAGIC) + 4
 
 #: Per-clip states in the flags region.
 PENDING, WRITTEN, BAD_AUDIO = 0, 1, 2
-LAYERS = ("final", "stage3")
 
 
 class TargetStoreError(ValueError):
@@ -88,7 +88,8 @@ class TargetStoreHeader:
 
     @classmethod
     def for_teacher(cls, teacher, checkpoint_sha256: str, num_clips: int, **extra) -> "TargetStoreHeader":
-        """Header for the maps of a :class:`~mam_clap_plugin.teacher.ClapTeacher`."""
+        """Header for the maps of a teacher (the contract of :mod:`mam_clap_plugin.teacher.base`:
+        name, layer, projection, grid, dim, sample_rate, seconds, freq_edges_hz)."""
         return cls(
             teacher=teacher.name, checkpoint_sha256=checkpoint_sha256, layer=teacher.layer,
             projection=bool(teacher.projection), grid_freq=teacher.grid[0], grid_time=teacher.grid[1],

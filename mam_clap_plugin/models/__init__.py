@@ -1,1 +1,1 @@
-from . import mam_clap_classifier, supmam_clap  # noqa: F401
+from . import clap_teacher, mam_clap_classifier, supmam_clap  # noqa: F401

@@ -1,2 +1,2 @@
 from .. import criterions  # noqa: F401  (fairseq's user-dir import skips criterions/)
-from . import mam_clap_finetuning, mam_clap_pretraining  # noqa: F401
+from . import clap_teacher, mam_clap_finetuning, mam_clap_pretraining  # noqa: F401

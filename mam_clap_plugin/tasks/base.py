@@ -37,7 +37,7 @@ class SkipCount:
 
 
 class FbankTask(FairseqTask):
-    """Base of ``mam_clap_pretraining`` and ``mam_clap_finetuning`` (not registered).
+    """Base of ``mam_clap_pretraining``, ``mam_clap_finetuning`` and ``clap_teacher`` (not registered).
 
     Building one installs :func:`.resume.install` (atomic checkpoint files, the startup check
     of ``checkpoint_last.pt``) in the process: fairseq's ``train`` builds the task before it

@@ -48,7 +48,7 @@ from ..data.target_store import TargetStoreError, check_one_teacher, open_target
 from ..files import file_sha256
 from ..modules.encoder import PATCH_SIZE
 from ..modules.precision import exact
-from ..teacher import load_clap_teacher
+from ..teacher import load_teacher
 from .base import MAX_SKIPPED_FRACTION, MAX_SKIPPED_HELP, FbankTask
 
 logger = logging.getLogger(__name__)
@@ -71,8 +71,9 @@ class MamClapPretrainingConfig(FairseqDataclass):
     )
     teacher_checkpoint: Optional[str] = field(
         default=None,
-        metadata={"help": "CLAP checkpoint (LAION-CLAP .pt or MS-CLAP 2023). Alone: run the teacher online; "
-                          "with target_store: the stores must have been extracted from this file (sha256)"},
+        metadata={"help": "teacher checkpoint (LAION-CLAP .pt, MS-CLAP 2023, or a caption teacher trained with "
+                          "examples/teacher: any format of mam_clap_plugin.teacher.registry). Alone: run the teacher "
+                          "online; with target_store: the stores must have been extracted from this file (sha256)"},
     )
     teacher_trusted: bool = field(
         default=False,
@@ -170,15 +171,15 @@ class MamClapPretrainingTask(FbankTask):
 
     @property
     def teacher(self):
-        """The online CLAP teacher (task.teacher_checkpoint without task.target_store),
-        loaded on first use; None otherwise."""
+        """The online teacher (task.teacher_checkpoint without task.target_store), loaded on first
+        use through the teacher registry (:func:`mam_clap_plugin.teacher.load_teacher`); None otherwise."""
         cfg = self.cfg
         if self._teacher is None and cfg.teacher_checkpoint and not cfg.target_store:
             # building the teacher must not draw from the seeded RNG: the student's
             # initialisation and masks stay those of an offline run with the same seed
             with torch.random.fork_rng(devices=[]):
-                self._teacher = load_clap_teacher(cfg.teacher_checkpoint, cfg.teacher_layer, cfg.teacher_projection,
-                                                  trusted=cfg.teacher_trusted)
+                self._teacher = load_teacher(cfg.teacher_checkpoint, cfg.teacher_layer, cfg.teacher_projection,
+                                             trusted=cfg.teacher_trusted)
             logger.info(f"online teacher {self._teacher.name} ({cfg.teacher_layer}) from {cfg.teacher_checkpoint}")
         return self._teacher
 
@@ -341,7 +342,7 @@ class MamClapPretrainingTask(FbankTask):
     def online_targets(self, sample: dict) -> dict:
         """Replace ``teacher_wav`` by the online teacher's aligned ``target`` (B, N, C).
 
-        The teacher runs on the batch's device (frozen, see ClapTeacher): float32, or with its
+        The teacher runs on the batch's device (frozen, see mam_clap_plugin.teacher.base): float32, or with its
         transformer under autocast to the batch's dtype under common.bf16 / common.fp16.
         """
         wav = sample.pop("teacher_wav", None)

@@ -1,7 +1,9 @@
 """A frozen CLAP audio tower (HTS-AT) as a teacher producing token maps.
 
 ``load_clap_teacher(path)`` reads a LAION-CLAP or MS-CLAP (2023) checkpoint, infers the HTS-AT
-size from the tensor shapes, loads every audio weight strictly and returns a :class:`ClapTeacher`:
+size from the tensor shapes, loads every audio weight strictly and returns a :class:`ClapTeacher`
+(the teacher contract of :mod:`.base`; :func:`mam_clap_plugin.teacher.load_teacher` picks this
+loader, or the caption teachers' of :mod:`.caption`, which shares :func:`build_audio_branch`):
 
     wav (B, num_samples) float32 -> (B, grid_freq, grid_time, dim) float32
 
@@ -46,9 +48,10 @@ import torchaudio
 from torch import Tensor, nn
 
 from ..files import CheckpointError, numpy_scalar_globals, read_torch_file
+from .base import LAYERS
 from .htsat import HTSAT, fold_spectrogram
 
-LAYERS = ("final", "stage3")
+__all__ = ["LAYERS", "AudioBranch", "ClapCheckpointError", "ClapTeacher", "FrontEnd", "load_clap_teacher"]
 #: HTS-AT tagging-head keys present in CLAP checkpoints and deliberately not loaded.
 IGNORED_AUDIO_KEYS = ("tscam_conv.weight", "tscam_conv.bias", "head.weight", "head.bias")
 _FUSION_KEY = re.compile(r"(^|\.)(mel_conv1d|mel_conv2d|fusion_model)\.")
@@ -116,6 +119,18 @@ def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, fmin: float, fmax:
                                                 norm="slaney", mel_scale="slaney")
 
 
+def dft_weights(n_fft: int) -> tuple[Tensor, Tensor]:
+    """Hann-windowed (periodic) DFT rows as conv1d weights, each (n_fft // 2 + 1, 1, n_fft) float32:
+    real = cos(2 pi k n / N) w[n], imag = -sin(2 pi k n / N) w[n] (torchlibrosa's ``STFT``)."""
+    n = torch.arange(n_fft, dtype=torch.float64)
+    window = 0.5 - 0.5 * torch.cos(2 * math.pi * n / n_fft)
+    k = torch.arange(n_fft // 2 + 1, dtype=torch.float64)
+    phase = 2 * math.pi * ((k[:, None] * n[None, :]) % n_fft) / n_fft
+    real = (torch.cos(phase) * window)[:, None, :].float()
+    imag = (-torch.sin(phase) * window)[:, None, :].float()
+    return real, imag
+
+
 # --------------------------------------------------------------------------------------------
 # Front end and the audio tower
 
@@ -140,7 +155,7 @@ class SpectrogramExtractor(nn.Module):
 
     def forward(self, wav: Tensor) -> Tensor:
         x = F.pad(wav[:, None, :], (self.n_fft // 2, self.n_fft // 2), mode="reflect")
-        weight = torch.cat([self.stft.conv_real.weight, self.stft.conv_imag.weight])
+        weight = torch.cat([self.stft.conv_real.weight, self.stft.conv_imag.weight]).to(x.dtype)
         real, imag = F.conv1d(x, weight, stride=self.hop).chunk(2, dim=1)  # each (B, n_freq, T)
         return (real.square() + imag.square()).transpose(1, 2)[:, None]
 
@@ -153,7 +168,7 @@ class LogmelExtractor(nn.Module):
         self.melW = nn.Parameter(torch.zeros(n_fft // 2 + 1, mel_bins))
 
     def forward(self, x: Tensor) -> Tensor:
-        return 10.0 * torch.log10(torch.clamp(x @ self.melW, min=1e-10))
+        return 10.0 * torch.log10(torch.clamp(x @ self.melW.to(x.dtype), min=1e-10))
 
 
 class AudioBranch(HTSAT):
@@ -168,6 +183,19 @@ class AudioBranch(HTSAT):
         self.spectrogram_extractor = SpectrogramExtractor(n_fft, hop)
         self.logmel_extractor = LogmelExtractor(n_fft, mel_bins)
         self.bn0 = nn.BatchNorm2d(mel_bins)
+
+    def init_front_end(self, sample_rate: int, fmin: float, fmax: float) -> None:
+        """Fill the STFT rows (Hann-windowed DFT) and the Slaney mel filterbank (``fmin``-``fmax`` Hz at
+        ``sample_rate``) as torchlibrosa builds them, and freeze both: what a new tower trains with.
+        ``bn0`` (the per-mel-bin normalisation) stays trainable."""
+        extractor = self.spectrogram_extractor
+        real, imag = dft_weights(extractor.n_fft)
+        with torch.no_grad():
+            extractor.stft.conv_real.weight.copy_(real)
+            extractor.stft.conv_imag.weight.copy_(imag)
+            self.logmel_extractor.melW.copy_(mel_filterbank(sample_rate, extractor.n_fft, self.mel_bins, fmin, fmax))
+        extractor.requires_grad_(False)
+        self.logmel_extractor.requires_grad_(False)
 
     def log_mel(self, wav: Tensor) -> Tensor:
         """wav (B, L) -> normalised log-mel (B, 1, T, mel_bins)."""
@@ -220,7 +248,8 @@ class ClapTeacher(nn.Module):
     log and first BatchNorm always run in float32 (the power spectrum exceeds fp16's range);
     the transformer runs in float32, or under autocast to ``autocast_dtype`` (bfloat16 or
     float16) when that is set. The map is returned in float32.
-    Build it with :func:`load_clap_teacher`.
+    Build it with :func:`mam_clap_plugin.teacher.load_teacher` (any registered format) or
+    :func:`load_clap_teacher`.
     """
 
     autocast_dtype: torch.dtype | None = None
@@ -294,29 +323,48 @@ class ClapTeacher(nn.Module):
 # Loading
 
 
-def _read_state_dict(path: str, trusted: bool) -> dict[str, Tensor]:
-    """The checkpoint's model state dict, "module." prefixes removed.
+TRUST_HINT = "trusted=True (task.teacher_trusted=true, extract_clap_targets.py --trusted)"
 
-    Read with ``torch.load(weights_only=True)``, numpy scalars allowed; a file that needs more
-    (arbitrary pickled objects) is refused unless ``trusted``, which unpickles it fully as
-    LAION-CLAP's and MS-CLAP's own loaders do.
-    """
-    ckpt = read_torch_file(path, trusted, safe_globals=numpy_scalar_globals(), error=ClapCheckpointError,
-                           what="CLAP checkpoint",
-                           trust_hint="trusted=True (task.teacher_trusted=true, extract_clap_targets.py --trusted)")
+
+def read_teacher_file(path: str, trusted: bool = False, what: str = "CLAP checkpoint"):
+    """The object a teacher checkpoint file holds: ``torch.load(weights_only=True)``, numpy scalars
+    allowed; a file that needs more (arbitrary pickled objects) is refused unless ``trusted``, which
+    unpickles it fully as LAION-CLAP's and MS-CLAP's own loaders do. Errors are
+    :class:`ClapCheckpointError` naming the file."""
+    return read_torch_file(path, trusted, safe_globals=numpy_scalar_globals(), error=ClapCheckpointError,
+                           what=what, trust_hint=TRUST_HINT)
+
+
+def clap_state_dict(ckpt) -> dict[str, Tensor] | None:
+    """The model state dict of a CLAP checkpoint object (its ``state_dict`` or ``model`` entry, or the
+    dict itself), "module." prefixes removed, tensors only; None if ``ckpt`` is not a dict."""
     if not isinstance(ckpt, dict):
-        raise ClapCheckpointError(f"{path}: not a CLAP checkpoint (holds a {type(ckpt).__name__}, not a dict)")
+        return None
     for key in ("state_dict", "model"):
         if isinstance(ckpt.get(key), dict):
             ckpt = ckpt[key]
             break
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in ckpt.items()
-             if isinstance(k, str) and isinstance(v, Tensor)}
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in ckpt.items()
+            if isinstance(k, str) and isinstance(v, Tensor)}
+
+
+def _read_state_dict(path: str, trusted: bool, checkpoint=None) -> dict[str, Tensor]:
+    """The checkpoint's model state dict, "module." prefixes removed (``checkpoint``: the file's
+    object when already read, see :func:`read_teacher_file`)."""
+    ckpt = read_teacher_file(path, trusted) if checkpoint is None else checkpoint
+    state = clap_state_dict(ckpt)
+    if state is None:
+        raise ClapCheckpointError(f"{path}: not a CLAP checkpoint (holds a {type(ckpt).__name__}, not a dict)")
     return state
 
 
+def clap_layouts(state: dict[str, Tensor]) -> list[Layout]:
+    """The layouts (LAION-CLAP, MS-CLAP) whose audio-tower prefix some key of ``state`` carries."""
+    return [lay for lay in LAYOUTS.values() if any(k.startswith(lay.audio_prefix) for k in state)]
+
+
 def _detect_layout(path: str, state: dict[str, Tensor]) -> Layout:
-    found = [lay for lay in LAYOUTS.values() if any(k.startswith(lay.audio_prefix) for k in state)]
+    found = clap_layouts(state)
     if len(found) != 1:
         sample = ", ".join(sorted(state)[:5]) or "no tensors"
         raise ClapCheckpointError(
@@ -389,38 +437,55 @@ def _load_strict(path: str, module: nn.Module, state: dict[str, Tensor], what: s
         def show(keys):
             return ", ".join(keys[:20]) + (f", ... ({len(keys)} in all)" if len(keys) > 20 else "") if keys else "none"
         raise ClapCheckpointError(
-            f"{path}: {what} does not match the HTS-AT module tree; missing keys: {show(missing)}; "
+            f"{path}: {what} does not match the module tree; missing keys: {show(missing)}; "
             f"unexpected keys: {show(unexpected)}; shape mismatches: {show(bad_shape)}")
     module.load_state_dict(state, strict=True)
 
 
+def check_layer(layer: str, projection: bool) -> None:
+    """Raise ValueError for a ``layer`` / ``projection`` pair no HTS-AT teacher gives."""
+    if layer not in LAYERS:
+        raise ValueError(f"layer must be one of {LAYERS}, got {layer!r}")
+    if projection and layer != "final":
+        raise ValueError("projection=True applies the CLAP audio projection and needs layer='final'")
+
+
+def build_audio_branch(path: str, audio: dict[str, Tensor], front_end: FrontEnd, layer: str, what: str,
+                       ignored: tuple[str, ...] = ()) -> tuple[AudioBranch, Architecture]:
+    """The HTS-AT tower (with its front end) that the audio-tower tensors ``audio`` (keys without
+    prefix) describe, loaded strictly, and its architecture: read from the shapes, hop from
+    ``front_end``; a mel filterbank other than the front end's is warned about. Raises
+    :class:`ClapCheckpointError`."""
+    arch = _infer_architecture(path, audio)
+    if layer == "stage3" and len(arch.depths) < 4:
+        raise ClapCheckpointError(f"{path}: layer 'stage3' needs 4 HTS-AT stages, found {len(arch.depths)}")
+    branch = AudioBranch(arch.embed_dim, arch.depths, arch.num_heads, arch.window, arch.patch_size,
+                         arch.n_fft, front_end.hop, arch.mel_bins)
+    _load_strict(path, branch, audio, what, ignored)
+    _check_filterbank(path, front_end, branch, arch)
+    return branch, arch
+
+
 def load_clap_teacher(path: str, layer: str = "final", projection: bool = False, *,
-                      trusted: bool = False) -> ClapTeacher:
+                      trusted: bool = False, checkpoint=None) -> ClapTeacher:
     """Build a frozen :class:`ClapTeacher` from a LAION-CLAP or MS-CLAP 2023 checkpoint file.
 
     The file is read with ``torch.load(weights_only=True)``, numpy scalars allowed (no code
     from the file runs). A file that pickles other objects is refused unless ``trusted=True``,
     which unpickles it fully, as CLAP's own loaders do: a deliberate choice for files you trust.
+    ``checkpoint``: the file's object when the caller has read it already (the teacher registry).
 
     Raises ValueError for a bad ``layer``/``projection`` pair and :class:`ClapCheckpointError`
     (naming the file) for a fusion checkpoint, another model's checkpoint or any audio key or
     shape that does not match the inferred HTS-AT.
     """
-    if layer not in LAYERS:
-        raise ValueError(f"layer must be one of {LAYERS}, got {layer!r}")
-    if projection and layer != "final":
-        raise ValueError("projection=True applies the CLAP audio projection and needs layer='final'")
-    state = _read_state_dict(path, trusted)
+    check_layer(layer, projection)
+    state = _read_state_dict(path, trusted, checkpoint)
     layout = _detect_layout(path, state)
     audio = {k[len(layout.audio_prefix):]: v for k, v in state.items() if k.startswith(layout.audio_prefix)}
-    arch = _infer_architecture(path, audio)
-    if layer == "stage3" and len(arch.depths) < 4:
-        raise ClapCheckpointError(f"{path}: layer 'stage3' needs 4 HTS-AT stages, found {len(arch.depths)}")
     fe = layout.front_end
-    branch = AudioBranch(arch.embed_dim, arch.depths, arch.num_heads, arch.window, arch.patch_size,
-                         arch.n_fft, fe.hop, arch.mel_bins)
-    _load_strict(path, branch, audio, f"its '{layout.audio_prefix}*' tower", IGNORED_AUDIO_KEYS)
-    _check_filterbank(path, layout, branch, arch)
+    branch, arch = build_audio_branch(path, audio, fe, layer, f"its '{layout.audio_prefix}*' tower",
+                                      IGNORED_AUDIO_KEYS)
 
     # Any other audio key (e.g. an unknown 'audio_encoder.*' module) is an error too.
     if layout.name == "msclap":
@@ -441,13 +506,12 @@ def load_clap_teacher(path: str, layer: str = "final", projection: bool = False,
                        layer=layer, front_end=fe)
 
 
-def _check_filterbank(path: str, layout: Layout, branch: AudioBranch, arch: Architecture) -> None:
-    """Warn when the checkpoint's mel filterbank is not the one the layout's settings imply."""
-    fe = layout.front_end
+def _check_filterbank(path: str, fe: FrontEnd, branch: AudioBranch, arch: Architecture) -> None:
+    """Warn when the checkpoint's mel filterbank is not the one the front end's settings imply."""
     expected = mel_filterbank(fe.filterbank_rate, arch.n_fft, arch.mel_bins, fe.fmin, fe.fmax)
     melW = branch.logmel_extractor.melW.detach()
     err = (melW - expected).abs().max().item() / expected.abs().max().item()
     if err > 1e-3:
         warnings.warn(f"{path}: the mel filterbank differs from a {fe.fmin:g}-{fe.fmax:g} Hz Slaney filterbank "
                       f"at {fe.filterbank_rate} Hz (relative max difference {err:.2g}); freq_edges_hz may be off",
-                      stacklevel=3)
+                      stacklevel=4)
