@@ -1,4 +1,6 @@
-"""The caption teacher's training-step benchmark runs end to end at the tiny size (`make bench` runs
+"""The caption teacher's training-step benchmark runs at the tiny size.
+
+The caption teacher's training-step benchmark runs end to end at the tiny size (`make bench` runs
 the paper and tiny sizes) and reports clips/s and the share of the matmul rate."""
 import json
 import os

@@ -1,4 +1,6 @@
-"""Caption-trained CLAP teachers and the teacher interface: the tokenizer round trip, caption files
+"""Caption-trained CLAP teachers and the teacher interface, in process.
+
+Caption-trained CLAP teachers and the teacher interface: the tokenizer round trip, caption files
 and their errors, the model (front end in float32, global-batch BatchNorm), the contrastive loss
 and its 2-process equality with one process, retrieval metrics, the teacher registry and contract,
 and zero_shot.py's refusal of a checkpoint without a text tower we read. Training runs (recall

@@ -1,4 +1,6 @@
-"""A caption teacher trained through fairseq-hydra-train on generated clip-caption pairs (tones with
+"""A caption teacher trained through fairseq-hydra-train works as a teacher.
+
+A caption teacher trained through fairseq-hydra-train on generated clip-caption pairs (tones with
 captions): recall@1 and zero-shot accuracy above chance; its checkpoint read unchanged by
 extract_clap_targets.py, by task.teacher_checkpoint (offline and online give the same run) and by
 fairseq's loader without the data (the tokenizer travels in the checkpoint); bad input stops the

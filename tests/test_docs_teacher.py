@@ -1,4 +1,6 @@
-"""docs/teacher-training.md: its shell commands, read from the page itself, run verbatim (plus tiny
+"""docs/teacher-training.md runs as written.
+
+docs/teacher-training.md: its shell commands, read from the page itself, run verbatim (plus tiny
 settings) from a scratch directory with relative paths, in the page's order: captions, tokenizer,
 teacher training, zero-shot and retrieval, extraction from the trained teacher, SupMAM-CLAP from
 its targets."""
