@@ -90,7 +90,8 @@ def parse_args(argv=None):
                    help="teacher of the control SupMAM-CLAP run: a LAION-CLAP .pt (e.g. 630k-audioset-best.pt), "
                         "MS-CLAP 2023 or any file the teacher registry reads; default $MAM_CLAP_TEACHER; without one "
                         "the caption teacher's architecture untrained (random weights) checks the pipeline only")
-    p.add_argument("--clap-max-update", type=int, default=600, help="updates of each SupMAM-CLAP pretraining")
+    p.add_argument("--clap-max-update", type=int, default=1000,
+                   help="updates of each SupMAM-CLAP pretraining (as many as SupMAM's, so the runs compare)")
     p.add_argument("--teacher-max-update", type=int, default=250, help="caption teacher training updates")
     p.add_argument("--teacher-batch-size", type=int, default=32, help="caption teacher batch (clips)")
     p.add_argument("--teacher-lr", type=float, default=1e-3, help="peak learning rate of the caption teacher")
