@@ -17,7 +17,6 @@ eval-mode forward, metrics; clips per second.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import tempfile
@@ -29,12 +28,10 @@ import numpy as np
 import soundfile as sf
 import torch
 from omegaconf import OmegaConf
-from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.flops import cpu_sdpa_flop_mapping
 from benchmarks.machine import machine_info
-from benchmarks.matmul import matmul_samples
-from benchmarks.measure import log, median, peak_rss_mib
+from benchmarks.matmul import time_step
+from benchmarks.measure import log, peak_rss_mib
 from mam_clap_plugin.criterions.mam_clap_classification import classification_loss
 from mam_clap_plugin.data.manifest import write_class_list, write_labels, write_manifest
 from mam_clap_plugin.hydra_runs import compose_config
@@ -75,27 +72,15 @@ def bench_step(spec: Dict[str, Any], args) -> Dict[str, Any]:
     source = torch.randn(args.batch_size, 1, spec["target_length"], 128, generator=g)
     target = torch.rand(args.batch_size, spec["model"]["num_classes"], generator=g)
 
-    def step(counter: Optional[FlopCounterMode] = None) -> float:
-        t0 = time.perf_counter()
-        with counter if counter is not None else contextlib.nullcontext():
-            torch.manual_seed(2)  # the same token masks and drop_path draws every step
-            loss = classification_loss(model(source)["logits"], target, "bce")
-            opt.zero_grad()
-            loss.backward()
+    def step() -> None:
+        torch.manual_seed(2)  # the same token masks and drop_path draws every step
+        loss = classification_loss(model(source)["logits"], target, "bce")
+        opt.zero_grad()
+        loss.backward()
         opt.step()
-        return time.perf_counter() - t0
 
-    counter = FlopCounterMode(display=False, custom_mapping=cpu_sdpa_flop_mapping())
-    for i in range(args.warmup):
-        log(f"[step] warm-up {i + 1}/{args.warmup}: {step(counter if i == 0 else None):.2f} s")
-    flops = counter.get_total_flops()
-    mm = matmul_samples(args.matmul_size, args.matmul_reps)
-    times = []
-    for i in range(args.steps):
-        times.append(step())
-        mm += matmul_samples(args.matmul_size, max(2, args.matmul_reps // 2))
-        log(f"[step] {i + 1}/{args.steps}: {times[-1]:.2f} s")
-    step_s, mm_rate = median(times), median(mm)
+    flops, step_s, times, mm_rate = time_step(step, warmup=args.warmup, steps=args.steps,
+                                              matmul_size=args.matmul_size, matmul_reps=args.matmul_reps, tag="step")
     achieved = flops / step_s / 1e9
     t, f = model.encoder.grid(spec["target_length"])
     return {

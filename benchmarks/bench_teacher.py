@@ -17,23 +17,19 @@ from __future__ import annotations
 
 import argparse
 import ast
-import contextlib
 import json
 import os
 import tempfile
-import time
 from typing import Any, Dict, List, Optional
 
 import fairseq  # noqa: F401  (before the plugin's fairseq components)
 import sentencepiece
 import torch
 from omegaconf import OmegaConf
-from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.flops import cpu_sdpa_flop_mapping
 from benchmarks.machine import machine_info
-from benchmarks.matmul import matmul_samples
-from benchmarks.measure import log, median, peak_rss_mib
+from benchmarks.matmul import time_step
+from benchmarks.measure import log, peak_rss_mib
 from mam_clap_plugin.criterions.clap_infonce import ClapInfoNceConfig, ClapInfoNceCriterion
 from mam_clap_plugin.hydra_runs import compose_config
 from mam_clap_plugin.models.clap_teacher import ClapTeacherModel
@@ -86,26 +82,14 @@ def bench_size(size: str, args, spm: bytes) -> Dict[str, Any]:
     sample = {"id": torch.arange(args.batch_size), "nsentences": args.batch_size,
               "net_input": {"wav": wav, "captions": captions(args.batch_size)}}
 
-    def step(counter: Optional[FlopCounterMode] = None) -> float:
-        t0 = time.perf_counter()
-        with counter if counter is not None else contextlib.nullcontext():
-            loss, _, _ = criterion(model, sample)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+    def step() -> None:
+        loss, _, _ = criterion(model, sample)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
         opt.step()
-        return time.perf_counter() - t0
 
-    counter = FlopCounterMode(display=False, custom_mapping=cpu_sdpa_flop_mapping())
-    for i in range(args.warmup):
-        log(f"[{size}] warm-up {i + 1}/{args.warmup}: {step(counter if i == 0 else None):.2f} s")
-    flops = counter.get_total_flops()
-    mm = matmul_samples(args.matmul_size, args.matmul_reps)
-    times = []
-    for i in range(args.steps):
-        times.append(step())
-        mm += matmul_samples(args.matmul_size, max(2, args.matmul_reps // 2))
-        log(f"[{size}] step {i + 1}/{args.steps}: {times[-1]:.2f} s")
-    step_s, mm_rate = median(times), median(mm)
+    flops, step_s, times, mm_rate = time_step(step, warmup=args.warmup, steps=args.steps,
+                                              matmul_size=args.matmul_size, matmul_reps=args.matmul_reps, tag=size)
     achieved = flops / step_s / 1e9
     return {
         "config": f"examples/teacher/config/clap.yaml {' '.join(SIZES[size])}".strip(),

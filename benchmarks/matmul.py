@@ -1,12 +1,15 @@
 """The fp32 ``torch.mm`` rate the achieved GFLOP/s are compared with, and the verdicts."""
 from __future__ import annotations
 
+import contextlib
 import time
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List, NamedTuple, Optional
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.measure import median
+from benchmarks.flops import cpu_sdpa_flop_mapping
+from benchmarks.measure import log, median
 
 #: Target share of the matmul rate for a training step.
 TARGET_PCT_OF_MATMUL = 85.0
@@ -59,3 +62,38 @@ def matmul_verdict(variants: Dict[str, Any], key: str, what: str) -> str:
         f"{head} against {what} (target >= {TARGET_PCT_OF_MATMUL:.0f}%): best {best} {pct[best]:.1f}%, "
         f"worst {worst} {pct[worst]:.1f}%"
     )
+
+
+class TimedStep(NamedTuple):
+    """What :func:`time_step` measured: FLOPs of one step, the median step time, every timed
+    step, and the median fp32 ``torch.mm`` rate sampled before and between the timed steps."""
+
+    flops: float
+    step_s: float
+    times: List[float]
+    matmul_gflops: float
+
+
+def time_step(step: Callable[[], None], *, warmup: int, steps: int, matmul_size: int, matmul_reps: int,
+              tag: str) -> TimedStep:
+    """Run ``step()`` ``warmup`` times untimed (the first under a FLOP counter, CPU flash attention
+    included), then ``steps`` timed times, with ``torch.mm`` samples before and between them so
+    that the step's rate is compared with a matmul rate under the same machine load."""
+    counter = FlopCounterMode(display=False, custom_mapping=cpu_sdpa_flop_mapping())
+
+    def run(flop_counter: Optional[FlopCounterMode] = None) -> float:
+        t0 = time.perf_counter()
+        with flop_counter if flop_counter is not None else contextlib.nullcontext():
+            step()
+        return time.perf_counter() - t0
+
+    for i in range(warmup):
+        log(f"[{tag}] warm-up {i + 1}/{warmup}: {run(counter if i == 0 else None):.2f} s")
+    mm = matmul_samples(matmul_size, matmul_reps)
+    times = []
+    for i in range(steps):
+        times.append(run())
+        mm += matmul_samples(matmul_size, max(2, matmul_reps // 2))
+        log(f"[{tag}] step {i + 1}/{steps}: {times[-1]:.2f} s")
+    return TimedStep(counter.get_total_flops(), median(times), times, median(mm))
+

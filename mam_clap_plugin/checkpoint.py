@@ -361,6 +361,23 @@ def _source_kind(state: Dict[str, Any]) -> str:
     return f"fairseq:{model_config(state)['_name']}"
 
 
+#: The paper's variant of a pretraining config, by (model.target, model.classification_branch).
+VARIANTS = {("pixel", False): "MAM", ("clap", False): "MAM-CLAP", ("pixel", True): "SupMAM",
+            ("clap", True): "SupMAM-CLAP"}
+
+
+def pretraining_variant(state: Dict[str, Any]) -> Optional[str]:
+    """The paper's variant (MAM, MAM-CLAP, SupMAM, SupMAM-CLAP) an encoder was pretrained as: read
+    from a pretraining checkpoint's model config, or carried by an export made from one; None
+    when unknown (a fine-tuning checkpoint, a converted AudioMAE file)."""
+    if is_exported(state):
+        return (state["config"].get("source") or {}).get("variant")
+    cfg = model_config(state)
+    if cfg["_name"] != PRETRAINING_MODEL:
+        return None
+    return VARIANTS.get((str(cfg.get("target", "pixel")), bool(cfg.get("classification_branch", False))))
+
+
 def checkpoint_sha256(path: str) -> str:
     """SHA-256 that identifies any file :func:`load_checkpoint` reads: the file's, or for a
     Hugging Face folder its ``model.safetensors``'s (which holds the config too)."""
@@ -381,7 +398,8 @@ def export_arguments(checkpoint_path: str, trusted: bool = False) -> Dict[str, A
     return dict(encoder=bundle.encoder, config=config, norm_mean=bundle.norm_mean, norm_std=bundle.norm_std,
                 norm_spec=_norm_spec_of(state, bundle.norm_mean, bundle.norm_std),
                 target_length=bundle.target_length, source=os.path.basename(os.path.normpath(checkpoint_path)),
-                source_sha256=checkpoint_sha256(checkpoint_path), source_kind=_source_kind(state), head=head)
+                source_sha256=checkpoint_sha256(checkpoint_path), source_kind=_source_kind(state), head=head,
+                source_extra={"variant": pretraining_variant(state)})
 
 
 def export_encoder(checkpoint_path: str, out_path: str, trusted: bool = False) -> Dict[str, Any]:
@@ -405,7 +423,8 @@ def export_config(encoder: AudioEncoder, config: Dict[str, Any], norm_mean: floa
                       "fbank_options": {...}, "waveform_mean_removed": true,
                       "target_length": frames or null,
                       "norm_stats": {"mean", "std", "spec"}, "normalisation": "(fbank - mean) / (2 * std)"},
-         "source": {"file": basename, "sha256": hex, "kind": str, ...},
+         "source": {"file": basename, "sha256": hex, "kind": str,
+                    "variant": "MAM" | "MAM-CLAP" | "SupMAM" | "SupMAM-CLAP" | null, ...},
          "head": null, or {"num_classes": C, "pooling": "mean", "keys": [names]} for a kept
                  classifier: fc_norm.weight / fc_norm.bias (D,), head.weight (C, D), head.bias (C,)}
     """

@@ -204,7 +204,7 @@ def export_hub_folder(checkpoint_path: str, out_dir: str, trusted: bool = False,
 
 def _variant(config: Dict[str, Any]) -> List[str]:
     enc, src, head = config["encoder"], config.get("source") or {}, config.get("head")
-    kinds = {"fairseq:supmam_clap": "SupMAM-CLAP pretraining checkpoint",
+    kinds = {"fairseq:supmam_clap": "pretraining checkpoint (model supmam_clap)",
              "fairseq:mam_clap_classifier": "fine-tuned (mam_clap_classifier) checkpoint",
              "mam_clap_encoder": "encoder export", "audiomae:pretraining": "converted AudioMAE (pretrained)",
              "audiomae:finetuning": "converted AudioMAE (fine-tuned)"}
@@ -215,6 +215,7 @@ def _variant(config: Dict[str, Any]) -> List[str]:
         f"({enc['max_frames'] // 16} x {enc['num_mel_bins'] // 16} patches), final LayerNorm: "
         f"{'yes' if enc.get('final_norm', True) else 'no'}.",
         f"- Source: `{src.get('file')}`, {kinds.get(kind, kind)} (`{kind}`), sha256 `{src.get('sha256')}`.",
+        f"- Pretrained as: {src.get('variant') or 'unknown (not recorded by the source)'}.",
         "- Classifier head: " + (f"kept ({head['num_classes']} classes, {head.get('pooling', 'mean')} pooling; "
                                  "stored, not applied by the encoder)." if head else "none."),
     ]

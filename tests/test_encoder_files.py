@@ -89,7 +89,7 @@ def test_safetensors_export_holds_weights_and_config(files):
                                 "norm_stats": {"mean": mean, "std": std, "spec": "speech_commands"},
                                 "normalisation": "(fbank - mean) / (2 * std)"}
     assert side["source"] == {"file": "checkpoint_last.pt", "sha256": file_sha256(files["pretraining"]),
-                              "kind": "fairseq:supmam_clap"}
+                              "kind": "fairseq:supmam_clap", "variant": "MAM"}  # target pixel, no branch
     assert side["head"] is None
 
 
@@ -110,11 +110,11 @@ def test_load_encoder_reads_every_layout(files, kind):
 
 def test_export_of_a_finetuning_checkpoint_and_of_an_export(files, tmp_path):
     meta = export_encoder(files["finetuning"], str(tmp_path / "ft.safetensors"))
-    assert meta["source"]["kind"] == "fairseq:mam_clap_classifier"
+    assert meta["source"]["kind"] == "fairseq:mam_clap_classifier" and meta["source"]["variant"] is None
     assert meta["frontend"]["norm_stats"]["spec"] == "esc50" and meta["frontend"]["target_length"] == 96
     again = export_encoder(files["export"], str(tmp_path / "again.safetensors"))
     assert again["source"] == {"file": "encoder.safetensors", "sha256": file_sha256(files["export"]),
-                               "kind": "mam_clap_encoder"}
+                               "kind": "mam_clap_encoder", "variant": "MAM"}  # carried from the first export
     assert again["encoder"] == json.loads(Path(sidecar_path(files["export"])).read_text())["encoder"]
     assert again["frontend"]["norm_stats"]["spec"] == "speech_commands"
 
@@ -185,3 +185,13 @@ def test_export_cli_errors(tmp_path, capsys):
     assert main([str(tmp_path / "no.pt"), str(tmp_path / "x.safetensors")]) == 1
     assert "no.pt: checkpoint not found" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.parametrize("target,branch,variant", [("pixel", False, "MAM"), ("clap", False, "MAM-CLAP"),
+                                                   ("pixel", True, "SupMAM"), ("clap", True, "SupMAM-CLAP")])
+def test_pretraining_variant_from_the_model_config(target, branch, variant):
+    from mam_clap_plugin.checkpoint import pretraining_variant
+
+    state = {"cfg": {"model": {**MODEL_CFG, "target": target, "classification_branch": branch}}, "model": {}}
+    assert pretraining_variant(state) == variant
+

@@ -93,7 +93,7 @@ def test_round_trip_export_hub_folder_from_pretrained(files, tmp_path):
     export = json.loads(Path(sidecar_path(files["export"])).read_text())
     assert {k: v for k, v in config.items() if k != "source"} == {k: v for k, v in export.items() if k != "source"}
     assert config["source"] == {"file": "encoder.safetensors", "sha256": file_sha256(files["export"]),
-                                "kind": "mam_clap_encoder"}
+                                "kind": "mam_clap_encoder", "variant": "MAM"}
     assert config["encoder"] == {**ENCODER_KWARGS, "num_mel_bins": 128, "final_norm": True}
     assert config["frontend"]["fbank_options"] == FBANK_OPTIONS and config["frontend"]["target_length"] == 128
     # model.safetensors: the export's weights under the same names, the same config in its metadata
@@ -175,7 +175,7 @@ def test_every_loader_reads_a_hub_folder(files, tmp_path):
     # an export of the folder names the folder's model.safetensors as its source
     meta = export_encoder(files["hub"], str(tmp_path / "from_hub.safetensors"))
     assert meta["source"] == {"file": "hub", "sha256": file_sha256(os.path.join(files["hub"], "model.safetensors")),
-                              "kind": "mam_clap_encoder"}
+                              "kind": "mam_clap_encoder", "variant": "MAM"}
 
 
 def test_loading_a_folder_needs_no_network(files, monkeypatch):
@@ -297,7 +297,8 @@ def test_export_cli_hub(files, tmp_path, capsys):
     assert main([files["pretraining"], str(out), "--hub", "--repo-id", "someone/mam-clap-tiny"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["source"] == {"file": "checkpoint_last.pt", "sha256": file_sha256(files["pretraining"]),
-                                 "kind": "fairseq:supmam_clap"}
+                                 "kind": "fairseq:supmam_clap", "variant": "MAM"}
+    assert "- Pretrained as: MAM." in (out / "README.md").read_text()
     assert sorted(printed["files_mib"]) == ["README.md", "config.json", "model.safetensors"]
     assert json.loads((out / "config.json").read_text()) == {k: v for k, v in printed.items()
                                                              if k not in ("out", "files_mib")}

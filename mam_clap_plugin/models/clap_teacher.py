@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from fairseq.dataclass import FairseqDataclass
 from fairseq.models import BaseFairseqModel, register_model
 
-from ..modules.precision import exact
+from ..modules.precision import KeepsFloat32, exact
 from ..modules.text import SentencePieceTokenizer, TextTower
 from ..optim import set_overrides
 from ..teacher.clap import SIZES, AudioBranch, FrontEnd, LaionProjection
@@ -74,7 +74,7 @@ class ClapTeacherConfig(FairseqDataclass):
                                    metadata={"help": "the log logit scale is clamped to at most this (CLIP: log 100)"})
 
 
-class GlobalBatchNorm2d(nn.BatchNorm2d):
+class GlobalBatchNorm2d(KeepsFloat32, nn.BatchNorm2d):
     """BatchNorm2d that normalises a training batch with the statistics of the global batch (the
     clips of every rank, all-reduced) and keeps its parameters, statistics and arithmetic in float32.
 
@@ -83,13 +83,6 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     as one process holding the whole batch would. The statistics carry no gradient: what feeds this
     layer (the frozen STFT and mel filterbank) trains nothing. State-dict keys are BatchNorm2d's.
     """
-
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        for t in (*self.parameters(recurse=False), *self.buffers(recurse=False)):
-            if t.is_floating_point() and t.dtype != torch.float32:
-                t.data = t.data.float()
-        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()

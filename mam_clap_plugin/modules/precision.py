@@ -14,7 +14,20 @@ import torch
 import torch.nn as nn
 
 
-class Fp32BatchNorm1d(nn.BatchNorm1d):
+class KeepsFloat32(nn.Module):
+    """Mixin: the module's own parameters and buffers stay float32 whatever ``.to()``, ``.half()``
+    or fairseq's fp16/bf16 cast asks (a norm layer's statistics overflow or lose precision in
+    half precision)."""
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        for t in (*self.parameters(recurse=False), *self.buffers(recurse=False)):
+            if t.is_floating_point() and t.dtype != torch.float32:
+                t.data = t.data.float()
+        return self
+
+
+class Fp32BatchNorm1d(KeepsFloat32, nn.BatchNorm1d):
     """BatchNorm1d whose running statistics and affine parameters stay float32 whatever the model's
     dtype; it normalises in float32 and returns the input's dtype.
 
@@ -25,13 +38,6 @@ class Fp32BatchNorm1d(nn.BatchNorm1d):
     leaves them unchanged: the clip still trains the branch (gradients flow through the
     affine and the input), and the statistics only ever average batches of two or more.
     """
-
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        for t in (*self.parameters(recurse=False), *self.buffers(recurse=False)):
-            if t.is_floating_point() and t.dtype != torch.float32:
-                t.data = t.data.float()
-        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
