@@ -30,7 +30,7 @@ import torch
 from omegaconf import OmegaConf
 
 from benchmarks.machine import machine_info
-from benchmarks.matmul import time_step
+from benchmarks.matmul import step_report, time_step
 from benchmarks.measure import log, peak_rss_mib
 from mam_clap_plugin.criterions.mam_clap_classification import classification_loss
 from mam_clap_plugin.data.manifest import write_class_list, write_labels, write_manifest
@@ -79,9 +79,8 @@ def bench_step(spec: Dict[str, Any], args) -> Dict[str, Any]:
         loss.backward()
         opt.step()
 
-    flops, step_s, times, mm_rate = time_step(step, warmup=args.warmup, steps=args.steps,
-                                              matmul_size=args.matmul_size, matmul_reps=args.matmul_reps, tag="step")
-    achieved = flops / step_s / 1e9
+    timed = time_step(step, warmup=args.warmup, steps=args.steps, matmul_size=args.matmul_size,
+                      matmul_reps=args.matmul_reps, tag="step")
     t, f = model.encoder.grid(spec["target_length"])
     return {
         "params_m": sum(p.numel() for p in params) / 1e6,
@@ -89,14 +88,7 @@ def bench_step(spec: Dict[str, Any], args) -> Dict[str, Any]:
         "tokens": t * f,
         "visible_tokens": int(t * (1 - spec["model"]["mask_t_prob"])) * int(f * (1 - spec["model"]["mask_f_prob"])),
         "param_groups": len(opt.param_groups),
-        "step_ms": step_s * 1e3,
-        "step_ms_all": [x * 1e3 for x in times],
-        "clips_per_s": args.batch_size / step_s,
-        "gflop_per_step": flops / 1e9,
-        "gflop_per_clip": flops / 1e9 / args.batch_size,
-        "achieved_gflops": achieved,
-        "matmul_gflops": mm_rate,
-        "pct_of_matmul": 100.0 * achieved / mm_rate,
+        **step_report(timed, args.batch_size),
     }
 
 

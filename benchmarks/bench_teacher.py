@@ -28,7 +28,7 @@ import torch
 from omegaconf import OmegaConf
 
 from benchmarks.machine import machine_info
-from benchmarks.matmul import time_step
+from benchmarks.matmul import step_report, time_step
 from benchmarks.measure import log, peak_rss_mib
 from mam_clap_plugin.criterions.clap_infonce import ClapInfoNceConfig, ClapInfoNceCriterion
 from mam_clap_plugin.hydra_runs import compose_config
@@ -88,9 +88,8 @@ def bench_size(size: str, args, spm: bytes) -> Dict[str, Any]:
         loss.backward()
         opt.step()
 
-    flops, step_s, times, mm_rate = time_step(step, warmup=args.warmup, steps=args.steps,
-                                              matmul_size=args.matmul_size, matmul_reps=args.matmul_reps, tag=size)
-    achieved = flops / step_s / 1e9
+    timed = time_step(step, warmup=args.warmup, steps=args.steps, matmul_size=args.matmul_size,
+                      matmul_reps=args.matmul_reps, tag=size)
     return {
         "config": f"examples/teacher/config/clap.yaml {' '.join(SIZES[size])}".strip(),
         "audio": {k: cfg[k] for k in ("audio_embed_dim", "audio_depths", "audio_num_heads", "audio_patch_size",
@@ -98,14 +97,7 @@ def bench_size(size: str, args, spm: bytes) -> Dict[str, Any]:
         "text": {k: cfg[k] for k in ("text_embed_dim", "text_layers", "vocab_size", "max_text_tokens")},
         "params_m": sum(p.numel() for p in params) / 1e6,
         "batch_size": args.batch_size,
-        "step_ms": step_s * 1e3,
-        "step_ms_all": [t * 1e3 for t in times],
-        "clips_per_s": args.batch_size / step_s,
-        "gflop_per_step": flops / 1e9,
-        "gflop_per_clip": flops / 1e9 / args.batch_size,
-        "achieved_gflops": achieved,
-        "matmul_gflops": mm_rate,
-        "pct_of_matmul": 100.0 * achieved / mm_rate,
+        **step_report(timed, args.batch_size),
     }
 
 

@@ -97,3 +97,18 @@ def time_step(step: Callable[[], None], *, warmup: int, steps: int, matmul_size:
         log(f"[{tag}] step {i + 1}/{steps}: {times[-1]:.2f} s")
     return TimedStep(counter.get_total_flops(), median(times), times, median(mm))
 
+
+def step_report(timed: TimedStep, batch_size: int) -> Dict[str, Any]:
+    """The report fields of a :func:`time_step` measurement of a step over ``batch_size`` clips."""
+    achieved = timed.flops / timed.step_s / 1e9
+    return {
+        "step_ms": timed.step_s * 1e3,
+        "step_ms_all": [t * 1e3 for t in timed.times],
+        "clips_per_s": batch_size / timed.step_s,
+        "gflop_per_step": timed.flops / 1e9,
+        "gflop_per_clip": timed.flops / 1e9 / batch_size,
+        "achieved_gflops": achieved,
+        "matmul_gflops": timed.matmul_gflops,
+        "pct_of_matmul": 100.0 * achieved / timed.matmul_gflops,
+    }
+

@@ -95,3 +95,16 @@ def build(cfg, model):
     if cfg.common.fp16 or cfg.common.bf16:
         return optim.FP16Optimizer.build_optimizer(cfg, params)
     return optim.build_optimizer(cfg.optimizer, params)
+
+
+def blocking_imports(*packages: str) -> str:
+    """Python source that makes importing any of ``packages`` raise ImportError, for the first
+    lines of a ``python -c`` program that must run without them (fairseq, s3prl, ...)."""
+    return (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.split('.')[0] in {tuple(packages)!r}: raise ImportError(name + ' blocked')\n"
+        "sys.meta_path.insert(0, Block())\n"
+    )
+

@@ -27,6 +27,7 @@ from mam_clap_plugin.files import file_sha256
 from mam_clap_plugin.modules.encoder import AudioEncoder
 
 from .audiomae import audiomae_encoder
+from .helpers import blocking_imports
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_CFG = {"_name": "supmam_clap", "encoder_embed_dim": 32, "encoder_layers": 2, "encoder_attention_heads": 4,
@@ -156,11 +157,8 @@ def test_cli_and_every_loader_without_fairseq(files, tmp_path):
     paths = [files["export"], files["legacy"], files["pretraining"], files["finetuning"],
              str(tmp_path / "audiomae.safetensors"), str(out)]
     code = (
-        "import runpy, sys\n"
-        "class Block:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in ('fairseq', 's3prl'): raise ImportError(name + ' blocked')\n"
-        "sys.meta_path.insert(0, Block())\n"
+        blocking_imports("fairseq", "s3prl")
+        + "import runpy\n"
         f"sys.argv = ['export_encoder.py', {files['pretraining']!r}, {str(out)!r}]\n"
         "try:\n"
         "    runpy.run_path('examples/export_encoder.py', run_name='__main__')\n"

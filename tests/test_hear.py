@@ -22,6 +22,8 @@ from mam_clap_plugin.data.audio import load_audio
 from mam_clap_plugin.features import num_steps
 from mam_clap_plugin.modules.encoder import AudioEncoder
 
+from .helpers import blocking_imports
+
 REPO = Path(__file__).resolve().parents[1]
 DIM, DEPTH, GRID_FREQ = 32, 2, 8
 #: max_frames 256 (2.56 s windows): a 25 s sound is encoded as 10 windows.
@@ -29,12 +31,7 @@ CONFIG = {"embed_dim": DIM, "depth": DEPTH, "num_heads": 4, "mlp_ratio": 4.0, "m
 SECONDS = (0.1, 0.15, 0.16, 0.5, 1.07, 1.98, 2.56, 2.6, 4.0, 10.0, 25.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -188,13 +185,8 @@ def test_hear_module_without_fairseq_s3prl_or_huggingface_hub(export, tmp_path):
     """The HEAR kit imports the module by name: it loads and embeds where importing fairseq,
     s3prl or huggingface_hub raises."""
     code = (
-        "import sys\n"
-        "class Block:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in ('fairseq', 's3prl', 'huggingface_hub'):\n"
-        "            raise ImportError(name + ' blocked')\n"
-        "sys.meta_path.insert(0, Block())\n"
-        "import importlib, torch\n"
+        blocking_imports("fairseq", "s3prl", "huggingface_hub")
+        + "import importlib, torch\n"
         "module = importlib.import_module('mam_clap_plugin.hear')\n"
         f"model = module.load_model({export!r})\n"
         "emb, ts = module.get_timestamp_embeddings(torch.rand(2, 17120) * 2 - 1, model)\n"

@@ -32,6 +32,7 @@ from mam_clap_plugin.hub import MamClapEncoder, export_hub_folder
 from mam_clap_plugin.modules.encoder import AudioEncoder
 
 from .conftest import PRETRAINED_DEPTH, PRETRAINED_DIM
+from .helpers import blocking_imports
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_CFG = {"_name": "supmam_clap", "encoder_embed_dim": 32, "encoder_layers": 2, "encoder_attention_heads": 4,
@@ -39,12 +40,7 @@ MODEL_CFG = {"_name": "supmam_clap", "encoder_embed_dim": 32, "encoder_layers": 
 ENCODER_KWARGS = {"embed_dim": 32, "depth": 2, "num_heads": 4, "mlp_ratio": 4.0, "max_frames": 256}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -326,11 +322,8 @@ def test_hub_cli_and_loading_without_fairseq(files, tmp_path):
     CLI writes a folder, MamClapEncoder.from_pretrained, load_encoder and hear.load_model read it."""
     out = tmp_path / "mam-clap-encoder"
     code = (
-        "import runpy, sys\n"
-        "class Block:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in ('fairseq', 's3prl'): raise ImportError(name + ' blocked')\n"
-        "sys.meta_path.insert(0, Block())\n"
+        blocking_imports("fairseq", "s3prl")
+        + "import runpy\n"
         f"sys.argv = ['export_encoder.py', {files['pretraining']!r}, {str(out)!r}, '--hub']\n"
         "try:\n"
         "    runpy.run_path('examples/export_encoder.py', run_name='__main__')\n"

@@ -26,6 +26,7 @@ from mam_clap_plugin.modules.encoder import AudioEncoder
 from upstream.expert import DOWNSAMPLE_RATE, UpstreamExpert, num_steps
 
 from .conftest import PRETRAINED_DEPTH, PRETRAINED_DIM
+from .helpers import blocking_imports
 
 REPO = Path(__file__).resolve().parents[1]
 SR = 16000
@@ -96,11 +97,8 @@ def test_export_cli_and_loading_without_fairseq(ckpts, tmp_path):
     fairseq_path, _, _ = ckpts
     out = tmp_path / "cli.pt"
     code = (
-        "import runpy, sys\n"
-        "class Block:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] == 'fairseq': raise ImportError('fairseq blocked')\n"
-        "sys.meta_path.insert(0, Block())\n"
+        blocking_imports("fairseq")
+        + "import runpy\n"
         f"sys.argv = ['export_encoder.py', {fairseq_path!r}, {str(out)!r}]\n"
         "try:\n"
         "    runpy.run_path('examples/export_encoder.py', run_name='__main__')\n"
