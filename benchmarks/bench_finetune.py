@@ -17,7 +17,6 @@ eval-mode forward, metrics; clips per second.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -31,7 +30,7 @@ from omegaconf import OmegaConf
 
 from benchmarks.machine import machine_info
 from benchmarks.matmul import step_report, time_step
-from benchmarks.measure import log, peak_rss_mib
+from benchmarks.measure import log, peak_rss_mib, write_report
 from mam_clap_plugin.criterions.mam_clap_classification import classification_loss
 from mam_clap_plugin.data.manifest import write_class_list, write_labels, write_manifest
 from mam_clap_plugin.hydra_runs import compose_config
@@ -142,9 +141,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         f"{s['clips_per_s']:.2f} clips/s, {s['gflop_per_step']:.0f} GFLOP, {s['achieved_gflops']:.0f} GFLOP/s = "
         f"{s['pct_of_matmul']:.0f}% of torch.mm ({s['matmul_gflops']:.0f} GFLOP/s)")
     log(f"evaluate.py scoring: {e['clips_per_s']:.2f} clips/s (10 s clips, {e['clips']} clips)")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
+    write_report(report, args.out)
     return report
 
 

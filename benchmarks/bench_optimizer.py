@@ -15,7 +15,6 @@ Writes a JSON report (``--out``) and prints a table. From the repository root:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -32,6 +31,7 @@ from omegaconf import OmegaConf, open_dict
 
 import mam_clap_plugin  # noqa: F401  (registers mam_clap_adamw)
 from benchmarks.machine import machine_info
+from benchmarks.measure import write_report
 from mam_clap_plugin.models.supmam_clap import SupMamClapModel
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "examples" / "pretraining" / "config"
@@ -174,9 +174,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         "loadavg_at_end": list(os.getloadavg()),
         "wall_s": time.perf_counter() - start,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = write_report(report, args.out)
     print("| optimizer | update ms | clip_grad_norm ms | step ms |\n|---|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['update_ms']:.1f} | {r['clip_grad_norm_ms']:.1f} | {r['step_ms']:.1f} |")

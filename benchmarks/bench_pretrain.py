@@ -48,7 +48,6 @@ The real loop, ``fairseq-hydra-train``'s own clips/s, is ``benchmarks/training_l
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -61,7 +60,7 @@ import torch
 from benchmarks.data_pipeline import TARGET_PIPELINE_RATIO, bench_pipeline, pipeline_report, print_pipeline
 from benchmarks.machine import machine_info
 from benchmarks.matmul import TARGET_PCT_OF_MATMUL, apply_matmul_reference, matmul_gflops, matmul_verdict
-from benchmarks.measure import log, peak_rss_mib
+from benchmarks.measure import log, peak_rss_mib, write_report
 from benchmarks.student_step import NUM_CLASSES, TEACHER_DIM, VARIANTS, bench_variant, load_variant
 from benchmarks.teacher import bench_teacher, online_teacher_cost
 from mam_clap_plugin.data.audio import resolve_norm_stats
@@ -190,7 +189,6 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                               resolve_norm_stats(specs[args.variants[0]]["norm_stats"]), args.batch_size)
 
     out_path = Path(args.out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     report: Dict[str, Any] = {
         "schema": "bench_pretrain/1",
         "complete": False,
@@ -248,7 +246,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         apply_matmul_reference(report)
         report["peak_rss_mib"] = peak_rss_mib()
         report["wall_s"] = time.perf_counter() - start
-        out_path.write_text(json.dumps(report, indent=2) + "\n")
+        write_report(report, out_path)
 
     for name in args.variants:
         report["variants"][name] = bench_variant(name, specs[name], args)

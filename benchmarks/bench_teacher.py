@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import json
 import os
 import tempfile
 from typing import Any, Dict, List, Optional
@@ -29,7 +28,7 @@ from omegaconf import OmegaConf
 
 from benchmarks.machine import machine_info
 from benchmarks.matmul import step_report, time_step
-from benchmarks.measure import log, peak_rss_mib
+from benchmarks.measure import log, peak_rss_mib, write_report
 from mam_clap_plugin.criterions.clap_infonce import ClapInfoNceConfig, ClapInfoNceCriterion
 from mam_clap_plugin.hydra_runs import compose_config
 from mam_clap_plugin.models.clap_teacher import ClapTeacherModel
@@ -125,9 +124,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             f"{r['gflop_per_clip']:.2f} GFLOP/clip, {r['achieved_gflops']:.1f} GFLOP/s = {r['pct_of_matmul']:.0f}% of "
             f"torch.mm ({r['matmul_gflops']:.0f} GFLOP/s)")
     report["peak_rss_mib"] = peak_rss_mib()
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
+    write_report(report, args.out)
     return report
 
 

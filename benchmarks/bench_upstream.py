@@ -17,17 +17,15 @@ reports the median. ``--quick`` uses a 2-layer, 32-dim encoder and batches of 4/
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
-from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
 
 from benchmarks.machine import machine_info
-from benchmarks.measure import log, median
+from benchmarks.measure import log, median, write_report
 from mam_clap_plugin.checkpoint import save_encoder
 from mam_clap_plugin.data.audio import NORM_STATS
 from mam_clap_plugin.modules.encoder import AudioEncoder
@@ -115,10 +113,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         "note": "CPU throughput; the machine may be shared, so figures are lower bounds of the hardware's rate",
     }
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n")
-        log(f"wrote {out}")
+        log(f"wrote {write_report(report, args.out)}")
     return report
 
 

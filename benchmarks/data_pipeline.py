@@ -18,18 +18,16 @@ Run alone (quick): ``python -m benchmarks.data_pipeline --out outputs/bench/data
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import tempfile
 import time
-from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 
-from benchmarks.measure import log, median
+from benchmarks.measure import log, median, write_report
 from mam_clap_plugin.data.audio import resolve_norm_stats, write_wav
 from mam_clap_plugin.data.dataset import MamClapDataset, on_device
 from mam_clap_plugin.data.manifest import read_manifest, write_manifest
@@ -264,9 +262,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     report = bench_pipeline(args.clips, args.passes, args.target_length, resolve_norm_stats(args.norm_stats),
                             args.batch_size)
     report["wall_s"] = time.perf_counter() - start
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = write_report(report, args.out)
     print_pipeline(report)
     log(f"wrote {out}")
     return report

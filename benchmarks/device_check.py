@@ -29,7 +29,6 @@ import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import fairseq  # noqa: F401  (must be imported before the plugin registers its components)
@@ -43,6 +42,7 @@ import mam_clap_plugin  # noqa: F401  (registers mam_clap_adamw)
 from benchmarks.bench_optimizer import build_model, compose_config, fairseq_config
 from benchmarks.data_pipeline import pipeline_dataset, write_format_set
 from benchmarks.machine import machine_info
+from benchmarks.measure import write_report
 from mam_clap_fixtures.clap import save_random_clap_checkpoint
 from mam_clap_plugin.criterions.supmam_clap import SupMamClapCriterion, SupMamClapCriterionConfig
 from mam_clap_plugin.data.audio import NORM_STATS
@@ -205,12 +205,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "config": vars(args), "variants": {}, "skipped": [],
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-
     def write():
         report["wall_s"] = time.perf_counter() - start
-        out.write_text(json.dumps(report, indent=2) + "\n")
+        write_report(report, args.out)
 
     mm = [matmul_tflops(args.matmul_size, device, 10)]
     report["matmul_bf16_tflops"] = mm[0]

@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -41,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.machine import git_commit, machine_info
-from benchmarks.measure import log
+from benchmarks.measure import log, write_report
 from benchmarks.student_step import NUM_CLASSES, TEACHER_DIM, VARIANTS, load_variant, make_batch
 from mam_clap_plugin.criterions.supmam_clap import (
     CLAP_LOSSES,
@@ -180,9 +178,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     table = markdown_table(rows)
     report["table"] = table
     print(table, flush=True)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump(report, fh, indent=2)
+    write_report(report, args.out)
     log(f"wrote {args.out} ({report['wall_s']:.0f} s)")
     return report
 

@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import re
 import tempfile
 import time
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Dict, List, Optional
 
@@ -31,7 +29,7 @@ import numpy as np
 import torch
 
 from benchmarks.data_pipeline import CLIP_SECONDS, write_random_store, write_tone_clips
-from benchmarks.measure import log, median
+from benchmarks.measure import log, median, write_report
 from benchmarks.student_step import CONFIG_DIR, NUM_CLASSES, VARIANTS, bench_variant, load_variant
 from mam_clap_plugin.data.manifest import write_class_list, write_labels, write_manifest
 from mam_clap_plugin.hydra_runs import run_hydra_train
@@ -154,9 +152,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         "target_met": pct >= TARGET_PCT_OF_ISOLATED,
         "wall_s": time.perf_counter() - start,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = write_report(report, args.out)
     log(f"{args.variant} ({report['size']}), batch {args.batch_size}: fairseq-hydra-train "
         f"{loop['clips_per_s_wall']:.3f} clips/s ({loop['ms_per_update_wall']:.0f} ms/update, wps "
         f"{loop['clips_per_s_wps']:.3f}) vs isolated step {isolated['clips_per_s']:.3f} clips/s "

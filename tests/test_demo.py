@@ -148,13 +148,7 @@ def test_the_repository_readme_has_a_checkable_demo_block():
     # the text's claims hold for the figures the block shows (a report holding exactly those)
     with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
         readme = f.read()
-    shown = {}
-    for leaf in check_readme.parse_leaves(text, first):
-        node = shown
-        for key in leaf.path[:-1]:
-            node = node.setdefault(key, {})
-        node[leaf.path[-1]] = json.loads(leaf.text)
-    failed, claims = check_readme.check_claims(shown, readme)
+    failed, claims = check_readme.check_claims(check_readme.shown_report(text, first), readme)
     assert claims >= 3 and failed == []
 
 

@@ -4,7 +4,6 @@ Every relative link of README.md and docs/*.md points to a file that exists (and
 ``#anchor`` to a heading of that page), every command of the README's tour is a command of
 the page it links to, and the README's demo block agrees with a report holding the figures it
 shows."""
-import json
 import os
 import re
 
@@ -98,13 +97,7 @@ def test_readme_demo_block_checks_against_a_report_of_its_figures():
     """check_readme accepts the README against a report holding exactly the figures the demo
     block shows, and names the line when one of them differs."""
     text = readme.page("README.md")
-    block, first = check_readme.find_block(text)
-    report = {}
-    for leaf in check_readme.parse_leaves(block, first):
-        node = report
-        for key in leaf.path[:-1]:
-            node = node.setdefault(key, {})
-        node[leaf.path[-1]] = json.loads(leaf.text)
+    report = check_readme.shown_report(*check_readme.find_block(text))
     differences, compared = check_readme.check(report, text)
     assert differences == [] and compared >= 30
     report["evaluate"]["linear_probe"]["supmam"] += 1.0

@@ -464,14 +464,20 @@ def test_one_clip_batch_trains(tone_set, variant):
     assert [int(v) for v in tracked] == [1]  # two clips: batch statistics, counted once
 
 
+def one_clip_batch_args(tone_set, tmp_path, variant, max_update):
+    """Overrides for 12 training clips in batches of 11 (the variant's targets from the tone set's store)."""
+    args = [*PRETRAIN, f"task.data={tone_set}", f"checkpoint.save_dir={tmp_path / 'ckpt'}", "dataset.batch_size=11",
+            f"optimization.max_update={max_update}"]
+    if variant == "supmam_clap":
+        args.append(f"task.target_store={os.path.join(tone_set, 'targets')}")
+    return args
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["supmam", "supmam_clap"])
 def test_one_clip_batch_trains_through_fairseq(tone_set, tmp_path, variant):
     """12 clips in batches of 11: every epoch's second batch holds one clip."""
-    args = [*PRETRAIN, f"task.data={tone_set}", f"checkpoint.save_dir={tmp_path / 'ckpt'}", "dataset.batch_size=11",
-            "optimization.max_update=4"]
-    if variant == "supmam_clap":
-        args.append(f"task.target_store={os.path.join(tone_set, 'targets')}")
+    args = one_clip_batch_args(tone_set, tmp_path, variant, max_update=4)
     run = run_hydra_train(CONFIG_DIR, variant, args, tmp_path / "r", env=ONE_THREAD)
     records = parse_json_log(run.text)["train_inner"]
     assert sorted(r["nsentences"] for r in records) == [1, 1, 11, 11]
@@ -482,10 +488,7 @@ def test_one_clip_batch_trains_through_fairseq(tone_set, tmp_path, variant):
 @pytest.mark.parametrize("variant", ["supmam", "supmam_clap"])
 def test_one_clip_batch_trains_two_processes(tone_set, tmp_path, variant):
     """2 gloo processes, batches of 11 of 12 clips: in every update one process has a one-clip batch."""
-    args = [*PRETRAIN, f"task.data={tone_set}", f"checkpoint.save_dir={tmp_path / 'ckpt'}", "dataset.batch_size=11",
-            "optimization.max_update=2"]
-    if variant == "supmam_clap":
-        args.append(f"task.target_store={os.path.join(tone_set, 'targets')}")
+    args = one_clip_batch_args(tone_set, tmp_path, variant, max_update=2)
     port = free_port()
     logs = [tmp_path / f"rank{r}.log" for r in (0, 1)]
     results = wait_all([start(CONFIG_DIR, variant, args + ddp(port, r), tmp_path, logs[r]) for r in (0, 1)], logs)

@@ -131,6 +131,17 @@ def parse_leaves(text: str, first_line: int = 1, name: str = "README.md") -> Lis
     return leaves
 
 
+def shown_report(text: str, first_line: int = 1, name: str = "README.md") -> dict:
+    """The report that holds exactly the figures the abridged block ``text`` shows (lists as dicts by index)."""
+    report: dict = {}
+    for leaf in parse_leaves(text, first_line, name):
+        node = report
+        for key in leaf.path[:-1]:
+            node = node.setdefault(key, {})
+        node[leaf.path[-1]] = json.loads(leaf.text)
+    return report
+
+
 def _lookup(report: Any, path: Tuple[Any, ...]) -> Any:
     for key in path:
         if isinstance(key, int) and isinstance(report, list) and key < len(report):
