@@ -316,6 +316,24 @@ def test_decoder_block_choice(block, kind):
         assert dec(torch.randn(2, 32, D), random_masking(2, 64, 0.5).ids_restore, (8, 8)).shape == (2, 64, D)
 
 
+def test_loading_the_other_decoder_block_names_the_field():
+    """A state saved with one decoder block kind loads into a model of that kind, and a model of
+    the other kind refuses it with an error naming model.decoder_block (not a key listing)."""
+    from mam_clap_plugin.modules.decoder import saved_block_kind
+
+    vit = make_model(decoder_block="vit").state_dict()
+    swin = make_model(decoder_block="swinv2").state_dict()
+    assert saved_block_kind(vit) == "vit" and saved_block_kind(swin) == "swinv2"
+    assert saved_block_kind({k: v for k, v in vit.items() if not k.startswith("decoder.")}) is None
+    make_model(seed=1, decoder_block="vit").load_state_dict(vit)
+    make_model(seed=1, decoder_block="swinv2").load_state_dict(swin)
+    with pytest.raises(ValueError, match=r"built from 'vit' blocks.*model.decoder_block='swinv2'.*"
+                                         r"model.decoder_block=vit"):
+        make_model(decoder_block="swinv2").load_state_dict(vit)
+    with pytest.raises(ValueError, match=r"built from 'swinv2' blocks.*decoder_block': 'swinv2'"):
+        make_model(decoder_block="vit").load_state_dict(swin)
+
+
 def _window_groups(labels):
     """(L,) region labels of one window -> (1, L, L) bool 'same region' matrix."""
     lab = torch.tensor(labels)

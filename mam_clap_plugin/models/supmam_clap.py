@@ -50,7 +50,7 @@ import torch.nn as nn
 from fairseq.dataclass import ChoiceEnum
 from fairseq.models import BaseFairseqModel, register_model
 
-from ..modules.decoder import DECODER_BLOCKS, WindowDecoder
+from ..modules.decoder import DECODER_BLOCKS, WindowDecoder, saved_block_kind
 from ..modules.encoder import PATCH_SIZE, AudioEncoder, gather_tokens
 from ..modules.precision import Fp32BatchNorm1d
 from ..optim import set_overrides
@@ -237,8 +237,17 @@ class SupMamClapModel(BaseFairseqModel):
         return bundle.norm_mean, bundle.norm_std
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
-        """fairseq's load (resuming, or loading a saved model): says when it replaces
-        ``model.encoder_init``'s weights."""
+        """fairseq's load (resuming, or loading a saved model): refuses a decoder built from the
+        other block kind, naming the field, and says when it replaces ``model.encoder_init``'s
+        weights."""
+        saved = saved_block_kind(state_dict)
+        if saved is not None and saved != self.cfg.decoder_block:
+            raise ValueError(
+                f"the checkpoint's decoder is built from {saved!r} blocks, this model from "
+                f"model.decoder_block={self.cfg.decoder_block!r}. Resume with model.decoder_block={saved}, or load "
+                f"with arg_overrides={{'decoder_block': '{saved}'}} (a checkpoint saved before the field existed "
+                "holds 'vit' blocks)"
+            )
         if self.cfg.encoder_init:
             logger.info(f"loading a checkpoint's weights: they replace the encoder from model.encoder_init="
                         f"{self.cfg.encoder_init} (resuming wins over encoder_init)")

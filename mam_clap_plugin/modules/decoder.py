@@ -113,6 +113,16 @@ def shifted_window_bias(
     return torch.zeros(same.shape, device=device, dtype=dtype).masked_fill(~same, float("-inf"))
 
 
+def saved_block_kind(state_dict, prefix: str = "decoder.") -> Optional[str]:
+    """Which :data:`DECODER_BLOCKS` entry a saved :class:`WindowDecoder` (keys under ``prefix``)
+    was built from: ``swinv2`` blocks hold a logit scale, ``vit`` blocks do not. None when the
+    state holds no decoder block."""
+    blocks = [k for k in state_dict if k.startswith(prefix + "blocks.")]
+    if not blocks:
+        return None
+    return "swinv2" if any(k.endswith(".attn.logit_scale") for k in blocks) else "vit"
+
+
 def log_relative_coordinates(window: Tuple[int, int]) -> torch.Tensor:
     """Swin V2's log-spaced relative coordinates of every token pair in a window.
 
