@@ -1,6 +1,10 @@
 """Builders shared by several test modules: the configs on disk, tiny fine-tuning configs and a
-pretraining checkpoint written in-process, and fairseq optimizer configs."""
+pretraining checkpoint written in-process, fairseq optimizer configs, and the port and process
+handling of the 2-process runs."""
 import os
+import signal
+import socket
+import time
 
 import pytest
 import torch
@@ -108,3 +112,30 @@ def blocking_imports(*packages: str) -> str:
         "sys.meta_path.insert(0, Block())\n"
     )
 
+
+
+# ---------------------------------------------------------------- 2-process runs
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for a gloo rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_all(procs, logs, timeout=300):
+    """Wait for every process (started with ``start_new_session=True``), killing the process
+    groups of all of them when one fails or time runs out; [(returncode, log text)]."""
+    deadline = time.monotonic() + timeout
+    try:
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            if any(p.poll() not in (None, 0) for p in procs):
+                break
+            time.sleep(0.3)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    return [(p.returncode, open(log).read()) for p, log in zip(procs, logs)]

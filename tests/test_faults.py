@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,6 +34,7 @@ from mam_clap_plugin.files import CheckpointError, fairseq_checkpoint_globals, f
 from mam_clap_plugin.hydra_runs import hydra_train_executable, parse_json_log, plugin_dir, run_hydra_train
 
 from .conftest import CONFIG_DIR, REPO, load_script
+from .helpers import free_port, wait_all
 
 FT_CONFIG_DIR = os.path.join(REPO, "examples", "finetuning", "config")
 SLOW_SAVE = os.path.join(REPO, "tests", "slow_save.py")
@@ -69,12 +69,6 @@ def last_updates(path) -> int:
     return checkpoint_updates(str(path))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def ddp(port, rank):
     return ["distributed_training.distributed_world_size=2", "distributed_training.distributed_backend=gloo",
             "distributed_training.ddp_backend=legacy_ddp", "distributed_training.distributed_no_spawn=true",
@@ -89,22 +83,6 @@ def start(config_dir, name, args, run_dir, log, env=None, script=None):
     with open(log, "w") as out:
         return subprocess.Popen(cmd, cwd=run_dir, env={**os.environ, **ONE_THREAD, **(env or {})}, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def wait_all(procs, logs, timeout=300):
-    """Wait for every process (killing all of them when one fails or time runs out); [(rc, text)]."""
-    deadline = time.monotonic() + timeout
-    try:
-        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-            if any(p.poll() not in (None, 0) for p in procs):
-                break
-            time.sleep(0.3)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-    return [(p.returncode, open(log).read()) for p, log in zip(procs, logs)]
 
 
 def kill_at_mark(procs, logs, mark, timeout=300):

@@ -7,7 +7,6 @@ import json
 import math
 import os
 import runpy
-import socket
 import subprocess
 import sys
 
@@ -20,7 +19,7 @@ from mam_clap_plugin.data.manifest import write_class_list, write_labels, write_
 from mam_clap_plugin.hydra_runs import hydra_train_executable, parse_json_log, plugin_dir, run_hydra_train
 
 from .conftest import REPO
-from .helpers import model_cfg, task_cfg
+from .helpers import free_port, model_cfg, task_cfg
 
 pytestmark = pytest.mark.slow  # every test trains through fairseq-hydra-train
 
@@ -120,9 +119,7 @@ def test_two_process_multilabel_finetune_matches_single_process_map(tmp_path, ca
     from mam_clap_plugin.inference import evaluate_split, load_classifier
 
     data = write_chord_set(str(tmp_path / "chords"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ddp = [
         "distributed_training.distributed_world_size=2",
         "distributed_training.distributed_backend=gloo",

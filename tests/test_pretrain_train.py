@@ -9,11 +9,8 @@ import glob
 import math
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -22,6 +19,7 @@ from mam_clap_plugin.hydra_runs import hydra_train_executable, parse_json_log, p
 
 from . import readme
 from .conftest import CONFIG_DIR, REPO, TEACHER_DIM
+from .helpers import free_port, wait_all
 
 pytestmark = pytest.mark.slow  # every test trains through fairseq-hydra-train
 
@@ -195,18 +193,12 @@ def test_readme_sweep_keeps_jobs_apart_and_resumes(scratch):
     assert len(glob.glob(str(scratch / "multirun" / "*" / "*"))) == 1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_ranks(command, cwd, extra, log):
     """Start the README's per-rank command for ranks 0 and 1 (as its loop does), each
     writing to its own log file (no pipe to fill). A port taken between choosing it and
     rank 0 binding it is retried with another; returns [(returncode, text)] per rank."""
     for _ in range(3):
-        env = shell_env(PORT=str(_free_port()))
+        env = shell_env(PORT=str(free_port()))
         procs, logs = [], []
         for rank in (0, 1):
             path = os.path.join(cwd, f"{log}.rank{rank}")
@@ -215,20 +207,9 @@ def _run_ranks(command, cwd, extra, log):
                 procs.append(subprocess.Popen(["bash", "-c", with_fast(command, *extra)], cwd=cwd,
                                               env={**env, "r": str(rank)}, stdout=out, stderr=subprocess.STDOUT,
                                               start_new_session=True))
-        deadline = time.monotonic() + 300
-        try:
-            # a rank that fails (e.g. rank 0 finding the port taken) ends the attempt at once,
-            # instead of leaving the other waiting for it
-            while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-                if any(p.poll() not in (None, 0) for p in procs):
-                    break
-                time.sleep(0.5)
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    os.killpg(p.pid, signal.SIGKILL)
-                    p.wait()
-        results = [(p.returncode, open(path).read()) for p, path in zip(procs, logs)]
+        # a rank that fails (e.g. rank 0 finding the port taken) ends the attempt at once,
+        # instead of leaving the other waiting for it
+        results = wait_all(procs, logs)
         if not any("address already in use" in text.lower() for _, text in results):
             return results
     return results
