@@ -59,7 +59,7 @@ NORMALISATION = "(fbank - mean) / (2 * std)"
 HUB_CONFIG, HUB_WEIGHTS = "config.json", "model.safetensors"
 
 
-def _export_state(config: Any, tensors: Dict[str, torch.Tensor], where: str) -> Dict[str, Any]:
+def export_state(config: Any, tensors: Dict[str, torch.Tensor], where: str) -> Dict[str, Any]:
     """``{"format", "version", "config", "model"}`` of a JSON config read from ``where``, checked:
     an object of this project's format and a known version, with ``encoder`` and ``frontend``."""
     if not isinstance(config, dict) or config.get("format") != EXPORT_FORMAT:
@@ -86,7 +86,7 @@ def _read_export(path: str) -> Dict[str, Any]:
         config = json.loads(meta[CONFIG_KEY])
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path}: '{CONFIG_KEY}' metadata is not valid JSON ({err})") from err
-    return _export_state(config, tensors, path)
+    return export_state(config, tensors, path)
 
 
 def is_hub_folder(path: str) -> bool:
@@ -109,7 +109,7 @@ def _read_hub_folder(path: str) -> Dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{config_path}: not valid JSON ({err})") from err
     tensors, meta = read_safetensors(weights_path)
-    state = _export_state(config, tensors, config_path)
+    state = export_state(config, tensors, config_path)
     if CONFIG_KEY in meta:
         try:
             embedded = json.loads(meta[CONFIG_KEY])
@@ -384,11 +384,14 @@ def checkpoint_sha256(path: str) -> str:
     return file_sha256(os.path.join(path, HUB_WEIGHTS) if is_hub_folder(path) else path)
 
 
-def export_arguments(checkpoint_path: str, trusted: bool = False) -> Dict[str, Any]:
+def export_arguments(checkpoint_path: str, trusted: bool = False,
+                     state: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """The arguments of :func:`save_encoder` / :func:`export_contents` (all but ``out_path``)
     that export the encoder of any file :func:`load_encoder` reads: its architecture, front
-    end, the source's name, sha256 and kind, and any head an export keeps."""
-    state = load_checkpoint(checkpoint_path, trusted)
+    end, the source's name, sha256 and kind, and any head an export keeps. ``state``: the
+    file's :func:`load_checkpoint` result when the caller has read it already."""
+    if state is None:
+        state = load_checkpoint(checkpoint_path, trusted)
     bundle = _bundle(state, checkpoint_path)
     config = encoder_config(state, checkpoint_path)
     config.setdefault("num_mel_bins", bundle.encoder.num_mel_bins)

@@ -38,6 +38,7 @@ from .checkpoint import (
     HUB_WEIGHTS,
     export_arguments,
     export_contents,
+    export_state,
     is_exported,
     load_checkpoint,
     load_weights_strictly,
@@ -45,12 +46,10 @@ from .checkpoint import (
     write_safetensors,
     write_text,
 )
+from .convert import HEAD_KEYS  # the classifier weights an export may keep
 from .features import check_window, clip_fbank, encode_windows, parse_layer, pool_outputs
 from .files import CheckpointError
 from .modules.encoder import AudioEncoder
-
-#: The classifier weights an export may keep (a converted fine-tuned AudioMAE file).
-HEAD_KEYS = ("fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight")
 
 
 class MamClapEncoder(AudioEncoder, PyTorchModelHubMixin, library_name="mam-clap", tags=["audio", "mam-clap"],
@@ -86,23 +85,26 @@ class MamClapEncoder(AudioEncoder, PyTorchModelHubMixin, library_name="mam-clap"
     def check_config(config: Dict[str, Any], where: str = "<config>") -> tuple[float, float]:
         """Refuse (:class:`CheckpointError` naming ``where``) a config that is not an export config
         of version 2 with this code's front end and a known head; returns (norm_mean, norm_std)."""
-        state = {"format": config.get("format"), "version": config.get("version"), "config": config, "model": {}}
-        if not is_exported(state) or state["version"] != EXPORT_VERSION or not isinstance(config.get("encoder"), dict):
-            raise CheckpointError(f"{where}: format {state['format']!r} version {state['version']!r}; "
-                                  f"MamClapEncoder takes an encoder export config of version {EXPORT_VERSION}")
+        state = export_state(config, {}, where)  # format, a known version, encoder and frontend objects
+        if state["version"] != EXPORT_VERSION:
+            raise CheckpointError(f"{where}: version {state['version']!r}; MamClapEncoder takes an encoder export "
+                                  f"config of version {EXPORT_VERSION}")
         mean, std = norm_stats(state, where)  # checks the front end
         head = config.get("head")
-        if head and tuple(sorted(head.get("keys", ()))) != HEAD_KEYS:
+        if head and sorted(head.get("keys", ())) != sorted(HEAD_KEYS):
             raise CheckpointError(f"{where}: head keys {head.get('keys')}; expected {list(HEAD_KEYS)}")
         return mean, std
 
     # ---------------------------------------------------------------- loading
 
     @classmethod
-    def from_checkpoint(cls, path: str, trusted: bool = False) -> "MamClapEncoder":
+    def from_checkpoint(cls, path: str, trusted: bool = False,
+                        state: Optional[Dict[str, Any]] = None) -> "MamClapEncoder":
         """The encoder of any file ``mam_clap_plugin.load_encoder`` reads, exported afresh (as
-        ``examples/export_encoder.py`` does: the config names ``path`` as its source)."""
-        meta, weights = export_contents(**export_arguments(path, trusted), where=path)
+        ``examples/export_encoder.py`` does: the config names ``path`` as its source).
+        ``state``: the file as :func:`~mam_clap_plugin.checkpoint.load_checkpoint` read it, if
+        the caller has it (the file is not read again)."""
+        meta, weights = export_contents(**export_arguments(path, trusted, state), where=path)
         return load_weights_strictly(cls(meta), weights, {}, path)
 
     @classmethod
@@ -136,7 +138,7 @@ class MamClapEncoder(AudioEncoder, PyTorchModelHubMixin, library_name="mam-clap"
             path = _download(model_id, revision, cache_dir, force_download, local_files_only, token)
         state = load_checkpoint(path, trusted)
         if not is_exported(state) or state["version"] != EXPORT_VERSION:
-            return cls.from_checkpoint(path, trusted).to(map_location)
+            return cls.from_checkpoint(path, trusted, state).to(map_location)
         where = state.get("config_path", path)
         cls.check_config(state["config"], where)
         try:

@@ -285,6 +285,12 @@ def test_corrupted_or_mismatched_folder_is_refused(files, tmp_path):
     # a folder that is not a Hugging Face folder at all
     with pytest.raises(CheckpointError, match=r"config.json: not found"):
         mam_clap_plugin.load_encoder(str(tmp_path))
+    # a config given to the class directly is checked as a loaded one is
+    for broken, message in ((config["encoder"], r"format None"),
+                            ({k: v for k, v in config.items() if k != "frontend"}, r"no \['frontend'\] object"),
+                            ({**config, "version": 1}, r"version 1; MamClapEncoder takes")):
+        with pytest.raises(CheckpointError, match=r"<config>: .*" + message):
+            MamClapEncoder(broken)
 
 
 def test_export_cli_hub(files, tmp_path, capsys):
