@@ -52,13 +52,8 @@ from mam_clap_plugin.models.supmam_clap import SupMamClapConfig, SupMamClapModel
 REPO = Path(__file__).resolve().parents[1]
 
 
-def grad_norm(term: torch.Tensor, params: List[torch.Tensor]) -> float:
-    """L2 norm over ``params`` of d(term)/d(params) (the graph is kept for the next term)."""
-    grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
-    return float(torch.sqrt(sum(g.float().pow(2).sum() for g in grads if g is not None)))
-
-
 def grads(term: torch.Tensor, params: List[torch.Tensor]) -> List[torch.Tensor]:
+    """d(term)/d(params), zeros for unused ones (the graph is kept for the next term)."""
     out = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
     return [torch.zeros_like(p) if g is None else g for g, p in zip(out, params)]
 
@@ -85,7 +80,7 @@ def balance_variant(name: str, spec: Dict[str, Any], batch_size: int, seed: int)
     if out["logits"] is not None and lam > 0:
         loss_cls = soft_cross_entropy(out["logits"], sample["label"], tau)
         cls_value = float(loss_cls.detach())
-        g_cls = grad_norm(lam * loss_cls, params)
+        g_cls = norm(grads(lam * loss_cls, params))
 
     base = {"variant": name, "lambda_cls": lam, "mask_ratio": float(model.cfg.mask_ratio),
             "visible_prediction": str(model.cfg.visible_prediction), "decoder_block": str(model.cfg.decoder_block),
@@ -105,7 +100,7 @@ def balance_variant(name: str, spec: Dict[str, Any], batch_size: int, seed: int)
                          "default": kind == crit.get("clap_loss")})
     else:
         loss_rec = reconstruction_loss(out["pred"], out["patches"], out["mask"], bool(crit.get("norm_pix_loss", True)))
-        g_target = grad_norm(loss_rec, params)
+        g_target = norm(grads(loss_rec, params))
         rows.append({**base, "clap_loss": None, "loss_rec": float(loss_rec.detach()),
                      "L_target": float(loss_rec.detach()), "g_target": g_target,
                      "cls_over_target": None if g_cls is None else g_cls / g_target, "default": True})

@@ -33,7 +33,7 @@ from fairseq.models import BaseFairseqModel, register_model
 from ..modules.precision import KeepsFloat32, exact
 from ..modules.text import SentencePieceTokenizer, TextTower
 from ..optim import set_overrides
-from ..teacher.clap import SIZES, AudioBranch, FrontEnd, LaionProjection
+from ..teacher.clap import SIZES, AudioBranch, LaionProjection
 from ..teacher.htsat import SPEC_SIZE
 
 HTSAT_TINY_EMBED, HTSAT_TINY_DEPTHS = SIZES["tiny"]
@@ -160,11 +160,6 @@ class ClapTeacherModel(BaseFairseqModel):
         return self
 
     # ------------------------------------------------------------------------------ properties
-
-    @property
-    def front_end(self) -> FrontEnd:
-        cfg = self.cfg
-        return FrontEnd(cfg.sample_rate, float(cfg.clip_seconds), cfg.hop_length, cfg.fmin, cfg.fmax, cfg.sample_rate)
 
     @property
     def num_samples(self) -> int:

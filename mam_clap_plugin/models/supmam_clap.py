@@ -51,7 +51,7 @@ from fairseq.dataclass import ChoiceEnum
 from fairseq.models import BaseFairseqModel, register_model
 
 from ..modules.decoder import DECODER_BLOCKS, WindowDecoder, saved_block_kind
-from ..modules.encoder import PATCH_SIZE, AudioEncoder, gather_tokens
+from ..modules.encoder import PATCH_SIZE, AudioEncoder
 from ..modules.precision import Fp32BatchNorm1d
 from ..optim import set_overrides
 from .encoder_config import EncoderConfig
@@ -270,18 +270,16 @@ class SupMamClapModel(BaseFairseqModel):
         z, masking = self.encoder(source, ratio)
         if masking is None:  # ratio 0: every token visible, identity order
             n = grid[0] * grid[1]
-            ids = torch.arange(n, device=source.device).expand(source.shape[0], -1)
+            ids = ids_keep = torch.arange(n, device=source.device).expand(source.shape[0], -1)
             mask = torch.zeros(source.shape[0], n, dtype=torch.bool, device=source.device)
         else:
-            ids, mask = masking.ids_restore, masking.mask
+            ids, ids_keep, mask = masking.ids_restore, masking.ids_keep, masking.mask
         visible = z[:, 1:]
         tokens = self.decoder(visible, ids, grid)  # (B, N, D_dec), grid order
         if self.cfg.visible_prediction == "encoder":
-            # Y_v = h(Z_v): the encoder's visible tokens in grid order at visible positions, the
-            # decoder's output at masked ones (fixed shapes, no boolean indexing: no host sync)
-            B, n_vis, D = visible.shape
-            z_grid = gather_tokens(torch.cat([visible, visible.new_zeros(B, ids.shape[1] - n_vis, D)], dim=1), ids)
-            tokens = torch.where(mask.unsqueeze(-1), tokens, z_grid)
+            # Y_v = h(Z_v): the encoder's visible tokens written over the decoder's output at their
+            # grid positions (fixed shapes, no boolean indexing: no host sync)
+            tokens = tokens.scatter(1, ids_keep.unsqueeze(-1).expand_as(visible), visible)
         out = {
             "pred": self.head(tokens),
             "mask": mask,

@@ -189,7 +189,8 @@ class CosineWindowAttention(nn.Module):
             # fold the windows into the head axis: the (nW, H, L, L) mask then broadcasts over the clips
             nW = shift_mask.shape[0]
             q, k, v = (t.reshape(BW // nW, nW * H, L, D // H) for t in (q, k, v))
-            mask = (bias.unsqueeze(0) + shift_mask).reshape(1, nW * H, L, L)
+            # in q's dtype: under autocast q is half precision while the grid (and the cached mask) is float32
+            mask = (bias.unsqueeze(0) + shift_mask.to(q.dtype)).reshape(1, nW * H, L, L)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0).reshape(BW, H, L, D // H)
         return self.proj(out.transpose(1, 2).reshape(BW, L, D))
 

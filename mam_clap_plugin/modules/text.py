@@ -63,16 +63,21 @@ class SentencePieceTokenizer(nn.Module):
     def vocab_size(self) -> int:
         return self.processor.get_piece_size()
 
-    def ids(self, caption: str, max_tokens: int) -> list[int]:
-        """One caption's ids: ``[bos] pieces [eos]`` with at most ``max_tokens`` in all."""
+    def encode(self, captions: Sequence[str], max_tokens: int) -> list[list[int]]:
+        """Each caption's ids: ``[bos] pieces [eos]`` with at most ``max_tokens`` in all (one
+        sentencepiece call for the batch)."""
         sp = self.processor
         bos, eos = sp.bos_id(), sp.eos_id()
-        room = max_tokens - (bos >= 0) - (eos >= 0)
-        return [bos] * (bos >= 0) + sp.encode(caption)[:max(room, 0)] + [eos] * (eos >= 0)
+        room = max(max_tokens - (bos >= 0) - (eos >= 0), 0)
+        return [[bos] * (bos >= 0) + pieces[:room] + [eos] * (eos >= 0) for pieces in sp.encode(list(captions))]
+
+    def ids(self, caption: str, max_tokens: int) -> list[int]:
+        """One caption's ids: ``[bos] pieces [eos]`` with at most ``max_tokens`` in all."""
+        return self.encode([caption], max_tokens)[0]
 
     def forward(self, captions: Sequence[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Captions -> (ids (B, L) long, valid (B, L) bool), padded with id 0 to the longest (L <= max_tokens)."""
-        rows = [self.ids(c, max_tokens) for c in captions]
+        rows = self.encode(captions, max_tokens)
         length = max(1, max(len(r) for r in rows))
         ids = torch.zeros(len(rows), length, dtype=torch.long)
         valid = torch.zeros(len(rows), length, dtype=torch.bool)
