@@ -89,11 +89,6 @@ def parse_layer(value: str, depth: int):
         raise UsageError(f"--{err}") from None
 
 
-def file_features(outputs: List[torch.Tensor], level: str, layer) -> np.ndarray:
-    """One clip's ``encode_windows`` outputs (depth + 2 grids (T, F, D)) -> the array to save."""
-    return features.pool_outputs(outputs, level, layer).cpu().numpy()
-
-
 def samples_at_16k(path: str) -> int:
     """Samples at 16 kHz of an audio file, from its header (as torchaudio's resampler gives them)."""
     info = soundfile.info(path)
@@ -279,7 +274,7 @@ def extract(args) -> dict:
                 outputs = encode_windows(encoder, fbanks, window, args.max_windows_per_batch)
             for i, out in zip(batch, outputs):
                 try:
-                    writer.write(i, file_features(out, args.level, layer))
+                    writer.write(i, features.pool_outputs(out, args.level, layer).cpu().numpy())
                 except AudioError as err:
                     skip_or_raise(i, err)
                     continue

@@ -36,6 +36,16 @@ from .modules.encoder import PATCH_SIZE, AudioEncoder
 DOWNSAMPLE_RATE = PATCH_SIZE * SHIFT_SAMPLES  # 2560
 #: Feature levels of :func:`pool_outputs`.
 LEVELS = ("clip", "frame", "patch")
+#: Frequency pooling of a frame-rate output (the upstream's and HEAR's timestamps): the mean
+#: over the frequency patches (D wide) or their concatenation, low to high (F * D wide).
+FREQ_POOLS = ("mean", "concat")
+
+
+def check_freq_pool(freq_pool: str) -> str:
+    """``freq_pool`` if it is one of :data:`FREQ_POOLS`; else ValueError naming them."""
+    if freq_pool not in FREQ_POOLS:
+        raise ValueError(f"freq_pool must be one of {FREQ_POOLS}, got {freq_pool!r}")
+    return freq_pool
 
 
 def num_steps(num_samples: int) -> int:

@@ -51,10 +51,17 @@ import torch.nn as nn
 
 from .checkpoint import load_encoder_with_stats
 from .data.audio import SAMPLE_RATE, SHIFT_SAMPLES, WINDOW_SAMPLES
-from .features import DOWNSAMPLE_RATE, check_window, clip_fbank, encode_windows, parse_layer, pool_outputs
+from .features import (
+    DOWNSAMPLE_RATE,
+    check_freq_pool,
+    check_window,
+    clip_fbank,
+    encode_windows,
+    parse_layer,
+    pool_outputs,
+)
 from .modules.encoder import PATCH_SIZE
 
-FREQ_POOLS = ("mean", "concat")
 #: Samples from the start of a time step to the centre of what it was computed from:
 #: 16 frames of 400 samples with a hop of 160 span 15 * 160 + 400 = 2800 samples.
 CENTRE_SAMPLES = ((PATCH_SIZE - 1) * SHIFT_SAMPLES + WINDOW_SAMPLES) // 2  # 1400
@@ -68,8 +75,7 @@ class HearModel(nn.Module):
     def __init__(self, encoder: nn.Module, norm_mean: float, norm_std: float, layer="final", freq_pool: str = "mean",
                  window_frames: Optional[int] = None, max_windows_per_batch: Optional[int] = None):
         super().__init__()
-        if freq_pool not in FREQ_POOLS:
-            raise ValueError(f"freq_pool must be one of {FREQ_POOLS}, got {freq_pool!r}")
+        check_freq_pool(freq_pool)
         self.encoder = encoder.eval()
         self.norm_mean, self.norm_std = float(norm_mean), float(norm_std)
         self.layer = parse_layer(layer, len(encoder.blocks))

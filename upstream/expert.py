@@ -43,6 +43,7 @@ from torch.nn.utils.rnn import pad_sequence
 from mam_clap_plugin.checkpoint import load_encoder_with_stats
 from mam_clap_plugin.features import (
     DOWNSAMPLE_RATE,
+    check_freq_pool,
     check_window,
     clip_fbank,
     encode_windows,
@@ -53,8 +54,6 @@ try:  # s3prl's base class (hooks support); the expert works without s3prl insta
     from s3prl.upstream.interfaces import UpstreamBase as _Base
 except ImportError:  # pragma: no cover - s3prl is an optional dependency
     _Base = nn.Module
-
-FREQ_POOLS = ("mean", "concat")
 
 
 def _read_options(model_config: Optional[str]) -> dict:
@@ -100,8 +99,7 @@ class UpstreamExpert(_Base):
         trusted = bool(options.pop("trusted", False))
         hook_kwargs = {k: options[k] for k in ("hooks", "hook_postprocess") if k in options}
         super().__init__(**hook_kwargs)
-        if freq_pool not in FREQ_POOLS:
-            raise ValueError(f"freq_pool must be one of {FREQ_POOLS}, got {freq_pool!r}")
+        check_freq_pool(freq_pool)
         bundle = load_encoder_with_stats(ckpt, trusted=trusted)
         self.name = "[SupMAM-CLAP UpstreamExpert]"
         self.ckpt = ckpt

@@ -330,11 +330,16 @@ def caption_teacher(data_dir: str, out_dir: str, args) -> dict:
                       "num_captions": ret["num_captions"], "split": "valid"},
         "seconds": round(time.time() - start, 1),
     }
-    print(f"   caption teacher: loss {losses[0]:.3f} -> {losses[-1]:.3f}; valid zero-shot accuracy "
-          f"{cls['accuracy']:.1f}% (chance {cls['chance']['accuracy']:.1f}%), retrieval R@1 audio->text "
-          f"{ret['recall']['a2t_r1']:.1f}% (chance {ret['chance']['a2t_r1']:.1f}%), text->audio "
-          f"{ret['recall']['t2a_r1']:.1f}% (chance {ret['chance']['t2a_r1']:.1f}%)", flush=True)
+    print(f"   caption teacher: loss {losses[0]:.3f} -> {losses[-1]:.3f}; {caption_summary(result)}", flush=True)
     return result
+
+
+def caption_summary(result: dict) -> str:
+    """The caption teacher's valid zero-shot accuracy and retrieval R@1, each next to chance."""
+    zs, ret = result["zero_shot"], result["retrieval"]
+    return (f"valid zero-shot accuracy {zs['accuracy']:.1f}% (chance {zs['chance']:.1f}%), retrieval R@1 "
+            f"audio->text {ret['recall']['a2t_r1']:.1f}% (chance {ret['chance']['a2t_r1']:.1f}%), text->audio "
+            f"{ret['recall']['t2a_r1']:.1f}% (chance {ret['chance']['t2a_r1']:.1f}%)")
 
 
 def control_teacher(data_dir: str, out_dir: str, args) -> dict:
@@ -452,9 +457,9 @@ def main(argv=None) -> int:
                                                                control_teacher(data_dir, out_dir, args)))
     caption = timed("targets_caption", extract_targets, data_dir, out_dir,
                     {"checkpoint": report["caption_teacher"]["checkpoint"], "random": False}, "caption_targets")
-    for k, (key, teacher, what) in enumerate((("pretrain_clap", control, "the control teacher"),
-                                              ("pretrain_clap_caption", caption, "the caption teacher")), start=6):
-        run_dir = os.path.join(out_dir, "supmam_clap" if key == "pretrain_clap" else "supmam_clap_caption")
+    for k, (name, teacher, what) in enumerate((("supmam_clap", control, "the control teacher"),
+                                               ("supmam_clap_caption", caption, "the caption teacher")), start=6):
+        key, run_dir = ENCODERS[name], os.path.join(out_dir, name)
         stage(k, f"SupMAM-CLAP pretraining from {what} (tiny model, CPU) -> {run_dir}")
         store = (f"task.target_store={teacher['store']}", f"task.teacher_checkpoint={teacher['checkpoint']}")
         report[key] = timed(key, pretrain, data_dir, run_dir, norm, args, "supmam_clap", args.clap_max_update, store)
@@ -469,18 +474,14 @@ def main(argv=None) -> int:
     path = os.path.join(out_dir, "report.json")
     with open(path, "w") as f:
         json.dump(report, f, indent=2)
-    for key in ("pretrain", "pretrain_clap", "pretrain_clap_caption"):
+    for key in ENCODERS.values():
         pre = report[key]
         print(f"\n{pre['variant']} ({key}): loss {pre['loss_first']:.4f} -> {pre['loss_last']:.4f} in "
               f"{pre['num_updates']} updates ({pre['seconds']} s); valid accuracy of the classification branch "
               f"{pre['valid'].get('accuracy')}")
     if report["pretrain_clap"]["teacher"]["random"]:
         print("(pretrain_clap used an untrained teacher: a pipeline check, not a CLAP result)")
-    ct = report["caption_teacher"]
-    print(f"caption teacher (valid): zero-shot accuracy {ct['zero_shot']['accuracy']:.1f}% (chance "
-          f"{ct['zero_shot']['chance']:.1f}%); retrieval R@1 audio->text {ct['retrieval']['recall']['a2t_r1']:.1f}% "
-          f"(chance {ct['retrieval']['chance']['a2t_r1']:.1f}%), text->audio "
-          f"{ct['retrieval']['recall']['t2a_r1']:.1f}% (chance {ct['retrieval']['chance']['t2a_r1']:.1f}%)")
+    print(f"caption teacher: {caption_summary(report['caption_teacher'])}")
     ev, ft = report["evaluate"]["linear_probe"], report["finetune"]
     names = (*ENCODERS, "random_init")
     print("linear probe valid accuracy: " + ", ".join(f"{n} {ev[n]:.1f}%" for n in names))
