@@ -38,7 +38,7 @@ import torch
 
 from .data.audio import FBANK_OPTIONS, NUM_MEL_BINS, SAMPLE_RATE, resolve_norm_stats
 from .files import CheckpointError, file_sha256, is_safetensors, read_safetensors, read_torch_file
-from .modules.encoder import PATCH_SIZE, AudioEncoder
+from .modules.encoder import MODEL_CONFIG_FIELDS, PATCH_SIZE, AudioEncoder
 
 #: ``format`` entry of an encoder export.
 EXPORT_FORMAT = "mam_clap_encoder"
@@ -224,13 +224,7 @@ def encoder_config(state: Dict[str, Any], path: str = "<checkpoint>") -> Dict[st
         if heads is None:
             raise CheckpointError(f"{path}: fine-tuning config has no model.encoder_attention_heads (or num_heads)")
         return infer_encoder_config(_prefixed(state["model"]), int(heads), path)
-    return {
-        "embed_dim": cfg["encoder_embed_dim"],
-        "depth": cfg["encoder_layers"],
-        "num_heads": cfg["encoder_attention_heads"],
-        "mlp_ratio": cfg["mlp_ratio"],
-        "max_frames": cfg["max_frames"],
-    }
+    return {arg: cfg[name] for name, arg in MODEL_CONFIG_FIELDS.items()}
 
 
 def head_keys(state: Dict[str, Any]) -> list:

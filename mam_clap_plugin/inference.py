@@ -27,6 +27,7 @@ from .checkpoint import CheckpointError, head_keys, is_exported, load_checkpoint
 from .data.audio import load_audio, normalize_fbank, num_fbank_frames, wav_to_fbank
 from .data.manifest import read_class_list, read_labels, read_manifest
 from .metrics import classification_metrics, per_class_ap
+from .modules.encoder import MODEL_CONFIG_FIELDS
 
 
 class Classifier(NamedTuple):
@@ -93,9 +94,8 @@ def _classifier_from_export(state: Dict, path: str, class_list: Optional[str]) -
                               f"{head['num_classes']} outputs")
     bundle = load_encoder_with_stats(path)
     arch = bundle.encoder.config
-    cfg = MamClapClassifierConfig(encoder_embed_dim=arch["embed_dim"], encoder_layers=arch["depth"],
-                                  encoder_attention_heads=arch["num_heads"], mlp_ratio=arch["mlp_ratio"],
-                                  max_frames=arch["max_frames"], num_classes=len(names), pooling="mean")
+    cfg = MamClapClassifierConfig(**{name: arch[arg] for name, arg in MODEL_CONFIG_FIELDS.items()},
+                                  num_classes=len(names), pooling="mean")
     weights = {f"encoder.{k}": v for k, v in bundle.encoder.state_dict().items()}  # before fc_norm replaces norm
     weights.update({k: state["model"][k] for k in head_keys(state)})
     model = MamClapClassifier(cfg, bundle.encoder)

@@ -846,3 +846,15 @@ def test_task_applies_encoder_init_to_new_runs_only(tmp_path):
     assert not torch.equal(rebuilt.encoder.pos_embed, encoder.pos_embed)
     with pytest.raises(Exception, match="moved_away.safetensors"):
         task.build_model(_yaml_cfg(target="clap", encoder_init=gone))
+
+
+def test_encoder_fields_map_every_encoder_config_field():
+    """The one field -> argument map covers EncoderConfig's fields, in order, and builds the encoder they describe."""
+    from mam_clap_plugin.models.encoder_config import ARCHITECTURE
+    from mam_clap_plugin.modules.encoder import MODEL_CONFIG_FIELDS
+
+    assert tuple(MODEL_CONFIG_FIELDS) == ARCHITECTURE
+    cfg = model_cfg(max_frames=128)
+    enc = AudioEncoder.from_model_config(cfg)
+    assert {arg: enc.config[arg] for arg in MODEL_CONFIG_FIELDS.values()} == {
+        arg: getattr(cfg, name) for name, arg in MODEL_CONFIG_FIELDS.items()}

@@ -36,9 +36,9 @@ from fairseq.models import BaseFairseqModel, register_model
 from omegaconf import open_dict
 
 from ..checkpoint import load_encoder_with_stats
-from ..modules.encoder import AudioEncoder
+from ..modules.encoder import MODEL_CONFIG_FIELDS, AudioEncoder
 from ..optim import set_overrides
-from .encoder_config import ARCHITECTURE, EncoderConfig
+from .encoder_config import EncoderConfig
 
 logger = logging.getLogger(__name__)
 
@@ -96,9 +96,8 @@ class MamClapClassifier(BaseFairseqModel):
             if arch["num_mel_bins"] != 128:
                 raise ValueError(f"{cfg.model_path}: encoder takes {arch['num_mel_bins']} mel bins; the task gives 128")
             with open_dict(cfg):
-                for key, value in zip(ARCHITECTURE, (arch["embed_dim"], arch["depth"], arch["num_heads"],
-                                                     arch["mlp_ratio"], arch["max_frames"])):
-                    cfg[key] = value
+                for name, arg in MODEL_CONFIG_FIELDS.items():
+                    cfg[name] = arch[arg]
             logger.info(f"encoder from {cfg.model_path}: {cfg.encoder_layers} blocks x {cfg.encoder_embed_dim}, "
                         f"{cfg.max_frames} frames (pretrained with norm stats {bundle.norm_mean}, {bundle.norm_std})")
         else:  # random, or a checkpoint's weights come next (the fine-tuning task says which)

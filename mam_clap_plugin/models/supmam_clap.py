@@ -51,7 +51,7 @@ from fairseq.dataclass import ChoiceEnum
 from fairseq.models import BaseFairseqModel, register_model
 
 from ..modules.decoder import DECODER_BLOCKS, WindowDecoder, saved_block_kind
-from ..modules.encoder import PATCH_SIZE, AudioEncoder
+from ..modules.encoder import MODEL_CONFIG_FIELDS, PATCH_SIZE, AudioEncoder
 from ..modules.precision import Fp32BatchNorm1d
 from ..optim import set_overrides
 from .encoder_config import EncoderConfig
@@ -61,9 +61,6 @@ logger = logging.getLogger(__name__)
 TARGET_CHOICES = ChoiceEnum(["pixel", "clap"])
 VISIBLE_PREDICTION_CHOICES = ChoiceEnum(["encoder", "decoder"])
 DECODER_BLOCK_CHOICES = ChoiceEnum(list(DECODER_BLOCKS))
-#: model.encoder_* field -> the AudioEncoder argument it sets (checked against model.encoder_init's file).
-ENCODER_FIELDS = {"encoder_embed_dim": "embed_dim", "encoder_layers": "depth", "encoder_attention_heads": "num_heads",
-                  "mlp_ratio": "mlp_ratio", "max_frames": "max_frames"}
 
 
 @dataclass
@@ -220,7 +217,7 @@ class SupMamClapModel(BaseFairseqModel):
         loaded = bundle.encoder
         want = self.encoder.config
         diff = [f"model.{name}={getattr(self.cfg, name)} but the file's encoder has {loaded.config[arg]}"
-                for name, arg in ENCODER_FIELDS.items() if loaded.config[arg] != want[arg]]
+                for name, arg in MODEL_CONFIG_FIELDS.items() if loaded.config[arg] != want[arg]]
         if loaded.config["num_mel_bins"] != want["num_mel_bins"]:
             diff.append(f"{loaded.config['num_mel_bins']} mel bins, not {want['num_mel_bins']}")
         if not loaded.config["final_norm"]:

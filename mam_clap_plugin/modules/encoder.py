@@ -92,6 +92,12 @@ def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return x.gather(1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
+#: The model config's encoder fields (``model.encoder_*``, ``models/encoder_config.py``) -> the
+#: :class:`AudioEncoder` argument each sets.
+MODEL_CONFIG_FIELDS = {"encoder_embed_dim": "embed_dim", "encoder_layers": "depth",
+                       "encoder_attention_heads": "num_heads", "mlp_ratio": "mlp_ratio", "max_frames": "max_frames"}
+
+
 class AudioEncoder(nn.Module):
     """ViT encoder over 16x16 fbank patches (ViT-B: 768 dims, 12 layers, 12 heads).
 
@@ -155,13 +161,7 @@ class AudioEncoder(nn.Module):
     def from_model_config(cls, cfg) -> "AudioEncoder":
         """Build from a ``supmam_clap`` model config (dataclass, DictConfig or plain dict)."""
         get = cfg.get if hasattr(cfg, "get") else lambda k: getattr(cfg, k)
-        return cls(
-            embed_dim=get("encoder_embed_dim"),
-            depth=get("encoder_layers"),
-            num_heads=get("encoder_attention_heads"),
-            mlp_ratio=get("mlp_ratio"),
-            max_frames=get("max_frames"),
-        )
+        return cls(**{arg: get(name) for name, arg in MODEL_CONFIG_FIELDS.items()})
 
     def _init_weights(self) -> None:
         w = self.patch_embed.weight.data
