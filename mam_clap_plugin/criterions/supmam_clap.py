@@ -120,21 +120,31 @@ def clap_target_loss(
     visible = ~mask if keep is None else ~mask & keep
     masked = mask if keep is None else mask & keep
 
-    def set_loss(members: torch.Tensor) -> torch.Tensor:
-        if kind == "set_l2":  # per clip: sqrt(sum of the set's squared errors) / its count, then mean over clips
-            counts = members.sum(dim=1)
-            norms = torch.where(members, sq, 0.0).sum(dim=1).clamp(min=SQRT_FLOOR).sqrt()
-            per_clip = torch.where(counts > 0, norms / counts.clamp(min=1), 0.0)
-            return per_clip.sum() / (counts > 0).sum().clamp(min=1)
-        if kind == "mse":
-            err = sq / pred.shape[-1]
-        elif kind == "l2":
-            err = sq.clamp(min=SQRT_FLOOR).sqrt()
-        else:
-            err = sq
-        return torch.where(members, err, 0.0).sum() / members.sum().clamp(min=1)
+    if kind == "set_l2":
+        return set_l2_loss(sq, visible), set_l2_loss(sq, masked)
+    if kind == "mse":
+        err = sq / pred.shape[-1]
+    elif kind == "l2":
+        err = sq.clamp(min=SQRT_FLOOR).sqrt()
+    else:
+        err = sq
+    return masked_mean(err, visible), masked_mean(err, masked)
 
-    return set_loss(visible), set_loss(masked)
+
+def masked_mean(values: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` over ``members`` (bool, same shape), 0 for none: a fixed-shape
+    ``where`` (no boolean indexing, no host sync), so a left-out value (even NaN) enters
+    neither the mean nor its gradient."""
+    return torch.where(members, values, 0.0).sum() / members.sum().clamp(min=1)
+
+
+def set_l2_loss(sq: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+    """``set_l2``: per clip, sqrt(sum of the set's squared errors) / its count; then the mean over
+    the clips whose set is not empty. sq, members: (B, N)."""
+    counts = members.sum(dim=1)
+    norms = torch.where(members, sq, 0.0).sum(dim=1).clamp(min=SQRT_FLOOR).sqrt()
+    per_clip = torch.where(counts > 0, norms / counts.clamp(min=1), 0.0)
+    return per_clip.sum() / (counts > 0).sum().clamp(min=1)
 
 
 def reconstruction_loss(pred: torch.Tensor, patches: torch.Tensor, mask: torch.Tensor, norm_pix: bool) -> torch.Tensor:
@@ -144,8 +154,7 @@ def reconstruction_loss(pred: torch.Tensor, patches: torch.Tensor, mask: torch.T
     """
     target = normalize_tokens(patches, unbiased=True) if norm_pix else patches.float()
     per_patch = (pred.float() - target).pow(2).mean(dim=-1)
-    m = mask.float()
-    return (per_patch * m).sum() / m.sum().clamp(min=1.0)
+    return masked_mean(per_patch, mask)
 
 
 def soft_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, tau: float) -> torch.Tensor:
