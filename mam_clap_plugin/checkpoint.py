@@ -32,12 +32,21 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any, Dict, NamedTuple, Optional
 
 import torch
 
 from .data.audio import FBANK_OPTIONS, NUM_MEL_BINS, SAMPLE_RATE, resolve_norm_stats
-from .files import CheckpointError, file_sha256, is_safetensors, read_safetensors, read_torch_file
+from .files import (
+    CheckpointError,
+    atomic_write,
+    file_sha256,
+    is_safetensors,
+    read_safetensors,
+    read_torch_file,
+    torch_save,
+)
 from .modules.encoder import MODEL_CONFIG_FIELDS, PATCH_SIZE, AudioEncoder
 
 #: ``format`` entry of an encoder export.
@@ -74,6 +83,14 @@ def export_state(config: Any, tensors: Dict[str, torch.Tensor], where: str) -> D
     return state
 
 
+def _embedded_config(meta: Dict[str, str], path: str) -> Any:
+    """The JSON config in a safetensors file's header metadata (``"mam_clap_config"``), parsed."""
+    try:
+        return json.loads(meta[CONFIG_KEY])
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: '{CONFIG_KEY}' metadata is not valid JSON ({err})") from err
+
+
 def _read_export(path: str) -> Dict[str, Any]:
     """A safetensors export as ``{"format", "version", "config", "model"}`` (``config``: see
     :func:`export_config`)."""
@@ -82,11 +99,7 @@ def _read_export(path: str) -> Dict[str, Any]:
         raise CheckpointError(
             f"{path}: a safetensors file without a '{CONFIG_KEY}' config, so not an encoder export of this "
             "project; an AudioMAE or timm file is converted with examples/convert/audiomae_to_mam_clap.py")
-    try:
-        config = json.loads(meta[CONFIG_KEY])
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path}: '{CONFIG_KEY}' metadata is not valid JSON ({err})") from err
-    return export_state(config, tensors, path)
+    return export_state(_embedded_config(meta, path), tensors, path)
 
 
 def is_hub_folder(path: str) -> bool:
@@ -111,10 +124,7 @@ def _read_hub_folder(path: str) -> Dict[str, Any]:
     tensors, meta = read_safetensors(weights_path)
     state = export_state(config, tensors, config_path)
     if CONFIG_KEY in meta:
-        try:
-            embedded = json.loads(meta[CONFIG_KEY])
-        except json.JSONDecodeError as err:
-            raise CheckpointError(f"{weights_path}: '{CONFIG_KEY}' metadata is not valid JSON ({err})") from err
+        embedded = _embedded_config(meta, weights_path)
         if embedded != config:
             fields = sorted(k for k in set(config) | set(embedded) if config.get(k) != embedded.get(k))
             raise CheckpointError(
@@ -450,6 +460,11 @@ def sidecar_path(out_path: str) -> str:
     return os.path.splitext(out_path)[0] + ".json"
 
 
+def _copies(weights: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Detached, contiguous copies of ``weights`` (what an export writes)."""
+    return {k: v.detach().clone().contiguous() for k, v in weights.items()}
+
+
 def export_contents(encoder: AudioEncoder, config: Dict[str, Any], norm_mean: float, norm_std: float,
                     norm_spec: str, target_length: Optional[int], source: str, *, source_sha256: Optional[str] = None,
                     source_kind: Optional[str] = None, source_extra: Optional[Dict[str, Any]] = None,
@@ -458,10 +473,10 @@ def export_contents(encoder: AudioEncoder, config: Dict[str, Any], norm_mean: fl
     """(:func:`export_config`, weights) of a safetensors export: the encoder's state dict (no
     prefix, contiguous copies) plus any ``head["weights"]``. ``head`` is ``{"config":
     {"num_classes", "pooling", ...}, "weights": {name: tensor}}``."""
-    weights = {k: v.detach().clone().contiguous() for k, v in encoder.state_dict().items()}
+    weights = _copies(encoder.state_dict())
     head_config = None
     if head is not None:
-        head_weights = {k: v.detach().clone().contiguous() for k, v in head["weights"].items()}
+        head_weights = _copies(head["weights"])
         clash = sorted(set(head_weights) & set(weights))
         if clash:
             raise CheckpointError(f"{where}: head weights {clash} clash with encoder keys")
@@ -473,33 +488,48 @@ def export_contents(encoder: AudioEncoder, config: Dict[str, Any], norm_mean: fl
 
 def write_safetensors(out_path: str, weights: Dict[str, torch.Tensor], config: Dict[str, Any],
                       metadata: Optional[Dict[str, str]] = None) -> str:
-    """Write ``weights`` to ``out_path`` atomically with ``config`` as the JSON header metadata
-    ``"mam_clap_config"`` (plus ``metadata``), with the usual file mode. Returns the JSON text."""
+    """Write ``weights`` to ``out_path`` atomically (:func:`~mam_clap_plugin.files.atomic_write`)
+    with ``config`` as the JSON header metadata ``"mam_clap_config"`` (plus ``metadata``), with
+    the usual file mode. Returns the JSON text. A failed write (a full disk) raises an ``OSError``
+    naming ``out_path`` and leaves no temporary file."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     text = json.dumps(config, indent=2)
+
+    def write(tmp: str) -> None:
+        try:
+            save_file(weights, tmp, metadata={**(metadata or {}), CONFIG_KEY: text})
+        except SafetensorError as err:  # an I/O error comes as "I/O error: ... (os error N)"
+            code = re.search(r"os error (\d+)", str(err))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from err
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # safetensors creates the file owner-only; give it the usual mode
+
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    tmp = f"{out_path}.tmp"
-    save_file(weights, tmp, metadata={**(metadata or {}), CONFIG_KEY: text})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates the file owner-only; give it the usual mode
-    os.replace(tmp, out_path)
+    atomic_write(out_path, write, what="encoder export")
     return text
 
 
 def write_text(path: str, text: str) -> None:
-    """Write a text file atomically."""
-    with open(f"{path}.tmp", "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(f"{path}.tmp", path)
+    """Write a text file atomically (:func:`~mam_clap_plugin.files.atomic_write`)."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    atomic_write(path, write, what="file")
 
 
 def save_encoder(out_path: str, encoder: AudioEncoder, config: Dict[str, Any], norm_mean: float, norm_std: float,
                  norm_spec: str, target_length: Optional[int], source: str, *, source_sha256: Optional[str] = None,
                  source_kind: Optional[str] = None, source_extra: Optional[Dict[str, Any]] = None,
                  head: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """Write ``encoder`` (constructor arguments ``config``) as an encoder export, atomically.
+    """Write ``encoder`` (constructor arguments ``config``) as an encoder export, atomically
+    (:func:`~mam_clap_plugin.files.atomic_write`: a failed write, a full disk say, raises an
+    ``OSError`` naming the file and leaves no temporary file).
 
     * ``OUT.safetensors``: the encoder's state dict (no prefix) plus any ``head["weights"]``,
       with :func:`export_config` as header metadata ``"mam_clap_config"``; the same JSON is
@@ -522,10 +552,9 @@ def save_encoder(out_path: str, encoder: AudioEncoder, config: Dict[str, Any], n
             "target_length": target_length,
             "source": source,
         }
-        weights = {k: v.detach().clone().contiguous() for k, v in encoder.state_dict().items()}
+        state = {**meta, "model": _copies(encoder.state_dict())}
         os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-        torch.save({**meta, "model": weights}, f"{out_path}.tmp")
-        os.replace(f"{out_path}.tmp", out_path)
+        atomic_write(out_path, lambda tmp: torch_save(state, tmp), what="encoder export")
         return meta
     meta, weights = export_contents(encoder, config, norm_mean, norm_std, norm_spec, target_length, source,
                                     source_sha256=source_sha256, source_kind=source_kind, source_extra=source_extra,

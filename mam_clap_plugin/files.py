@@ -1,16 +1,21 @@
-"""File-level helpers below every loader: safe torch reading, safetensors reading, sha256.
+"""File-level helpers below every loader and writer: safe torch reading, safetensors reading,
+sha256, and atomic writing (a temporary file, then ``os.replace``).
 
 :mod:`mam_clap_plugin.checkpoint` (encoder files) and :mod:`mam_clap_plugin.teacher`
 (CLAP checkpoints) both read files through this module, which imports neither of them,
-so neither imports the other. Nothing here imports fairseq or s3prl.
+so neither imports the other. The checkpoint saves of :mod:`mam_clap_plugin.tasks.resume`,
+the encoder exports, ``adopt_adam`` and the target store write through it. Nothing here
+imports fairseq or s3prl (only torch).
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import os
 import pickle
-from typing import Any, Dict
+import shutil
+from typing import Any, Callable, Dict, Optional
 
 import torch
 
@@ -51,6 +56,12 @@ def _refused_globals(path: str) -> list:
         return []
 
 
+def error_reason(err: BaseException) -> str:
+    """The first sentence of an error's first line (its type's name when it has no message): how
+    the loaders word why a file did not read."""
+    return str(err).splitlines()[0].split(". ")[0] if str(err) else type(err).__name__
+
+
 def _describe_unreadable(path: str, err: BaseException) -> str:
     """Why ``path`` is not a torch file, in words (empty, not a zip archive or pickle, truncated)."""
     size = os.path.getsize(path)
@@ -58,7 +69,7 @@ def _describe_unreadable(path: str, err: BaseException) -> str:
         return "the file is empty (0 bytes)"
     with open(path, "rb") as f:
         head = f.read(4)
-    reason = str(err).splitlines()[0].split(". ")[0] if str(err) else type(err).__name__
+    reason = error_reason(err)
     if head == b"PK\x03\x04":
         return f"a damaged or truncated torch archive of {size} bytes ({reason})"
     if head[:1] != b"\x80":  # a pickle (torch's legacy format) starts with the PROTO opcode
@@ -121,3 +132,83 @@ def file_sha256(path: str) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def free_space(directory: str) -> str:
+    """``N bytes free in DIRECTORY`` (``free space in DIRECTORY unknown`` when it cannot be read),
+    for the message of a write that a full disk refused."""
+    try:
+        return f"{shutil.disk_usage(directory).free} bytes free in {directory}"
+    except OSError:
+        return f"free space in {directory} unknown"
+
+
+def temporary_name(path: str) -> str:
+    """``path.tmp-PID``: the temporary file that :func:`atomic_write` fills for ``path``."""
+    return f"{path}.tmp-{os.getpid()}"
+
+
+def remove_file(path: str) -> None:
+    """Delete ``path`` if it exists."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def atomic_write(path: str, write: Callable[[str], None], what: str = "checkpoint",
+                 nbytes: Optional[int] = None) -> None:
+    """Fill ``path`` through ``write(tmp)`` on a temporary file in the same directory, flushed to
+    disk, then ``os.replace``: ``path`` holds its old content or the new one, never a part.
+
+    On failure the temporary file is removed; an ``OSError`` (a full disk: ``ENOSPC``, a file
+    size limit: ``EFBIG``) is raised again naming ``path`` (as ``PATH: WHAT not written``), the
+    bytes needed when known (``nbytes``) and the space left, with the previous ``path`` unchanged.
+    """
+    tmp = temporary_name(path)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        remove_file(tmp)
+        free = free_space(os.path.dirname(os.path.abspath(path)))
+        needed = f"{nbytes} bytes needed, " if nbytes is not None else ""
+        kept = "the previous file is unchanged" if os.path.exists(path) else "nothing was written"
+        raise OSError(err.errno, f"{path}: {what} not written: {err.strerror or err} ({needed}{free}); "
+                                 f"{kept}") from err
+    except BaseException:
+        remove_file(tmp)
+        raise
+
+
+class _RecordingFile(io.RawIOBase):
+    """A binary file that keeps the ``OSError`` of a failed write: ``torch.save`` reports a short
+    write as a ``RuntimeError`` ("unexpected pos") that has lost its cause (ENOSPC, EFBIG)."""
+
+    def __init__(self, f):
+        super().__init__()
+        self.file, self.name, self.error = f, f.name, None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+
+def torch_save(obj, path: str) -> None:
+    """``torch.save(obj, path)``, raising the write's own ``OSError`` when the disk refused it."""
+    with open(path, "wb") as f:
+        recording = _RecordingFile(f)
+        try:
+            torch.save(obj, recording)
+        except Exception:
+            if recording.error is not None:
+                raise recording.error from None
+            raise

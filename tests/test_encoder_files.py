@@ -3,6 +3,7 @@
 The export holds the weights and a JSON config; the torch-only loader reads every kind of file
 (an export of either version, a pretraining checkpoint, a fine-tuning checkpoint, a converted
 AudioMAE file), also with fairseq unimportable."""
+import errno
 import json
 import os
 import runpy
@@ -193,3 +194,93 @@ def test_pretraining_variant_from_the_model_config(target, branch, variant):
     state = {"cfg": {"model": {**MODEL_CFG, "target": target, "classification_branch": branch}}, "model": {}}
     assert pretraining_variant(state) == variant
 
+
+
+def _writers(encoder):
+    """(file name, write) of each export write: the safetensors export (+ its JSON), the torch export,
+    and write_text (the JSON next to an export, a Hugging Face folder's config.json)."""
+    from mam_clap_plugin.checkpoint import save_encoder, write_text
+
+    def export(path):
+        save_encoder(str(path), encoder, ENCODER_KWARGS, 0.0, 1.0, "0,1", 256, "test")
+
+    return {"safetensors": ("enc.safetensors", export), "pt": ("enc.pt", export),
+            "text": ("config.json", lambda path: write_text(str(path), "x" * 100_000))}
+
+
+def _assert_not_written(err, path, reason, previous=None):
+    """The OSError of a failed atomic write: names the file, says why and what is left; no temporary file."""
+    kept = "the previous file is unchanged" if previous is not None else "nothing was written"
+    message = err.strerror
+    assert message.startswith(f"{path}: ") and " not written: " in message and reason in message
+    assert f"bytes free in {path.parent})" in message and message.endswith(kept)
+    assert not [n for n in os.listdir(path.parent) if ".tmp" in n]
+    assert (path.read_bytes() == previous) if previous is not None else not path.exists()
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "pt", "text"])
+@pytest.mark.parametrize("previous", [None, b"the previous file"])
+def test_a_full_disk_while_exporting_leaves_no_temporary_file(tmp_path, monkeypatch, kind, previous):
+    """A full disk (ENOSPC) after a few bytes of the safetensors export, the torch export or write_text:
+    an OSError naming the file; the previous file (if any) unchanged; no temporary file beside it."""
+    import builtins
+
+    import safetensors.torch
+
+    name, write = _writers(_random_encoder())[kind]
+    path = tmp_path / name
+    if previous is not None:
+        path.write_bytes(previous)
+
+    def full_disk(_obj, f, *args, **kwargs):  # save_file(tensors, filename) / torch.save(obj, file)
+        if isinstance(f, str):
+            with open(f, "wb") as out:
+                out.write(b"partial")
+        else:
+            f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    class FullFile:  # write_text's file: a few bytes, then a full disk
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc_info):
+            self.f.close()
+
+        def write(self, text):
+            self.f.write(text[:10])
+            self.f.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.setattr(mam_clap_plugin.checkpoint, "open",
+                        lambda *a, **k: FullFile(builtins.open(*a, **k)), raising=False)
+    with pytest.raises(OSError) as err:
+        write(path)
+    assert err.value.errno == errno.ENOSPC
+    _assert_not_written(err.value, path, "No space left on device", previous)
+    assert not (tmp_path / "enc.json").exists()  # the safetensors export's JSON follows the weights
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "pt", "text"])
+def test_a_file_size_limit_while_exporting(tmp_path, kind):
+    """The real failures under a file size limit (EFBIG, as a full disk gives ENOSPC): safetensors'
+    SafetensorError ("os error 27"), torch.save's RuntimeError and a text write all become an OSError
+    naming the file, and no temporary file stays."""
+    import resource
+
+    name, write = _writers(_random_encoder())[kind]
+    path = tmp_path / name
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))  # Python ignores SIGXFSZ: writes fail with EFBIG
+    try:
+        with pytest.raises(OSError) as err:
+            write(path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert err.value.errno == errno.EFBIG
+    _assert_not_written(err.value, path, "File too large")

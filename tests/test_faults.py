@@ -220,6 +220,30 @@ def test_atomic_write_keeps_the_previous_file_and_names_it(tmp_path, monkeypatch
     assert dst.read_bytes() == before and sorted(os.listdir(tmp_path)) == [src.name, dst.name]
 
 
+def test_a_checkpoint_error_while_fairseq_loads_is_not_an_unreadable_checkpoint_last(tmp_path, monkeypatch):
+    """The resume check reads checkpoint_last.pt and passes; a CheckpointError that fairseq's own loading
+    raises afterwards comes through as it is (no fallback to another checkpoint, no second load)."""
+    from types import SimpleNamespace
+
+    from mam_clap_plugin.tasks import resume
+
+    torch.save({"optimizer_history": [{"num_updates": 5}], "model": {}}, tmp_path / "checkpoint_last.pt")
+    torch.save({"optimizer_history": [{"num_updates": 3}], "model": {}}, tmp_path / "checkpoint_1_3.pt")
+    loads = []
+
+    def fairseq_load(cfg, trainer, **kwargs):
+        loads.append(cfg.restore_file)
+        raise CheckpointError("raised while loading the model")
+
+    monkeypatch.setitem(resume._ORIGINAL, "load_checkpoint", fairseq_load)
+    cfg = OmegaConf.create({"save_dir": str(tmp_path), "restore_file": "checkpoint_last.pt"})
+    trainer = SimpleNamespace(cfg=OmegaConf.create({"optimization": {"max_update": 10}}), checkpoint_suffix="",
+                              task=SimpleNamespace())
+    with pytest.raises(CheckpointError, match="^raised while loading the model$"):
+        resume.load_checkpoint(cfg, trainer)
+    assert loads == ["checkpoint_last.pt"]
+
+
 @pytest.mark.slow  # starts a process to get a PID that is surely dead
 def test_newest_intact_checkpoint_by_update_count(tmp_path):
     from mam_clap_plugin.tasks.resume import newest_intact_checkpoint, remove_orphans

@@ -30,11 +30,11 @@ import dataclasses
 import errno
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..files import free_space
 from ..teacher.base import LAYERS
 from .alignment import Alignment, alignment
 
@@ -314,11 +314,7 @@ def _allocate(f, path: str, size: int) -> None:
         if err.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
             f.truncate(size)
             return
-        directory = os.path.dirname(os.path.abspath(path))
-        try:
-            free = f"{shutil.disk_usage(directory).free} bytes free in {directory}"
-        except OSError:
-            free = f"free space in {directory} unknown"
+        free = free_space(os.path.dirname(os.path.abspath(path)))
         raise OSError(err.errno, f"{path}: cannot allocate the target store: {size} bytes needed, {free} "
                                  f"({err.strerror})") from err
 

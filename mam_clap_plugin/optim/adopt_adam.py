@@ -22,14 +22,11 @@ writes, so the two change together.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 from typing import List, Optional
 
-import torch
-
-from ..files import CheckpointError, fairseq_checkpoint_globals, read_torch_file
+from ..files import CheckpointError, atomic_write, fairseq_checkpoint_globals, read_torch_file, torch_save
 
 SAVED_NAME = "FairseqAdam"
 NEW_NAME = "MamClapAdamW"
@@ -59,13 +56,7 @@ def adopt_adam_checkpoint(path: str, trusted: bool = False) -> Optional[str]:
     backup = path + ".adam.bak"
     shutil.copy2(path, backup)
     history[-1]["optimizer_name"] = NEW_NAME
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda tmp: torch_save(state, tmp))
     return backup
 
 

@@ -31,17 +31,16 @@ loads or saves anything, in every process) changes two names in ``fairseq.checkp
 from __future__ import annotations
 
 import glob
-import io
 import logging
 import os
 import pickle
 import re
 import shutil
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
-from ..files import CheckpointError, fairseq_checkpoint_globals
+from ..files import CheckpointError, atomic_write, error_reason, fairseq_checkpoint_globals, remove_file, torch_save
 
 logger = logging.getLogger(__name__)
 
@@ -51,84 +50,10 @@ CHECKPOINT_NAME = re.compile(r"^checkpoint(_last|_best|\d+|_\d+_\d+|\.best_.*)\.
 _ORIGINAL: dict = {}
 
 
-def temporary_name(path: str) -> str:
-    """``path.tmp-PID``: the temporary file that :func:`atomic_write` fills for ``path``."""
-    return f"{path}.tmp-{os.getpid()}"
-
-
-def _remove(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def atomic_write(path: str, write: Callable[[str], None], what: str = "checkpoint",
-                 nbytes: Optional[int] = None) -> None:
-    """Fill ``path`` through ``write(tmp)`` on a temporary file in the same directory, flushed to
-    disk, then ``os.replace``: ``path`` holds its old content or the new one, never a part.
-
-    On failure the temporary file is removed; an ``OSError`` (a full disk: ``ENOSPC``, a file
-    size limit: ``EFBIG``) is raised again naming ``path``, the bytes needed when known
-    (``nbytes``) and the space left, with the previous ``path`` unchanged.
-    """
-    tmp = temporary_name(path)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        _remove(tmp)
-        directory = os.path.dirname(os.path.abspath(path))
-        try:
-            free = f"{shutil.disk_usage(directory).free} bytes free in {directory}"
-        except OSError:
-            free = f"free space in {directory} unknown"
-        needed = f"{nbytes} bytes needed, " if nbytes is not None else ""
-        kept = "the previous file is unchanged" if os.path.exists(path) else "nothing was written"
-        raise OSError(err.errno, f"{path}: {what} not written: {err.strerror or err} ({needed}{free}); "
-                                 f"{kept}") from err
-    except BaseException:
-        _remove(tmp)
-        raise
-
-
 def _needs_path_manager(path: str) -> bool:
     from fairseq.file_io import PathManager
 
     return PathManager.path_requires_pathmanager(path)
-
-
-class _RecordingFile(io.RawIOBase):
-    """A binary file that keeps the ``OSError`` of a failed write: ``torch.save`` reports a short
-    write as a ``RuntimeError`` ("unexpected pos") that has lost its cause (ENOSPC, EFBIG)."""
-
-    def __init__(self, f):
-        super().__init__()
-        self.file, self.name, self.error = f, f.name, None
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data) -> int:
-        try:
-            return self.file.write(data)
-        except OSError as err:
-            self.error = err
-            raise
-
-
-def torch_save(obj, path: str) -> None:
-    """``torch.save(obj, path)``, raising the write's own ``OSError`` when the disk refused it."""
-    with open(path, "wb") as f:
-        recording = _RecordingFile(f)
-        try:
-            torch.save(obj, recording)
-        except Exception:
-            if recording.error is not None:
-                raise recording.error from None
-            raise
 
 
 def torch_persistent_save(obj, filename, async_write: bool = False):
@@ -172,8 +97,7 @@ def read_head(path: str) -> Optional[dict]:
         raise CheckpointError(f"{path}: not a readable checkpoint ({err})") from err
     except Exception as err:  # truncated, empty, not a zip archive...
         size = os.path.getsize(path) if os.path.exists(path) else 0
-        reason = str(err).splitlines()[0].split(". ")[0] if str(err) else type(err).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint ({size} bytes: {reason})") from err
+        raise CheckpointError(f"{path}: not a readable checkpoint ({size} bytes: {error_reason(err)})") from err
 
 
 def _updates(state) -> int:
@@ -214,8 +138,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's process
-        return True
+    except PermissionError:  # another user's process: alive
+        pass
     return True
 
 
@@ -226,7 +150,7 @@ def remove_orphans(save_dir: str) -> None:
         pid = path.rsplit(".tmp-", 1)[1]
         if pid.isdigit() and not _alive(int(pid)):
             logger.info(f"removing {path}, left by a save that did not finish")
-            _remove(path)
+            remove_file(path)
 
 
 def warn_short_warmup(cfg) -> None:
@@ -250,16 +174,16 @@ def load_checkpoint(cfg, trainer, **passthrough_args):
     warn_short_warmup(trainer.cfg)
     if os.path.isdir(cfg.save_dir):
         remove_orphans(cfg.save_dir)
-    suffix = trainer.checkpoint_suffix
-    last = os.path.join(cfg.save_dir, f"checkpoint_last{suffix}.pt")
-    if (cfg.restore_file != "checkpoint_last.pt" or suffix or cfg.get("finetune_from_model")
+    last = os.path.join(cfg.save_dir, "checkpoint_last.pt")
+    if (cfg.restore_file != "checkpoint_last.pt" or trainer.checkpoint_suffix or cfg.get("finetune_from_model")
             or not os.path.exists(last)):
         return original(cfg, trainer, **passthrough_args)
     try:
         _check_task_state(trainer.task, read_head(last))
-        return original(cfg, trainer, **passthrough_args)
     except CheckpointError as err:
         problem = err
+    else:  # a CheckpointError from fairseq's own loading below is not "checkpoint_last.pt is unreadable"
+        return original(cfg, trainer, **passthrough_args)
     fallback = newest_intact_checkpoint(cfg.save_dir, skip=last)
     if fallback is None:
         raise CheckpointError(
