@@ -257,9 +257,15 @@ class RetrievalMeter(Meter):
 
 def log_retrieval(ids: torch.Tensor, audio: torch.Tensor, text: torch.Tensor, captions: List[str]) -> None:
     """Feed a validation batch to the ``mean_recall`` meter (and the derived ``a2t_r1`` ...
-    ``t2a_r10``) of each temporary aggregator that is active; as :func:`log_clip_scores`."""
+    ``t2a_r10``) of each temporary aggregator that is active; as :func:`log_clip_scores`, rows with a
+    negative id (a placeholder) left out."""
     named = {id(agg) for agg in metrics._aggregators.values()}
     rows = (ids.cpu().numpy(), audio.detach().float().cpu().numpy(), text.detach().float().cpu().numpy(), captions)
+    real = rows[0] >= 0  # id -1: the placeholder of a batch whose clips were all skipped
+    if not real.all():
+        rows = (*(r[real] for r in rows[:3]), [c for c, keep in zip(captions, real) if keep])
+        if not len(rows[0]):
+            return
     for agg in metrics.get_active_aggregators():
         if id(agg) in named:
             continue

@@ -15,18 +15,21 @@ import fairseq  # noqa: F401  (registers the plugin's components on import below
 import numpy as np
 import pytest
 import sentencepiece
+import soundfile as sf
 import torch
 import torch.multiprocessing as mp
 from omegaconf import OmegaConf
 
 from mam_clap_fixtures.clap import save_random_clap_checkpoint
 from mam_clap_plugin.criterions.clap_infonce import ClapInfoNceConfig, ClapInfoNceCriterion, infonce
+from mam_clap_plugin.data.audio import AudioError, TeacherInputs
 from mam_clap_plugin.data.caption_dataset import CaptionDataset
 from mam_clap_plugin.data.captions import caption_rows, label_text, read_captions, split_captions, write_captions
+from mam_clap_plugin.data.dataset import is_skipped_batch
 from mam_clap_plugin.data.manifest import ManifestError, read_manifest
 from mam_clap_plugin.metrics import retrieval_metrics
 from mam_clap_plugin.models.clap_teacher import ClapTeacherModel, GlobalBatchNorm2d
-from mam_clap_plugin.modules.precision import carry_exact
+from mam_clap_plugin.modules.precision import carry_exact, exact
 from mam_clap_plugin.modules.text import SentencePieceTokenizer
 from mam_clap_plugin.tasks.clap_teacher import ClapTeacherTask, ClapTeacherTaskConfig, TokenizerError
 from mam_clap_plugin.teacher import (
@@ -454,3 +457,147 @@ def test_zero_shot_on_an_untrained_teacher(caption_set, caption_teacher_checkpoi
     retrieval = report["retrieval"]
     assert retrieval["num_captions"] == 3 and retrieval["chance"]["a2t_r1"] == pytest.approx(100 / 3)
     assert capsys.readouterr().out.strip().splitlines()[-1] == f"accuracy {cls['accuracy']:.2f}"
+
+
+# ----------------------------------------------------------------------------- bad audio (task.skip_bad_files)
+
+
+def _private_set(caption_set, dst, remove=(), truncate=()) -> str:
+    """A copy of the caption set, its manifests pointing at the copy's audio; ``remove``d files
+    deleted, ``truncate``d ones rewritten with 0.2 s of the manifest's 0.6 s."""
+    data = shutil.copytree(caption_set, dst)
+    for split in ("train", "valid"):
+        lines = open(data / f"{split}.tsv").read().splitlines()
+        open(data / f"{split}.tsv", "w").write("\n".join([str(data / "audio"), *lines[1:]]) + "\n")
+    for name in remove:
+        os.remove(data / "audio" / name)
+    for name in truncate:
+        wav, rate = sf.read(data / "audio" / name, dtype="float32")
+        sf.write(data / "audio" / name, wav[: int(0.2 * rate)], rate)
+    return data
+
+
+def _caption_dataset(data, split="train", **kwargs) -> CaptionDataset:
+    manifest = read_manifest(os.path.join(data, f"{split}.tsv"))
+    return CaptionDataset(manifest, read_captions(os.path.join(data, f"{split}.cap"), len(manifest)), 48000, 30720,
+                          **kwargs)
+
+
+def test_caption_dataset_skips_and_counts_bad_files(caption_set, tmp_path):
+    """With skip_bad_files a missing file is a skipped item naming it; the collater drops and counts
+    it (skipped_share of the epoch's clips), and a batch whose clips were all skipped holds a
+    placeholder (a zero clip, an empty caption, id -1) that is_skipped_batch recognises, never {}."""
+    data = _private_set(caption_set, tmp_path / "data", remove=("train_0.wav", "train_1.wav"))
+    with pytest.raises(AudioError, match=r"train\.tsv:2: \S+train_0\.wav: audio file not found"):
+        _caption_dataset(data)[0]
+    dataset = _caption_dataset(data, skip_bad_files=True)
+    item = dataset[0]
+    assert item["id"] == 0 and item["skipped_file"] == f"{data / 'train.tsv'}:2: {data / 'audio' / 'train_0.wav'}"
+    assert "audio file not found" in item["skipped"]
+    batch = dataset.collater([dataset[i] for i in range(4)])
+    assert not is_skipped_batch(batch) and batch["id"].tolist() == [2, 3] and batch["nsentences"] == 2
+    assert batch["num_skipped"] == 2 and batch["skipped_share"] == pytest.approx(2 / 24)
+    assert batch["skipped_files"][1].endswith("train_1.wav") and "not found" in batch["skipped_reason"]
+    assert batch["net_input"]["wav"].shape == (2, 30720) and len(batch["net_input"]["captions"]) == 2
+    empty = dataset.collater([dataset[0], dataset[1]])
+    assert is_skipped_batch(empty) and empty["id"].tolist() == [-1] and empty["nsentences"] == 0
+    assert empty["num_skipped"] == 2 and empty["net_input"]["captions"] == [""]
+    assert not exact(empty["net_input"]["wav"]).any() and empty["net_input"]["wav"].shape == (1, 30720)
+    assert dataset.collater([]) == {}  # fairseq's padding of uneven shards: no items at all
+
+
+def test_caption_dataset_refuses_truncated_audio(caption_set, tmp_path):
+    """A file shorter than its manifest line says is refused naming it (as extraction and zero-shot
+    refuse it), and skipped and counted with skip_bad_files."""
+    data = _private_set(caption_set, tmp_path / "data", truncate=("train_2.wav",))
+    with pytest.raises(AudioError, match=r"train\.tsv:4: \S+train_2\.wav: truncated audio: 3200 samples, but the "
+                                         r"manifest says 9600"):
+        _caption_dataset(data)[2]
+    dataset = _caption_dataset(data, skip_bad_files=True)
+    assert "truncated audio" in dataset[2]["skipped"] and dataset[2]["skipped_file"].endswith("train_2.wav")
+    batch = dataset.collater([dataset[i] for i in range(4)])
+    assert batch["id"].tolist() == [0, 1, 3] and batch["num_skipped"] == 1
+    # TeacherInputs (extraction, zero-shot) reads through the same helper
+    assert "truncated audio" in TeacherInputs(dataset.manifest, [2], 48000, 30720)[0][2]
+
+
+def _teacher_task_and_model(data, **task_fields):
+    from types import SimpleNamespace
+
+    task = ClapTeacherTask(OmegaConf.structured(ClapTeacherTaskConfig(
+        data=str(data), sample_rate=48000, clip_seconds=0.64, train_subset="train", seed=1, **task_fields)))
+    torch.manual_seed(0)
+    model = task.build_model(OmegaConf.create(caption_teacher_config()))
+    criterion = ClapInfoNceCriterion(ClapInfoNceConfig(), task)
+    optimizer = SimpleNamespace(backward=lambda loss: loss.backward())  # all FairseqTask.train_step calls
+    return task, model, criterion, optimizer
+
+
+def test_clap_teacher_task_bounds_skipped_clips(caption_set, tmp_path):
+    """The clap_teacher task counts and bounds skipped clips as pretraining does: an all-skipped batch
+    runs its placeholder with zero loss, no gradient, no clip and bn0's statistics untouched, with the
+    logging keys of a real batch; past task.max_skipped_fraction the run stops naming the files; in
+    validation the placeholder stays out of the loss and of the retrieval metrics."""
+    from fairseq import metrics
+
+    from mam_clap_plugin.tasks.base import SkippedFilesError
+
+    removed = [f"train_{i}.wav" for i in range(8)] + ["valid_0.wav"]
+    data = _private_set(caption_set, tmp_path / "data", remove=removed)
+    task, model, criterion, optimizer = _teacher_task_and_model(data, skip_bad_files=True, max_skipped_fraction=0.2)
+    assert task.max_skipped_fraction == 0.2
+    task.load_dataset("train")
+    dataset = task.datasets["train"]
+    batch = dataset.collater([dataset[i] for i in range(4)])
+    bn = model.audio_branch.bn0
+    before = (bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone())
+    model.train()
+    criterion.train()
+    task.begin_epoch(1, model)
+    loss, sample_size, log = task.train_step(batch, model, criterion, optimizer, 0)
+    assert sample_size == 0 and log["nsentences"] == 0 and log["num_skipped"] == 4 and loss.item() == 0.0
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, (bn.running_mean, bn.running_var, bn.num_batches_tracked)))
+    assert not bn.placeholder
+    with metrics.aggregate(new_root=True) as agg:
+        task.reduce_metrics([log], criterion)
+    assert agg["skipped_files"].sum == 4  # 4 of 24 clips: within the bound of 0.2
+    good = dataset.collater([dataset[i] for i in range(8, 12)])
+    _, size, good_log = task.train_step(good, model, criterion, optimizer, 1)
+    assert size == 1 and good_log["nsentences"] == 4 and good_log["loss"] > 0
+    assert bn.num_batches_tracked == before[2] + 1  # a real batch updates the statistics
+    assert {k: torch.is_tensor(v) for k, v in log.items()} == {k: torch.is_tensor(v) for k, v in good_log.items()}
+    with pytest.raises(SkippedFilesError, match=r"^8 of the 24 clips of this training epoch were skipped as "
+                                                r"unusable \(33\.3%.*first skipped in this process: .*train_0\.wav"):
+        with metrics.aggregate(new_root=True):
+            task.reduce_metrics([good_log, log], criterion)
+
+    task.load_dataset("valid")
+    valid = task.datasets["valid"]
+    task.begin_valid_epoch(1, model)
+    model.eval()
+    criterion.eval()  # as fairseq's trainer does before valid_step
+    with metrics.aggregate(new_root=True) as agg:
+        loss, size, vlog = task.valid_step(valid.collater([valid[0]]), model, criterion)
+        _, _, real = task.valid_step(valid.collater([valid[1], valid[2]]), model, criterion)
+    assert size == 0 and vlog["num_skipped"] == 1 and vlog["skipped_share"] == pytest.approx(1 / 12)
+    assert vlog.keys() == real.keys() and not vlog["loss"] and real["loss"] > 0 and loss.item() == 0.0
+    assert agg["mean_recall"].result.num_clips == 2  # the placeholder is not a clip
+    with pytest.raises(SkippedFilesError, match="1 of the 12 clips of this validation pass"):
+        task.max_skipped_fraction = 0.05
+        with metrics.aggregate(new_root=True):
+            task.reduce_metrics([vlog], criterion)
+
+
+def test_task_configs_share_the_skip_fields():
+    from mam_clap_plugin.tasks.base import MAX_SKIPPED_FRACTION, FbankTaskConfig
+    from mam_clap_plugin.tasks.mam_clap_finetuning import MamClapFinetuningConfig
+    from mam_clap_plugin.tasks.mam_clap_pretraining import MamClapPretrainingConfig
+
+    for config in (ClapTeacherTaskConfig, MamClapPretrainingConfig, MamClapFinetuningConfig):
+        assert issubclass(config, FbankTaskConfig)
+        assert config().max_skipped_fraction == MAX_SKIPPED_FRACTION and config().skip_bad_files is False
+    with pytest.raises(ValueError, match=r"task.max_skipped_fraction=1.5 must be in \[0, 1\]"):
+        ClapTeacherTask(OmegaConf.structured(ClapTeacherTaskConfig(
+            data="unused", sample_rate=48000, clip_seconds=0.64, train_subset="train", seed=1,
+            max_skipped_fraction=1.5)))

@@ -21,6 +21,11 @@ Validation contrasts each rank's own batch (no gather) and logs ``loss``, and th
 of the whole split, gathered from every rank (:func:`mam_clap_plugin.metrics.log_retrieval`):
 ``a2t_r1/5/10``, ``t2a_r1/5/10`` and their mean ``mean_recall``. Training logs ``loss`` and the
 logit ``scale``.
+
+A batch whose clips were all skipped (``task.skip_bad_files``) holds a placeholder (id -1): it
+stays out of the contrast (with ``gather``, the other ranks contrast their own clips only) and of
+the retrieval metrics; its own loss is 0 (the task multiplies it by 0 and logs no clip, as in
+pretraining: :class:`mam_clap_plugin.tasks.base.FbankTask`).
 """
 from dataclasses import dataclass, field
 
@@ -29,6 +34,7 @@ import torch.nn.functional as F
 from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import FairseqDataclass
 
+from ..data.dataset import is_skipped_batch
 from ..metrics import log_retrieval
 from .supmam_clap import check_finite, log_losses, under_nan_detector
 
@@ -83,13 +89,18 @@ class ClapInfoNceCriterion(FairseqCriterion):
         """Returns (loss x W, sample_size=1, logging_output); see the module docstring."""
         out = model(**sample["net_input"])
         audio, text, scale = out["audio"], out["text"], out["scale"]
+        placeholder = is_skipped_batch(sample)
+        if placeholder:  # its one row (id -1, a zero clip and an empty caption) is no pair to contrast
+            audio, text = audio[:0], text[:0]
         world = world_size() if self.training and self.gather else 1
         if world > 1:
             width = audio.shape[1]
             both = gather_features(torch.cat([audio, text], dim=1))
             audio, text = both[:, :width], both[:, width:]
             scale = scale / world + (scale - scale / world).detach()  # the value of scale, 1 / W of its gradient
-        loss = infonce(audio, text, scale)
+        loss = infonce(audio, text, scale) if audio.shape[0] else scale * 0
+        if placeholder:  # 0, with every parameter in the graph (the task multiplies it by 0 in training)
+            loss = loss + 0 * (out["audio"].sum() + out["text"].sum())
         if not self.training or under_nan_detector(model):  # training: no sync per micro-batch
             check_finite({"loss": loss}, sample)
         if not self.training:

@@ -200,9 +200,18 @@ def load_teacher_audio(path: str, sample_rate: int, num_samples: int, where: str
     return fit_length(_resample(wav, rate, sample_rate), num_samples)
 
 
+def load_entry_teacher_audio(manifest, index: int, sample_rate: int, num_samples: int) -> torch.Tensor:
+    """A teacher's input for manifest entry ``index`` (:func:`load_teacher_audio`), errors naming its
+    manifest line, and a file shorter than the manifest's sample count refused as truncated. What
+    target extraction, zero-shot scoring (:class:`TeacherInputs`) and the caption teacher's training
+    (:class:`~.caption_dataset.CaptionDataset`) read. Raises AudioError."""
+    return load_teacher_audio(manifest.full_path(index), sample_rate, num_samples, where=manifest.where(index),
+                              expected_samples=int(manifest.sizes[index]))
+
+
 class TeacherInputs(torch.utils.data.Dataset):
     """A teacher's inputs for manifest entries: item ``i`` is ``(index, waveform or None, error or
-    None)`` for entry ``indices[i]`` (:func:`load_teacher_audio`). An unreadable file comes back as
+    None)`` for entry ``indices[i]`` (:func:`load_entry_teacher_audio`). An unreadable file comes back as
     its error message, so a DataLoader's main process reports it without a worker traceback; batch
     with ``collate_fn=list``. Used by target extraction and zero-shot scoring."""
 
@@ -216,9 +225,7 @@ class TeacherInputs(torch.utils.data.Dataset):
     def __getitem__(self, i):
         index = int(self.indices[i])
         try:
-            wav = load_teacher_audio(self.manifest.full_path(index), self.sample_rate, self.num_samples,
-                                     where=self.manifest.where(index),
-                                     expected_samples=int(self.manifest.sizes[index]))
+            wav = load_entry_teacher_audio(self.manifest, index, self.sample_rate, self.num_samples)
         except AudioError as err:
             return index, None, str(err)
         return index, wav, None

@@ -8,14 +8,15 @@ import torch
 from fairseq.data import FairseqDataset
 
 from ..modules.precision import carry_exact
-from .audio import AudioError, load_teacher_audio
+from .audio import load_entry_teacher_audio
 from .captions import split_captions
+from .dataset import SkipsBadFiles
 from .manifest import Manifest, PackedRows
 
 logger = logging.getLogger("mam_clap_plugin.data")
 
 
-class CaptionDataset(FairseqDataset):
+class CaptionDataset(SkipsBadFiles, FairseqDataset):
     """(clip, caption) pairs: the clip as the teacher's input waveform, one caption as a string.
 
     Args:
@@ -26,7 +27,11 @@ class CaptionDataset(FairseqDataset):
         sample_captions: draw one caption per clip and epoch (training); else the first.
         seed: seeds the draws with the epoch and the clip index.
         shuffle: ``ordered_indices`` is a random permutation (else manifest order).
-        skip_bad_files: drop unreadable clips with a warning instead of raising.
+        skip_bad_files: on an unusable audio file (missing, unreadable, empty, truncated against
+            the manifest's sample count, non-finite), log a warning and drop the item instead of
+            raising; batches count the dropped clips, as :class:`~.dataset.MamClapDataset`'s
+            (:class:`~.dataset.SkipsBadFiles`), and a batch whose clips were all skipped holds a
+            :meth:`placeholder_item`.
     """
 
     def __init__(self, manifest: Manifest, captions: PackedRows, sample_rate: int, num_samples: int,
@@ -56,33 +61,36 @@ class CaptionDataset(FairseqDataset):
         rng = np.random.default_rng((self.seed, self.epoch, index))
         return options[int(rng.integers(len(options)))]
 
-    def __getitem__(self, index) -> dict | None:
-        index = int(index)
-        try:
-            wav = load_teacher_audio(self.manifest.full_path(index), self.sample_rate, self.num_samples,
-                                     where=self.manifest.where(index))
-        except AudioError as err:
-            if not self.skip_bad_files:
-                raise
-            logger.warning("skipping bad audio file: %s", err)
-            return None
+    def _load(self, index: int) -> dict:
+        """The item of clip ``index``; raises AudioError (naming the file and its manifest line)."""
+        wav = load_entry_teacher_audio(self.manifest, index, self.sample_rate, self.num_samples)
         return {"id": index, "wav": wav, "caption": self.caption(index)}
 
+    def __getitem__(self, index) -> dict:
+        """``{"id", "wav": (num_samples,) float32, "caption": str}``; with skip_bad_files, a bad file
+        gives ``{"id", "skipped": message, "skipped_file": "manifest:line: path"}``."""
+        return self._load_or_skip(int(index), self._load)
+
+    def placeholder_item(self) -> dict:
+        """A zero waveform and an empty caption, with id -1: what a batch whose clips were all skipped
+        carries (the task multiplies its loss by 0; the criterion leaves id -1 out of the contrast and
+        of the retrieval metrics)."""
+        return {"id": -1, "wav": torch.zeros(self.num_samples), "caption": ""}
+
     def collater(self, samples: list) -> dict:
-        """``{"id": (B,), "nsentences": B, "ntokens": B, "num_skipped", "net_input": {"wav": (B,
-        num_samples) float32 carried as int32 bits (fairseq's fp16/bf16 batch cast leaves it exact;
-        the model restores it), "captions": [B strings]}}``; {} when every clip was skipped."""
-        kept = [s for s in samples if s is not None]
-        if not kept:
+        """{} for no items at all (fairseq's padding of uneven shards), else ``{"id": (B,),
+        "nsentences": B, "ntokens": B, "num_skipped", "skipped_share"[, "skipped_files",
+        "skipped_reason"], "net_input": {"wav": (B, num_samples) float32 carried as int32 bits
+        (fairseq's fp16/bf16 batch cast leaves it exact; the model restores it), "captions": [B
+        strings]}}``; skipped clips are dropped and counted, and when every clip was skipped the
+        batch holds one :meth:`placeholder_item` with ``nsentences`` 0
+        (:meth:`~.dataset.SkipsBadFiles._batch_head`)."""
+        if not samples:
             return {}
-        return {
-            "id": torch.tensor([s["id"] for s in kept], dtype=torch.long),
-            "nsentences": len(kept),
-            "ntokens": len(kept),
-            "num_skipped": len(samples) - len(kept),
-            "net_input": {"wav": carry_exact(torch.stack([s["wav"] for s in kept])),
-                          "captions": [s["caption"] for s in kept]},
-        }
+        kept, batch = self._batch_head(samples)
+        batch["net_input"] = {"wav": carry_exact(torch.stack([s["wav"] for s in kept])),
+                              "captions": [s["caption"] for s in kept]}
+        return batch
 
     def num_tokens(self, index: int) -> int:
         return 1

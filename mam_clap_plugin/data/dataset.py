@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Callable
 
 import numpy as np
 import torch
@@ -40,7 +41,80 @@ logger = logging.getLogger("mam_clap_plugin.data")
 _DEFAULT_MEAN, _DEFAULT_STD = NORM_STATS["audioset"]
 
 
-class MamClapDataset(FairseqDataset):
+class SkipsBadFiles:
+    """What the plugin's datasets share for ``skip_bad_files`` (mixed into :class:`MamClapDataset`
+    and :class:`~.caption_dataset.CaptionDataset`; they set ``manifest`` and ``skip_bad_files``).
+
+    * :meth:`_load_or_skip`: an item, or with ``skip_bad_files`` a bad file's skipped item
+      ``{"id", "skipped": message, "skipped_file": "manifest:line: path"}`` (logged as a warning);
+      without, the AudioError (naming the manifest's missing root directory when that is the cause);
+    * :meth:`_batch_head`: a batch's clips and its counts (``num_skipped``, ``skipped_share``,
+      ``skipped_files``, ``skipped_reason``); when every clip was skipped, one
+      :meth:`placeholder_item` (id -1) with ``nsentences`` 0 (:func:`is_skipped_batch`), never ``{}``,
+      so that the task counts the clips against ``task.max_skipped_fraction`` and every process
+      still runs its forward and backward (:class:`~mam_clap_plugin.tasks.base.FbankTask`).
+    """
+
+    manifest: Manifest
+    skip_bad_files: bool
+
+    @property
+    def clips_per_epoch(self) -> int:
+        """Clips one epoch draws from this dataset (the bound of ``task.max_skipped_fraction``)."""
+        return len(self)
+
+    def placeholder_item(self) -> dict:
+        """An item of zeros shaped like a real one, with id -1 (see :meth:`_batch_head`)."""
+        raise NotImplementedError
+
+    def _explain(self, err: AudioError) -> AudioError:
+        """``err``, plus the likely cause when the manifest's root directory (its line 1) does not exist."""
+        root = self.manifest.root
+        if "audio file not found" in str(err) and not os.path.isdir(root):
+            return AudioError(f"{err}; the manifest's root directory {root!r} ({self.manifest.path}:1) does not "
+                              "exist: fix line 1 of the manifest (relative roots resolve against the directory "
+                              "training starts in)")
+        return err
+
+    def _load_or_skip(self, index: int, load: Callable[[int], dict]) -> dict:
+        """``load(index)``; on an AudioError, with skip_bad_files the skipped item of ``index``, else the error."""
+        try:
+            return load(index)
+        except AudioError as err:
+            err = self._explain(err)
+            if not self.skip_bad_files:
+                raise err from None
+            logger.warning("skipping bad audio file: %s", err)
+            return {"id": index, "skipped": str(err),
+                    "skipped_file": f"{self.manifest.where(index)}: {self.manifest.full_path(index)}"}
+
+    def _batch_head(self, samples: list[dict | None]) -> tuple[list[dict], dict]:
+        """(the items to batch, the batch's counts) of a non-empty list of items, skipped items
+        (``{"id", "skipped"}``, or None) dropped and counted: ``{"id": (B,) long, "nsentences": B,
+        "ntokens": B, "num_skipped": int, "skipped_share": float (skipped clips /
+        :attr:`clips_per_epoch`)}``, with skipped clips ``"skipped_files": ["manifest:line: path"]``
+        and ``"skipped_reason"``: the first one's error. When every item was skipped, the items are
+        one :meth:`placeholder_item` and ``nsentences`` is 0 (see :func:`is_skipped_batch`)."""
+        kept = [s for s in samples if s is not None and "skipped" not in s]
+        skipped = [s for s in samples if s is not None and "skipped" in s]
+        num_skipped = len(samples) - len(kept)
+        clips = len(kept)
+        if not kept:
+            kept = [self.placeholder_item()]
+        batch = {
+            "id": torch.tensor([s["id"] for s in kept], dtype=torch.long),
+            "nsentences": clips,
+            "ntokens": clips,
+            "num_skipped": num_skipped,
+            "skipped_share": num_skipped / max(self.clips_per_epoch, 1),
+        }
+        if skipped:
+            batch["skipped_files"] = [s["skipped_file"] for s in skipped]
+            batch["skipped_reason"] = skipped[0]["skipped"]
+        return kept, batch
+
+
+class MamClapDataset(SkipsBadFiles, FairseqDataset):
     """Clips of a manifest as normalised (target_length, 128) fbanks.
 
     Every item has the same size (``target_length`` frames), so batching is by count.
@@ -123,11 +197,6 @@ class MamClapDataset(FairseqDataset):
         """(target_length, 128) normalised fbank of a 16 kHz waveform."""
         return normalize_fbank(wav_to_fbank(wav, self.target_length), self.norm_mean, self.norm_std)
 
-    @property
-    def clips_per_epoch(self) -> int:
-        """Clips one epoch draws from this dataset (the bound of ``task.max_skipped_fraction``)."""
-        return len(self)
-
     def _load(self, index: int) -> dict:
         """Fbank (and teacher input) of entry ``index``; raises AudioError."""
         path, where = self.manifest.full_path(index), self.manifest.where(index)
@@ -151,28 +220,13 @@ class MamClapDataset(FairseqDataset):
         item["real_patches"] = real_time_patches(wav.shape[0], self.target_length)
         return item
 
-    def _explain(self, err: AudioError) -> AudioError:
-        """``err``, plus the likely cause when the manifest's root directory (its line 1) does not exist."""
-        root = self.manifest.root
-        if "audio file not found" in str(err) and not os.path.isdir(root):
-            return AudioError(f"{err}; the manifest's root directory {root!r} ({self.manifest.path}:1) does not "
-                              "exist: fix line 1 of the manifest (relative roots resolve against the directory "
-                              "training starts in)")
-        return err
-
     def __getitem__(self, index) -> dict:
         """Item dict (see collater); with skip_bad_files, a bad file gives ``{"id", "skipped": message,
-        "skipped_file": "manifest:line: path"}``."""
+        "skipped_file": "manifest:line: path"}`` (:meth:`SkipsBadFiles._load_or_skip`)."""
         index = int(index)
-        try:
-            item = self._load(index)
-        except AudioError as err:
-            err = self._explain(err)
-            if not self.skip_bad_files:
-                raise err from None
-            logger.warning("skipping bad audio file: %s", err)
-            return {"id": index, "skipped": str(err),
-                    "skipped_file": f"{self.manifest.where(index)}: {self.manifest.full_path(index)}"}
+        item = self._load_or_skip(index, self._load)
+        if "skipped" in item:
+            return item
         if self.labels is not None and "label" not in item:  # augmented items bring their mixed label
             item["label"] = self._multi_hot(index)
         if self.target_store is not None:
@@ -222,22 +276,7 @@ class MamClapDataset(FairseqDataset):
         """
         if not samples:
             return {}
-        kept = [s for s in samples if s is not None and "skipped" not in s]
-        skipped = [s for s in samples if s is not None and "skipped" in s]
-        num_skipped = len(samples) - len(kept)
-        clips = len(kept)
-        if not kept:
-            kept = [self.placeholder_item()]
-        batch = {
-            "id": torch.tensor([s["id"] for s in kept], dtype=torch.long),
-            "nsentences": clips,
-            "ntokens": clips,
-            "num_skipped": num_skipped,
-            "skipped_share": num_skipped / max(self.clips_per_epoch, 1),
-        }
-        if skipped:
-            batch["skipped_files"] = [s["skipped_file"] for s in skipped]
-            batch["skipped_reason"] = skipped[0]["skipped"]
+        kept, batch = self._batch_head(samples)
         if self.fbank_on_device:
             lengths = [s["audio"].shape[0] for s in kept]
             audio = torch.zeros(len(kept), max(lengths))
@@ -292,7 +331,7 @@ class MamClapDataset(FairseqDataset):
 
 def is_skipped_batch(sample: dict) -> bool:
     """True for a batch whose clips were all skipped: it holds a placeholder and ``nsentences`` 0
-    (:meth:`MamClapDataset.collater`)."""
+    (:meth:`SkipsBadFiles._batch_head`)."""
     return bool(sample) and sample.get("nsentences", 1) == 0 and "num_skipped" in sample
 
 

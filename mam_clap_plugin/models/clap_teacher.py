@@ -20,6 +20,7 @@ the statistics of the global batch (every rank's clips, :class:`GlobalBatchNorm2
 runs in float32 whatever the model's dtype under ``common.fp16`` / ``common.bf16``.
 """
 
+import contextlib
 import math
 from dataclasses import dataclass, field, fields
 from typing import List, Sequence
@@ -82,29 +83,60 @@ class GlobalBatchNorm2d(KeepsFloat32, nn.BatchNorm2d):
     mean and (biased) variance over all ranks' clips and updates the running statistics with them,
     as one process holding the whole batch would. The statistics carry no gradient: what feeds this
     layer (the frozen STFT and mel filterbank) trains nothing. State-dict keys are BatchNorm2d's.
+
+    While :attr:`placeholder` is set (:func:`placeholder_batch`: a batch whose clips were all
+    skipped), this rank's input is left out of the statistics: it is normalised with the other
+    ranks' (which update the running statistics as on every rank), or, when no rank holds a real
+    clip, with the running statistics, left unchanged.
     """
+
+    #: the input is a placeholder: no clip of it enters the statistics
+    placeholder: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
         dist = torch.distributed
-        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        several = self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if not (several or (self.training and self.placeholder)):
             return super().forward(x)
         dims = (0, 2, 3)
         with torch.no_grad():
-            count = torch.tensor([x.numel() / x.shape[1]], dtype=torch.float32, device=x.device)
-            total = torch.cat([x.sum(dims), count])
-            dist.all_reduce(total)
+            weight = 0.0 if self.placeholder else 1.0
+            count = torch.tensor([weight * x.numel() / x.shape[1]], dtype=torch.float32, device=x.device)
+            total = torch.cat([weight * x.sum(dims), count])
+            if several:
+                dist.all_reduce(total)
             n = total[-1]
-            mean = total[:-1] / n
-            var = (x - mean[None, :, None, None]).square().sum(dims)
-            dist.all_reduce(var)
-            var = var / n
-            if self.track_running_stats:
-                m = self.momentum
-                self.running_mean.mul_(1 - m).add_(m * mean)
-                self.running_var.mul_(1 - m).add_(m * var * n / (n - 1).clamp(min=1))
-                self.num_batches_tracked.add_(1)
+            real = not self.placeholder or bool(n.item())  # False: no real clip on any rank
+            if real:
+                mean = total[:-1] / n
+                var = weight * (x - mean[None, :, None, None]).square().sum(dims)
+                if several:
+                    dist.all_reduce(var)
+                var = var / n
+                if self.track_running_stats:
+                    m = self.momentum
+                    self.running_mean.mul_(1 - m).add_(m * mean)
+                    self.running_var.mul_(1 - m).add_(m * var * n / (n - 1).clamp(min=1))
+                    self.num_batches_tracked.add_(1)
+            else:  # the running statistics, left unchanged (the same on every rank)
+                mean, var = self.running_mean, self.running_var
         return F.batch_norm(x, mean, var, self.weight, self.bias, False, 0.0, self.eps)
+
+
+@contextlib.contextmanager
+def placeholder_batch(model: nn.Module, placeholder: bool = True):
+    """Within it, with ``placeholder``, the model's :class:`GlobalBatchNorm2d` layers leave this
+    rank's input out of their statistics (the task's training step on a batch whose clips were all
+    skipped)."""
+    layers = [m for m in model.modules() if isinstance(m, GlobalBatchNorm2d)] if placeholder else []
+    for m in layers:
+        m.placeholder = True
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.placeholder = False
 
 
 @register_model("clap_teacher", dataclass=ClapTeacherConfig)

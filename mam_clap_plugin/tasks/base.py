@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List
 
 import torch
+from fairseq.dataclass import FairseqDataclass
 from fairseq.tasks import FairseqTask
 
 from ..data.dataset import is_skipped_batch
@@ -20,6 +21,16 @@ MAX_SKIPPED_HELP = (
 )
 #: Skipped files an error names (the first ones of the epoch or validation pass, this process).
 NAMED_SKIPS = 5
+
+
+@dataclass
+class FbankTaskConfig(FairseqDataclass):
+    """The fields every task of the plugin has (the base of their configs): skipping bad audio."""
+
+    skip_bad_files: bool = field(
+        default=False, metadata={"help": "skip (and count) unreadable audio instead of stopping with an error"}
+    )
+    max_skipped_fraction: float = field(default=MAX_SKIPPED_FRACTION, metadata={"help": MAX_SKIPPED_HELP})
 
 
 class SkippedFilesError(RuntimeError):
@@ -56,7 +67,7 @@ class FbankTask(FairseqTask):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.max_skipped_fraction = getattr(cfg, "max_skipped_fraction", MAX_SKIPPED_FRACTION)
+        self.max_skipped_fraction = cfg.max_skipped_fraction
         if not 0.0 <= self.max_skipped_fraction <= 1.0:
             raise ValueError(f"task.max_skipped_fraction={self.max_skipped_fraction} must be in [0, 1]")
         resume.install()

@@ -10,7 +10,9 @@ Each clip is the first ``model.clip_seconds`` at ``model.sample_rate`` (zero-pad
 
 Training draws one caption per clip and epoch; its batches are full ones only, a multiple of the
 ranks per epoch, so that each step contrasts W x dataset.batch_size clips
-(:meth:`CaptionDataset.batch_by_size`). Validation uses each clip's first caption and logs the
+(:meth:`CaptionDataset.batch_by_size`). With ``task.skip_bad_files`` unusable clips are skipped,
+counted and bounded by ``task.max_skipped_fraction`` as in pretraining (:class:`.base.FbankTask`).
+Validation uses each clip's first caption and logs the
 retrieval recall of the whole split (``criterion=clap_infonce``).
 
 Cheap to build: the constructor reads no file, so ``load_model_ensemble_and_task`` rebuilds the
@@ -21,29 +23,27 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-from fairseq.dataclass import FairseqDataclass
 from fairseq.tasks import register_task
 from omegaconf import II, MISSING, open_dict
 
 from ..data.caption_dataset import CaptionDataset
 from ..data.captions import read_captions
+from ..data.dataset import is_skipped_batch
 from ..data.manifest import read_manifest
-from .base import FbankTask
+from ..models.clap_teacher import placeholder_batch
+from .base import FbankTask, FbankTaskConfig
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class ClapTeacherTaskConfig(FairseqDataclass):
+class ClapTeacherTaskConfig(FbankTaskConfig):
     data: str = field(default=MISSING, metadata={"help": "directory holding {split}.tsv and {split}.cap"})
     captions: str = field(default="cap", metadata={"help": "caption file extension: {split}.EXT"})
     tokenizer: str = field(
         default="spm.model",
         metadata={"help": "sentencepiece model, relative to task.data or absolute (examples/teacher/train_tokenizer.py "
                           "writes DATA/spm.model); read only when a new model is built"},
-    )
-    skip_bad_files: bool = field(
-        default=False, metadata={"help": "skip (and count) unreadable audio instead of stopping with an error"}
     )
     # filled from the run's config (the YAML lists them as interpolations)
     sample_rate: int = II("model.sample_rate")
@@ -114,6 +114,12 @@ class ClapTeacherTask(FbankTask):
                                               sample_captions=train, seed=cfg.seed, shuffle=train,
                                               skip_bad_files=cfg.skip_bad_files)
         logger.info(f"{split}: {len(manifest)} clips from {manifest.path}, captions {cfg.captions}")
+
+    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        """:meth:`FbankTask.train_step`; a placeholder batch (its clips all skipped) also stays out of
+        the global batch statistics of ``bn0`` (:func:`placeholder_batch`)."""
+        with placeholder_batch(model, is_skipped_batch(sample)):
+            return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
 
     def get_batch_iterator(self, dataset, **kwargs):
         """Training keeps full global batches only (see :meth:`CaptionDataset.batch_by_size`)."""

@@ -22,7 +22,6 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-from fairseq.dataclass import FairseqDataclass
 from fairseq.tasks import register_task
 from omegaconf import II, MISSING, open_dict
 
@@ -32,13 +31,13 @@ from ..data.manifest import ManifestError, read_class_list, read_labels, read_ma
 from ..data.sampling import read_weights
 from ..models.encoder_config import ARCHITECTURE
 from ..modules.encoder import PATCH_SIZE
-from .base import MAX_SKIPPED_FRACTION, MAX_SKIPPED_HELP, FbankTask
+from .base import FbankTask, FbankTaskConfig
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class MamClapFinetuningConfig(FairseqDataclass):
+class MamClapFinetuningConfig(FbankTaskConfig):
     data: str = field(default=MISSING, metadata={"help": "directory holding {split}.tsv, {split}.lbl, classes.txt"})
     labels: str = field(default="lbl", metadata={"help": "label file extension: {split}.EXT"})
     class_list: str = field(default="classes.txt", metadata={"help": "class list inside task.data, one name per line"})
@@ -50,10 +49,6 @@ class MamClapFinetuningConfig(FairseqDataclass):
     norm_stats: str = field(
         default="audioset", metadata={"help": "fbank normalisation: audioset, esc50, speech_commands, or 'MEAN,STD'"}
     )
-    skip_bad_files: bool = field(
-        default=False, metadata={"help": "skip (and count) unreadable audio instead of stopping with an error"}
-    )
-    max_skipped_fraction: float = field(default=MAX_SKIPPED_FRACTION, metadata={"help": MAX_SKIPPED_HELP})
     mixup: float = field(
         default=0.0, metadata={"help": "probability of mixing a training clip with another (AudioMAE 0.5)"}
     )

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.dataclass import ChoiceEnum
 from fairseq.tasks import register_task
 from omegaconf import MISSING, open_dict
 
@@ -49,7 +49,7 @@ from ..files import file_sha256
 from ..modules.encoder import PATCH_SIZE
 from ..modules.precision import exact
 from ..teacher import load_teacher
-from .base import MAX_SKIPPED_FRACTION, MAX_SKIPPED_HELP, FbankTask
+from .base import FbankTask, FbankTaskConfig
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ TEACHER_LAYERS = ChoiceEnum(["final", "stage3"])
 
 
 @dataclass
-class MamClapPretrainingConfig(FairseqDataclass):
+class MamClapPretrainingConfig(FbankTaskConfig):
     data: str = field(default=MISSING, metadata={"help": "directory holding the {split}.tsv manifests"})
     labels: Optional[str] = field(
         default=None, metadata={"help": "label file extension ({split}.EXT, e.g. lbl); unset = no labels"}
@@ -95,10 +95,6 @@ class MamClapPretrainingConfig(FairseqDataclass):
         default="audioset",
         metadata={"help": "fbank normalisation: audioset, esc50, speech_commands, or 'MEAN,STD'"},
     )
-    skip_bad_files: bool = field(
-        default=False, metadata={"help": "skip (and count) unreadable audio instead of stopping with an error"}
-    )
-    max_skipped_fraction: float = field(default=MAX_SKIPPED_FRACTION, metadata={"help": MAX_SKIPPED_HELP})
     allow_target_source_change: bool = field(
         default=False,
         metadata={"help": "resume a checkpoint whose teacher targets came from another teacher (checkpoint sha256, "
