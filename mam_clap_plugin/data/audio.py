@@ -68,10 +68,14 @@ class AudioError(ValueError):
     """An audio file cannot be used; the message names the file (and the manifest line)."""
 
 
-def _fail(path: str, where: str | None, problem: str) -> AudioError:
-    """Build an AudioError whose message starts with ``where`` (if given) and the path."""
+class AudioNotFoundError(AudioError):
+    """The audio file does not exist (the dataset then checks the manifest's root)."""
+
+
+def _fail(path: str, where: str | None, problem: str, kind: type = AudioError) -> AudioError:
+    """Build an AudioError (or ``kind``) whose message starts with ``where`` (if given) and the path."""
     prefix = f"{where}: " if where else ""
-    return AudioError(f"{prefix}{path}: {problem}")
+    return kind(f"{prefix}{path}: {problem}")
 
 
 #: How far a file may fall short of its manifest's sample count before it counts as truncated:
@@ -98,7 +102,7 @@ def _read(path: str, max_ms: int | None, where: str | None,
     AudioError: its frame count says so, or fewer samples decode than the read asked for.
     """
     if not os.path.isfile(path):
-        raise _fail(path, where, "audio file not found")
+        raise _fail(path, where, "audio file not found", AudioNotFoundError)
     try:
         with soundfile.SoundFile(path) as sound:
             rate = sound.samplerate

@@ -23,6 +23,7 @@ from .audio import (
     NUM_MEL_BINS,
     SAMPLE_RATE,
     AudioError,
+    AudioNotFoundError,
     batch_fbank,
     batch_resample,
     frames_to_samples,
@@ -70,7 +71,7 @@ class SkipsBadFiles:
     def _explain(self, err: AudioError) -> AudioError:
         """``err``, plus the likely cause when the manifest's root directory (its line 1) does not exist."""
         root = self.manifest.root
-        if "audio file not found" in str(err) and not os.path.isdir(root):
+        if isinstance(err, AudioNotFoundError) and not os.path.isdir(root):
             return AudioError(f"{err}; the manifest's root directory {root!r} ({self.manifest.path}:1) does not "
                               "exist: fix line 1 of the manifest (relative roots resolve against the directory "
                               "training starts in)")
