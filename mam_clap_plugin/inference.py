@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from .checkpoint import CheckpointError, head_keys, is_exported, load_checkpoint, load_encoder_with_stats
 from .data.audio import load_audio, normalize_fbank, num_fbank_frames, wav_to_fbank
-from .data.manifest import read_class_list, read_labels, read_manifest
+from .data.manifest import multi_hot, read_class_list, read_labels, read_manifest
 from .metrics import classification_metrics, per_class_ap
 from .modules.encoder import MODEL_CONFIG_FIELDS
 
@@ -138,9 +138,7 @@ def evaluate_split(clf: Classifier, data_dir: str, split: str, labels_ext: str =
     clf.task.check_class_list(read_class_list(names_path), names_path)
     manifest = read_manifest(os.path.join(data_dir, f"{split}.tsv"))
     labels = read_labels(os.path.join(data_dir, f"{split}.{labels_ext}"), len(manifest), len(clf.class_names))
-    target = np.zeros((len(manifest), len(clf.class_names)), dtype=np.float32)
-    for i, ids in enumerate(labels):
-        target[i, ids] = 1.0
+    target = multi_hot(labels, len(clf.class_names))
     wavs = (load_audio(manifest.full_path(i), where=manifest.where(i)) for i in range(len(manifest)))
     scores = score_waveforms(clf, tqdm(wavs, total=len(manifest), desc=f"{split}", disable=not progress))
     res = classification_metrics(scores, target)

@@ -190,9 +190,12 @@ def retrieval_metrics(audio: np.ndarray, text: np.ndarray, captions: List[str], 
     if audio.shape[0] != n or text.shape[0] != n or n == 0:
         raise ValueError(f"retrieval needs as many audio ({audio.shape[0]}) and text ({text.shape[0]}) embeddings "
                          f"as captions ({n}), at least one")
-    distinct = {}
-    group = np.array([distinct.setdefault(c, len(distinct)) for c in captions])
-    first = np.array([captions.index(c) for c in distinct])
+    first_of = {}  # caption -> the index of its first clip
+    for i, c in enumerate(captions):
+        first_of.setdefault(c, i)
+    distinct = {c: k for k, c in enumerate(first_of)}
+    group = np.array([distinct[c] for c in captions])
+    first = np.array(list(first_of.values()))
     sims = audio @ text[first].T  # (N, U)
     own = sims[np.arange(n), group]
     a2t_rank = (sims > own[:, None]).sum(axis=1)  # distinct captions scoring above the clip's own

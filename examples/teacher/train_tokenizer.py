@@ -18,7 +18,7 @@ import os
 import sys
 import tempfile
 
-from mam_clap_plugin.data.captions import split_captions
+from mam_clap_plugin.data.captions import read_caption_lines, split_captions
 from mam_clap_plugin.data.manifest import ManifestError
 
 
@@ -37,10 +37,9 @@ def parse_args(argv=None):
 
 
 def read_all_captions(path: str) -> list[str]:
-    if not os.path.isfile(path):
-        raise ManifestError(f"{path}: caption file not found (examples/teacher/captions.py writes one from labels)")
-    with open(path, encoding="utf-8") as f:
-        return [c for i, line in enumerate(f, start=1) for c in split_captions(line.rstrip("\r\n"), f"{path}:{i}")]
+    """Every caption of every line of ``path``, each line checked."""
+    lines = read_caption_lines(path)
+    return [c for i, line in enumerate(lines, start=1) for c in split_captions(line, f"{path}:{i}")]
 
 
 def main(argv=None) -> dict:

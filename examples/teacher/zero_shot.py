@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from mam_clap_plugin.data.audio import AudioError, TeacherInputs
 from mam_clap_plugin.data.captions import DEFAULT_TEMPLATES, check_templates, label_text, read_captions, split_captions
-from mam_clap_plugin.data.manifest import ManifestError, read_class_list, read_labels, read_manifest
+from mam_clap_plugin.data.manifest import ManifestError, multi_hot, read_class_list, read_labels, read_manifest
 from mam_clap_plugin.metrics import classification_metrics, retrieval_metrics
 from mam_clap_plugin.teacher.caption import load_caption_clap
 from mam_clap_plugin.teacher.clap import ClapCheckpointError, read_teacher_file
@@ -129,18 +129,15 @@ def main(argv=None) -> dict:
     last = None
     if os.path.isfile(label_path):
         names = read_class_list(os.path.join(args.data, args.class_list))
-        labels = read_labels(label_path, len(manifest), len(names))
-        multi_hot = np.zeros((len(manifest), len(names)), dtype=np.float32)
-        for i, ids in enumerate(labels):
-            multi_hot[i, ids] = 1.0
+        target = multi_hot(read_labels(label_path, len(manifest), len(names)), len(names))
         scores = audio @ class_embeddings(model, names, args.template, args.batch_size).T
-        res = classification_metrics(scores, multi_hot)
-        multi = bool((multi_hot.sum(axis=1) > 1).any())
-        present = multi_hot[:, multi_hot.any(axis=0)]
+        res = classification_metrics(scores, target)
+        multi = bool((target.sum(axis=1) > 1).any())
+        present = target[:, target.any(axis=0)]
         report["classification"] = {
             "templates": args.template, "num_classes": len(names), "multi_label": multi,
             "accuracy": res.accuracy, "mAP": res.mAP, "classes_left_out": res.left_out,
-            "chance": {"accuracy": 100.0 * float(multi_hot.sum(axis=1).mean()) / len(names),
+            "chance": {"accuracy": 100.0 * float(target.sum(axis=1).mean()) / len(names),
                        "mAP": 100.0 * float(present.mean(axis=0).mean())},
         }
         last = ("mAP", res.mAP) if multi else ("accuracy", res.accuracy)

@@ -66,14 +66,19 @@ def split_captions(line: str, where: str) -> list[str]:
     return captions
 
 
-def read_captions(path: str, num_entries: int, manifest_path: str = "the manifest") -> PackedRows:
-    """Read and check ``{split}.cap`` for a manifest of ``num_entries`` clips; returns its lines
-    (packed, split with :func:`split_captions` on use)."""
+def read_caption_lines(path: str) -> list[str]:
+    """The lines of a caption file, unchecked; ManifestError when it does not exist."""
     if not os.path.isfile(path):
         raise ManifestError(f"{path}: caption file not found (one line of captions per manifest entry; "
                             "examples/teacher/captions.py writes one from labels)")
     with open(path, encoding="utf-8") as f:
-        lines = [line.rstrip("\r\n") for line in f]
+        return [line.rstrip("\r\n") for line in f]
+
+
+def read_captions(path: str, num_entries: int, manifest_path: str = "the manifest") -> PackedRows:
+    """Read and check ``{split}.cap`` for a manifest of ``num_entries`` clips; returns its lines
+    (packed, split with :func:`split_captions` on use)."""
+    lines = read_caption_lines(path)
     if len(lines) != num_entries:
         raise ManifestError(f"{path}: caption file has {len(lines)} lines but {manifest_path} has {num_entries} "
                             "entries (one caption line per manifest entry, same order)")

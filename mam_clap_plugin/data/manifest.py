@@ -206,6 +206,14 @@ def read_labels(path: str, num_entries: int, num_classes: int) -> PackedRows:
     return PackedRows.of_ids([_parse_ids(line, num_classes, f"{path}:{i}") for i, line in enumerate(lines, start=1)])
 
 
+def multi_hot(labels: Sequence, num_classes: int) -> np.ndarray:
+    """(entries, num_classes) float32 targets, 1 at each entry's class ids (:func:`read_labels`' rows)."""
+    target = np.zeros((len(labels), num_classes), dtype=np.float32)
+    for i, ids in enumerate(labels):
+        target[i, ids] = 1.0
+    return target
+
+
 def _check_field(value: str, what: str, index: int) -> None:
     """Refuse text that would break the line/tab structure of the output file."""
     if not value or any(c in value for c in "\t\r\n"):
